@@ -1,0 +1,39 @@
+# Every target does its own setup: a fresh clone needs nothing but Python 3.10+.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-cpu.txt 2>/dev/null | sha1sum | cut -c1-12)
+
+.PHONY: install test lint e2e demo bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# torch is pinned to the CPU wheel here (requirements-cpu.txt); the package's own `local` extra stays a
+# range so users on GPUs get the build that matches their CUDA.
+$(STAMP): $(PY) pyproject.toml requirements-cpu.txt
+	$(PY) -m pip install -q -r requirements-cpu.txt -e '.[local,s3,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check airflow_provider_zimage tests dags bench
+	$(VENV)/bin/ruff format --check airflow_provider_zimage tests dags bench
+
+test: install lint
+	$(PY) -m pytest -q -n 2 --timeout=600
+
+e2e: install
+	$(PY) -m pytest -q -m e2e tests/e2e --timeout=3000 -p no:randomly
+
+demo: install
+	$(PY) -m airflow_provider_zimage.demo
+
+bench: install
+	@echo "Benchmarks are run one by one: ls bench/"
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache

@@ -1,0 +1,74 @@
+"""Typed errors, so callers decide between failing, retrying and reattaching without parsing text.
+
+The split that matters to money: a *permanent* error means Runware refused the request and re-sending it
+would be refused again (fail the task, no retries); a *transient* error means nothing is known to be wrong
+with the request (retry with backoff; Airflow's own retries apply once ours are spent).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ZImageError(Exception):
+    """Base class for every error this provider raises on purpose."""
+
+
+class ZImageValidationError(ZImageError, ValueError):
+    """A request broke a rule of the API or of the chosen model; raised before any network call.
+
+    `errors` keeps one entry per offending parameter, named as on the wire (`CFGScale`, `width`).
+    """
+
+    def __init__(self, message: str, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+    @property
+    def parameters(self) -> list[str]:
+        return [e["parameter"] for e in self.errors if e.get("parameter")]
+
+
+class ZImageAPIError(ZImageError):
+    """An error answer from the API: HTTP status plus the first error item of the body."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        code: str | None = None,
+        parameter: str | None = None,
+        task_uuid: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+        self.parameter = parameter
+        self.task_uuid = task_uuid
+        self.retry_after = retry_after
+
+
+class ZImagePermanentError(ZImageAPIError):
+    """400, 401, 402, 403 and task-level refusals: sending the same request again cannot succeed."""
+
+
+class ZImageAuthError(ZImagePermanentError):
+    """401/403: the API key is missing, wrong or lacks permission."""
+
+
+class ZImageInsufficientCreditsError(ZImagePermanentError):
+    """402: the account balance cannot pay for the request."""
+
+
+class ZImageTransientError(ZImageAPIError):
+    """429, 5xx, timeouts and dropped connections: the same request may succeed later."""
+
+
+class ZImageTaskFailed(ZImagePermanentError):
+    """Runware accepted the task but reported it failed (status `error`, NSFW refusal, upload failure)."""
+
+
+class ZImageTimeout(ZImageError):
+    """Waiting for a task outlived the caller's deadline; the task may still finish at Runware."""
