@@ -1,0 +1,147 @@
+"""Apache Airflow provider for the Z-Image model family (Runware API or local diffusers).
+
+`get_provider_info()` is what Airflow's ProvidersManager reads through the `apache_airflow_provider`
+entry point; it must stay importable without Airflow, httpx or torch being imported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_INTEGRATION = "Z-Image"
+
+# Connection form fields (Airflow 3 declarative `conn-fields`): rendered by the UI without importing
+# the hook. Keys are read back from `Connection.extra_dejson` by `ZImageHook`.
+CONN_FIELDS: dict[str, dict[str, Any]] = {
+    "backend": {
+        "label": "Backend",
+        "description": "runware (the Runware API) or local (diffusers on this worker's GPU).",
+        "schema": {"type": ["string", "null"], "enum": ["runware", "local", None], "default": "runware"},
+    },
+    "timeout": {
+        "label": "Request timeout (s)",
+        "description": "Read timeout of one HTTP request to Runware.",
+        "schema": {"type": ["number", "null"], "default": 60},
+    },
+    "connect_timeout": {
+        "label": "Connect timeout (s)",
+        "schema": {"type": ["number", "null"], "default": 10},
+    },
+    "max_retries": {
+        "label": "Max retries",
+        "description": "Retries of transient errors (429, 5xx, timeouts, dropped connections) per request.",
+        "schema": {"type": ["integer", "null"], "default": 5},
+    },
+    "backoff_base": {
+        "label": "Backoff base (s)",
+        "description": "First retry delay; doubles each retry, with full jitter.",
+        "schema": {"type": ["number", "null"], "default": 0.5},
+    },
+    "backoff_max": {
+        "label": "Backoff cap (s)",
+        "schema": {"type": ["number", "null"], "default": 30},
+    },
+    "webhook_secret": {
+        "label": "Webhook secret",
+        "description": "Signs the per-task token in webhook URLs (HMAC-SHA256).",
+        "schema": {"type": ["string", "null"], "format": "password"},
+    },
+    "webhook_base_url": {
+        "label": "Public base URL for webhooks",
+        "description": "Where Runware can reach this Airflow API server, e.g. https://airflow.example.com",
+        "schema": {"type": ["string", "null"]},
+    },
+    "model_path": {
+        "label": "Local model (HF id or folder)",
+        "description": "backend=local only: overrides the Hugging Face id of the requested model.",
+        "schema": {"type": ["string", "null"]},
+    },
+    "device": {
+        "label": "Local device",
+        "description": "backend=local only: auto, cuda, cuda:1, mps or cpu.",
+        "schema": {"type": ["string", "null"], "default": "auto"},
+    },
+}
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-provider-zimage",
+        "name": "Z-Image",
+        "description": "Generate images with Z-Image, Z-Image-Turbo and TwinFlow Z-Image-Turbo "
+        "on the Runware API or on local GPUs with diffusers.",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": _INTEGRATION,
+                "external-doc-url": "https://runware.ai/docs/models/alibaba-z-image-turbo",
+                "tags": ["ai"],
+            }
+        ],
+        "hooks": [
+            {
+                "integration-name": _INTEGRATION,
+                "python-modules": [
+                    "airflow_provider_zimage.hooks.runware",
+                    "airflow_provider_zimage.hooks.local",
+                ],
+            }
+        ],
+        "operators": [
+            {
+                "integration-name": _INTEGRATION,
+                "python-modules": ["airflow_provider_zimage.operators.generate"],
+            }
+        ],
+        "sensors": [
+            {"integration-name": _INTEGRATION, "python-modules": ["airflow_provider_zimage.sensors.task"]}
+        ],
+        "triggers": [
+            {"integration-name": _INTEGRATION, "python-modules": ["airflow_provider_zimage.triggers.task"]}
+        ],
+        "connection-types": [
+            {
+                "hook-class-name": "airflow_provider_zimage.hooks.runware.ZImageHook",
+                "hook-name": "Z-Image (Runware / local)",
+                "connection-type": "zimage",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "login"],
+                    "relabeling": {"password": "API key", "host": "Base URL"},
+                    "placeholders": {"host": "https://api.runware.ai/v1", "password": "Runware API key"},
+                },
+                "conn-fields": CONN_FIELDS,
+            }
+        ],
+        "extra-links": ["airflow_provider_zimage.operators.generate.ZImageImageLink"],
+        "config": {
+            "zimage": {
+                "description": "Defaults of the Z-Image provider.",
+                "options": {
+                    "output_path": {
+                        "description": "Where images and manifests go (any ObjectStoragePath URL).",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "s3://aws_default@my-bucket/zimage",
+                        "default": None,
+                    },
+                    "webhook_secret": {
+                        "description": "Secret for webhook tokens when the connection has none.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "sensitive": True,
+                        "example": None,
+                        "default": None,
+                    },
+                    "webhook_inbox": {
+                        "description": "Where the webhook plugin stores accepted payloads.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "s3://aws_default@my-bucket/zimage-inbox",
+                        "default": None,
+                    },
+                },
+            }
+        },
+    }

@@ -1,0 +1,452 @@
+"""Transport to the Runware API: the only place that reads the API key or opens HTTP connections.
+
+Request building and answer parsing live in `protocol`; this module only moves bytes. The sync methods
+(`infer`, `submit`, `get_response`, `download`) serve workers; their `a`-prefixed twins serve the
+triggerer's event loop and share one `httpx.AsyncClient` per loop, so a thousand deferred tasks do not
+open a thousand connection pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import httpx
+from airflow.sdk.bases.hook import BaseHook
+
+from airflow_provider_zimage import protocol
+from airflow_provider_zimage.exceptions import (
+    ZImageAPIError,
+    ZImageError,
+    ZImageTaskFailed,
+    ZImageTimeout,
+    ZImageTransientError,
+)
+from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
+from airflow_provider_zimage.protocol import (
+    RetryPolicy,
+    RunwareResponse,
+    TaskStatus,
+    ZImageConflictError,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """What a `zimage` connection holds, resolved once. The API key never appears in its repr."""
+
+    base_url: str = protocol.DEFAULT_BASE_URL
+    api_key: str | None = field(default=None, repr=False)
+    timeout: float = 60.0
+    connect_timeout: float = 10.0
+    retry: RetryPolicy = RetryPolicy()
+    backend: str = "runware"
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_base_url: str | None = None
+    model_path: str | None = None
+    device: str = "auto"
+
+    @property
+    def secrets(self) -> tuple[str | None, ...]:
+        return (self.api_key, self.webhook_secret)
+
+    @classmethod
+    def from_connection(cls, conn: Any) -> ConnectionSettings:
+        extra: dict[str, Any] = dict(conn.extra_dejson or {})
+        # Airflow < 3.2 UIs store form fields with an `extra__zimage__` prefix.
+        for key in list(extra):
+            if key.startswith("extra__zimage__"):
+                extra.setdefault(key.removeprefix("extra__zimage__"), extra.pop(key))
+
+        def num(name: str, default: float) -> float:
+            value = extra.get(name)
+            return default if value in (None, "") else float(value)
+
+        retry = RetryPolicy(
+            max_retries=int(num("max_retries", RetryPolicy.max_retries)),
+            base_delay=num("backoff_base", RetryPolicy.base_delay),
+            max_delay=num("backoff_max", RetryPolicy.max_delay),
+        )
+        return cls(
+            base_url=_base_url(conn, extra),
+            api_key=conn.password or extra.get("api_key") or None,
+            timeout=num("timeout", 60.0),
+            connect_timeout=num("connect_timeout", 10.0),
+            retry=retry,
+            backend=(extra.get("backend") or "runware").lower(),
+            webhook_secret=extra.get("webhook_secret") or None,
+            webhook_base_url=extra.get("webhook_base_url") or None,
+            model_path=extra.get("model_path") or None,
+            device=extra.get("device") or "auto",
+        )
+
+    def timeouts(self) -> httpx.Timeout:
+        return httpx.Timeout(self.timeout, connect=self.connect_timeout, pool=self.timeout)
+
+
+def _base_url(conn: Any, extra: dict[str, Any]) -> str:
+    if extra.get("base_url"):
+        return str(extra["base_url"]).rstrip("/")
+    host = (conn.host or "").strip()
+    if not host:
+        return protocol.DEFAULT_BASE_URL
+    if "://" in host:
+        return host.rstrip("/")
+    url = f"https://{host}"
+    if conn.port:
+        url += f":{conn.port}"
+    if conn.schema:
+        url += "/" + conn.schema.strip("/")
+    return url.rstrip("/")
+
+
+# One AsyncClient per event loop and transport settings: triggers share connection pools.
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, httpx.AsyncClient]] = (
+    weakref.WeakKeyDictionary()
+)
+
+_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=100)
+
+
+class ZImageHook(BaseHook):
+    """Runware API client for the `zimage` connection (password = API key, host = base URL).
+
+    :param zimage_conn_id: connection id; `zimage_default` by default.
+    :param retry_policy: overrides the connection's retry settings (tests use short delays).
+    """
+
+    conn_name_attr = "zimage_conn_id"
+    default_conn_name = "zimage_default"
+    conn_type = "zimage"
+    hook_name = "Z-Image (Runware / local)"
+
+    def __init__(
+        self,
+        zimage_conn_id: str = default_conn_name,
+        *,
+        retry_policy: RetryPolicy | None = None,
+        settings: ConnectionSettings | None = None,
+    ) -> None:
+        super().__init__()
+        self.zimage_conn_id = zimage_conn_id
+        self._retry_override = retry_policy
+        self._settings = settings
+        self._client: httpx.Client | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(zimage_conn_id={self.zimage_conn_id!r})"
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        from airflow_provider_zimage import get_provider_info
+
+        behaviour = get_provider_info()["connection-types"][0]["ui-field-behaviour"]
+        return {
+            "hidden_fields": behaviour["hidden-fields"],
+            "relabeling": behaviour["relabeling"],
+            "placeholders": behaviour["placeholders"],
+        }
+
+    # -- settings -----------------------------------------------------------------------------------
+
+    def _with_override(self, settings: ConnectionSettings) -> ConnectionSettings:
+        if self._retry_override is None:
+            return settings
+        from dataclasses import replace
+
+        return replace(settings, retry=self._retry_override)
+
+    @cached_property
+    def settings(self) -> ConnectionSettings:
+        if self._settings is not None:
+            return self._with_override(self._settings)
+        conn = self.get_connection(self.zimage_conn_id)
+        return self._with_override(ConnectionSettings.from_connection(conn))
+
+    async def asettings(self) -> ConnectionSettings:
+        if self._settings is None:
+            conn = await self.aget_connection(self.zimage_conn_id)
+            self._settings = ConnectionSettings.from_connection(conn)
+        return self._with_override(self._settings)
+
+    def _auth_headers(self, settings: ConnectionSettings) -> dict[str, str]:
+        if not settings.api_key:
+            raise ZImageError(
+                f"connection {self.zimage_conn_id!r} has no API key: set its password to your Runware API key"
+            )
+        return {"Authorization": f"Bearer {settings.api_key}", "Accept": "application/json"}
+
+    # -- sync transport ----------------------------------------------------------------------------
+
+    def get_conn(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(timeout=self.settings.timeouts(), limits=_LIMITS)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _post(self, payload: list[dict[str, Any]]) -> RunwareResponse:
+        settings = self.settings
+        headers = self._auth_headers(settings)
+        attempt = 0
+        while True:
+            try:
+                resp = self.get_conn().post(settings.base_url, json=payload, headers=headers)
+                return protocol.parse_response(resp.status_code, resp.content, resp.headers)
+            except Exception as exc:
+                delay = self._retry_delay(settings, attempt, exc, payload)
+            time.sleep(delay)
+            attempt += 1
+
+    # -- async transport ---------------------------------------------------------------------------
+
+    async def get_async_conn(self) -> httpx.AsyncClient:
+        settings = await self.asettings()
+        loop = asyncio.get_running_loop()
+        clients = _async_clients.setdefault(loop, {})
+        key = (settings.timeout, settings.connect_timeout)
+        client = clients.get(key)
+        if client is None or client.is_closed:
+            client = clients[key] = httpx.AsyncClient(timeout=settings.timeouts(), limits=_LIMITS)
+        return client
+
+    async def _apost(self, payload: list[dict[str, Any]]) -> RunwareResponse:
+        settings = await self.asettings()
+        headers = self._auth_headers(settings)
+        client = await self.get_async_conn()
+        attempt = 0
+        while True:
+            try:
+                resp = await client.post(settings.base_url, json=payload, headers=headers)
+                return protocol.parse_response(resp.status_code, resp.content, resp.headers)
+            except Exception as exc:
+                delay = self._retry_delay(settings, attempt, exc, payload)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    # -- shared by both paths ----------------------------------------------------------------------
+
+    def _retry_delay(
+        self, settings: ConnectionSettings, attempt: int, exc: Exception, payload: list[dict[str, Any]]
+    ) -> float:
+        """Return how long to wait before retrying `exc`, or raise it (secrets removed) when it is final."""
+        error = classify_exception(exc)
+        delay = settings.retry.next_delay(attempt, error)
+        task = payload[0].get("taskType") if payload else "?"
+        if delay is None:
+            if isinstance(error, ZImageAPIError):
+                error.args = (protocol.redact(str(error), settings.secrets),)
+                raise error from None
+            raise exc
+        log.warning(
+            "Runware %s attempt %d failed (%s); retrying in %.2fs",
+            task,
+            attempt + 1,
+            protocol.redact(str(error), settings.secrets),
+            delay,
+        )
+        return delay
+
+    # -- API: sync ---------------------------------------------------------------------------------
+
+    def infer(self, requests: Sequence[ImageInferenceRequest]) -> list[ImageResult]:
+        """Run tasks with `deliveryMethod=sync` and return their images (one POST, several tasks)."""
+        sync = [r.model_copy(update={"delivery_method": "sync"}) for r in requests]
+        try:
+            response = self._post(protocol.inference_payload(sync))
+        except ZImageConflictError:
+            # A retry after a lost answer: the first POST landed, so fetch instead of paying again.
+            return [r for req in sync for r in self.wait_for_task(req.task_uuid, _expected(req)).results]
+        return _results_or_raise(response)
+
+    def submit(self, requests: Sequence[ImageInferenceRequest]) -> list[str]:
+        """Submit tasks with `deliveryMethod=async`; returns their taskUUIDs.
+
+        `conflictTaskUUID` on a re-sent submission means the first one landed: reported as submitted.
+        """
+        tasks = [r.model_copy(update={"delivery_method": "async"}) for r in requests]
+        try:
+            response = self._post(protocol.inference_payload(tasks))
+        except ZImageConflictError as exc:
+            log.info("Runware already holds %s: reattaching instead of submitting again", exc.task_uuids)
+            return [t.task_uuid for t in tasks]
+        _raise_task_errors(response)
+        return [t.task_uuid for t in tasks]
+
+    def get_response(self, task_uuid: str, status: TaskStatus | None = None) -> TaskStatus:
+        """One `getResponse` poll merged into `status` (partial results accumulate, deduplicated)."""
+        status = status or TaskStatus(task_uuid)
+        return status.merge(self._post(protocol.get_response_payload(task_uuid)))
+
+    def wait_for_task(
+        self,
+        task_uuid: str,
+        expected_results: int = 1,
+        *,
+        timeout: float = 3600.0,
+        poll_interval: float = 1.0,
+        max_poll_interval: float = 10.0,
+    ) -> TaskStatus:
+        """Poll in-process until the task finishes; the non-deferrable twin of `ZImageTaskTrigger`."""
+        status = TaskStatus(task_uuid, expected_results)
+        deadline = time.monotonic() + timeout
+        for delay in protocol.poll_delays(poll_interval, max_poll_interval):
+            self.get_response(task_uuid, status)
+            if status.finished:
+                return status
+            if time.monotonic() + delay > deadline:
+                raise ZImageTimeout(f"task {task_uuid} did not finish within {timeout:.0f}s")
+            time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def download(self, result: ImageResult) -> bytes:
+        """The image bytes of a result, whatever `outputType` delivered them as."""
+        inline = decode_inline_image(result)
+        if inline is not None:
+            return inline
+        url = _require_url(result)
+        settings = self.settings
+        attempt = 0
+        while True:
+            try:
+                # No Authorization header: image URLs are public and may live on another host.
+                resp = self.get_conn().get(url, follow_redirects=True)
+                _raise_for_download(resp)
+                return resp.content
+            except Exception as exc:
+                delay = self._retry_delay(settings, attempt, exc, [{"taskType": "download"}])
+            time.sleep(delay)
+            attempt += 1
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Checks the key for free: getResponse of an unknown task is `taskNotFound` with a valid key."""
+        try:
+            self.get_response(str(uuid.uuid4()))
+        except protocol.ZImageTaskNotFound:
+            return True, "Connection to Runware works and the API key is accepted."
+        except ZImageError as exc:
+            return False, protocol.redact(str(exc), self.settings.secrets)
+        return True, "Connection to Runware works."
+
+    # -- API: async --------------------------------------------------------------------------------
+
+    async def ainfer(self, requests: Sequence[ImageInferenceRequest]) -> list[ImageResult]:
+        sync = [r.model_copy(update={"delivery_method": "sync"}) for r in requests]
+        try:
+            response = await self._apost(protocol.inference_payload(sync))
+        except ZImageConflictError:
+            statuses = [await self.await_task(r.task_uuid, _expected(r)) for r in sync]
+            return [r for s in statuses for r in s.results]
+        return _results_or_raise(response)
+
+    async def asubmit(self, requests: Sequence[ImageInferenceRequest]) -> list[str]:
+        tasks = [r.model_copy(update={"delivery_method": "async"}) for r in requests]
+        try:
+            response = await self._apost(protocol.inference_payload(tasks))
+        except ZImageConflictError as exc:
+            log.info("Runware already holds %s: reattaching instead of submitting again", exc.task_uuids)
+            return [t.task_uuid for t in tasks]
+        _raise_task_errors(response)
+        return [t.task_uuid for t in tasks]
+
+    async def aget_response(self, task_uuid: str, status: TaskStatus | None = None) -> TaskStatus:
+        status = status or TaskStatus(task_uuid)
+        return status.merge(await self._apost(protocol.get_response_payload(task_uuid)))
+
+    async def await_task(
+        self,
+        task_uuid: str,
+        expected_results: int = 1,
+        *,
+        timeout: float = 3600.0,
+        poll_interval: float = 1.0,
+        max_poll_interval: float = 10.0,
+    ) -> TaskStatus:
+        status = TaskStatus(task_uuid, expected_results)
+        deadline = time.monotonic() + timeout
+        for delay in protocol.poll_delays(poll_interval, max_poll_interval):
+            await self.aget_response(task_uuid, status)
+            if status.finished:
+                return status
+            if time.monotonic() + delay > deadline:
+                raise ZImageTimeout(f"task {task_uuid} did not finish within {timeout:.0f}s")
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def adownload(self, result: ImageResult) -> bytes:
+        inline = decode_inline_image(result)
+        if inline is not None:
+            return inline
+        url = _require_url(result)
+        settings = await self.asettings()
+        client = await self.get_async_conn()
+        attempt = 0
+        while True:
+            try:
+                resp = await client.get(url, follow_redirects=True)
+                _raise_for_download(resp)
+                return resp.content
+            except Exception as exc:
+                delay = self._retry_delay(settings, attempt, exc, [{"taskType": "download"}])
+            await asyncio.sleep(delay)
+            attempt += 1
+
+
+def classify_exception(exc: Exception) -> Exception:
+    """Transport failures are transient: the request may or may not have landed, and a re-send is safe
+    because the taskUUID makes it idempotent (a landed one answers `conflictTaskUUID`)."""
+    if isinstance(exc, httpx.TimeoutException):
+        return ZImageTransientError(f"Runware request timed out ({type(exc).__name__})")
+    if isinstance(exc, httpx.TransportError):
+        return ZImageTransientError(f"connection to Runware failed ({type(exc).__name__})")
+    return exc
+
+
+def _expected(request: ImageInferenceRequest) -> int:
+    return request.number_results or 1
+
+
+def _raise_task_errors(response: RunwareResponse) -> None:
+    if response.errors:
+        first = response.errors[0]
+        raise ZImageTaskFailed(
+            protocol.describe(first), code=first.code, parameter=first.parameter, task_uuid=first.task_uuid
+        )
+
+
+def _results_or_raise(response: RunwareResponse) -> list[ImageResult]:
+    _raise_task_errors(response)
+    return response.results
+
+
+def decode_inline_image(result: ImageResult) -> bytes | None:
+    if result.image_base64_data:
+        return base64.b64decode(result.image_base64_data)
+    if result.image_data_uri:
+        _, _, data = result.image_data_uri.partition(",")
+        return base64.b64decode(data)
+    return None
+
+
+def _require_url(result: ImageResult) -> str:
+    if not result.image_url:
+        raise ZImageTaskFailed(f"result {result.image_uuid} carries no image (no URL, base64 or data URI)")
+    return result.image_url
+
+
+def _raise_for_download(resp: httpx.Response) -> None:
+    if resp.status_code >= 400:
+        raise protocol.error_for_status(resp.status_code, None, resp.headers)

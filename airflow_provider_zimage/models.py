@@ -1,0 +1,858 @@
+"""Request and result models of the Runware `imageInference` task for the Z-Image model family.
+
+Everything a request can get wrong is caught here, before a network call, because a refused request at
+Runware costs a round trip and a paid-for request with a wrong parameter costs money. Python names are
+snake_case and wire names camelCase (`cfg_scale` <-> `CFGScale`); both spellings are accepted on input,
+and `to_wire()` always emits the wire spelling.
+
+Sources: the Runware model pages and the OpenAPI schema of Z-Image-Turbo (see `shared/seeds/`). Where
+the pages disagree, the choice is noted next to the value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import types
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
+from typing_extensions import Self
+
+from airflow_provider_zimage.exceptions import ZImageValidationError
+
+__all__ = [
+    "CATALOG",
+    "SCHEDULERS",
+    "AcceleratorOptions",
+    "ApiErrorDetail",
+    "Capability",
+    "ControlNet",
+    "ImageInferenceRequest",
+    "ImageResult",
+    "Inputs",
+    "Lora",
+    "ModelSpec",
+    "Outpaint",
+    "Safety",
+    "Ultralytics",
+    "estimate_cost",
+    "resolve_model",
+]
+
+# --------------------------------------------------------------------------------------------------
+# Model catalog
+# --------------------------------------------------------------------------------------------------
+
+Capability = Literal[
+    "text-to-image",
+    "image-to-image",
+    "inpainting",
+    "outpainting",
+    "controlnet",
+    "lora",
+    "ultralytics",
+    "ultralytics-inpaint-size",
+    "acceleration",
+]
+
+# Runware bills per output pixel; prices are per 10^6 pixels so a size change scales the estimate.
+_MEGAPIXEL = 1_000_000
+_DEFAULT_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What one Runware model accepts, so a request is refused locally instead of billed remotely.
+
+    `default_steps`/`default_cfg_scale` are Runware's defaults when the parameter is left out (None when
+    the page does not say); `local_*` are the diffusers settings used when running the model on our own
+    GPU, where Runware's server-side defaults do not apply.
+    """
+
+    air: str
+    name: str
+    hf_repo: str | None
+    capabilities: frozenset[Capability]
+    aliases: tuple[str, ...]
+    cfg_scale_max: float
+    price_per_megapixel: float
+    requires_size: bool = False
+    default_width: int = _DEFAULT_SIZE
+    default_height: int = _DEFAULT_SIZE
+    default_steps: int | None = None
+    default_cfg_scale: float | None = None
+    local_default_steps: int | None = None
+    local_guidance_scale: float | None = None
+
+    def supports(self, capability: Capability) -> bool:
+        return capability in self.capabilities
+
+
+_FULL_FEATURES: frozenset[Capability] = frozenset(
+    {"text-to-image", "image-to-image", "inpainting", "outpainting", "controlnet", "lora", "ultralytics"}
+)
+
+CATALOG: dict[str, ModelSpec] = {
+    spec.air: spec
+    for spec in (
+        ModelSpec(
+            air="runware:z-image@0",
+            name="Z-Image",
+            hf_repo="Tongyi-MAI/Z-Image",
+            # Only page 000 lists ultralytics.inpaintSize, and only for this model.
+            capabilities=_FULL_FEATURES | {"ultralytics-inpaint-size"},
+            aliases=("z-image", "zimage"),
+            cfg_scale_max=20.0,
+            # $0.0045 per 1024x1024 image.
+            price_per_megapixel=0.0045 / (_DEFAULT_SIZE * _DEFAULT_SIZE / _MEGAPIXEL),
+            # Page 000 marks width and height as required; sending 1024x1024 when absent is what the
+            # price above assumes.
+            requires_size=True,
+            local_default_steps=30,  # the model card recommends 28-50 steps
+            local_guidance_scale=4.0,
+        ),
+        ModelSpec(
+            air="runware:z-image@turbo",
+            name="Z-Image-Turbo",
+            hf_repo="Tongyi-MAI/Z-Image-Turbo",
+            capabilities=_FULL_FEATURES,
+            aliases=("z-image-turbo", "zimage-turbo", "turbo"),
+            cfg_scale_max=20.0,
+            # "about $0.0034 per megapixel" (512x512 $0.0013, 1024x1024 $0.0032): the upper figure.
+            price_per_megapixel=0.0034,
+            local_default_steps=8,
+            local_guidance_scale=0.0,
+        ),
+        ModelSpec(
+            air="runware:twinflow-z-image-turbo@0",
+            name="TwinFlow Z-Image-Turbo",
+            hf_repo=None,  # no diffusers pipeline exists: Runware only
+            capabilities=frozenset({"text-to-image", "lora", "acceleration"}),
+            aliases=("twinflow", "twinflow-z-image-turbo", "twinflow-turbo"),
+            cfg_scale_max=50.0,
+            # The page's 1024x768 examples cost $0.0006 to $0.0013: the upper figure, per megapixel.
+            price_per_megapixel=0.0013 / (1024 * 768 / _MEGAPIXEL),
+            requires_size=True,
+            default_steps=4,
+            default_cfg_scale=0.0,
+        ),
+    )
+}
+
+_MODEL_NAMES: dict[str, str] = {
+    name.lower(): spec.air for spec in CATALOG.values() for name in (spec.air, *spec.aliases)
+}
+
+
+_MODEL_CHOICES = "one of {} (or an alias: {})".format(
+    ", ".join(CATALOG), ", ".join(a for spec in CATALOG.values() for a in spec.aliases)
+)
+
+
+def _check_model(value: str) -> str | None:
+    return None if value.strip().lower() in _MODEL_NAMES else f"must be {_MODEL_CHOICES}"
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """Accept the AIR id or an alias: DAG authors write `turbo`, not `runware:z-image@turbo`."""
+    problem = _check_model(name) if isinstance(name, str) else f"must be {_MODEL_CHOICES}"
+    if problem is not None:
+        entry = _entry("model", problem, name)
+        raise ZImageValidationError(f"Invalid Z-Image model: {entry['text']}", [_public(entry)])
+    return CATALOG[_MODEL_NAMES[name.strip().lower()]]
+
+
+def estimate_cost(request: ImageInferenceRequest) -> float:
+    """Upper estimate in USD of all results of `request`, for budgets checked before anything is paid."""
+    spec = request.spec
+    pixels = (request.width or spec.default_width) * (request.height or spec.default_height)
+    return round(spec.price_per_megapixel * pixels / _MEGAPIXEL * (request.number_results or 1), 6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Value rules: each one validates and also says, in words, what it accepts (for error messages)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """A check whose description is reused for type errors too, so every message names what is allowed.
+
+    `check` returns None when the value is fine, else the problem in words.
+    """
+
+    check: Callable[[Any], str | None]
+    allowed: str
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        def validate(value: Any) -> Any:
+            problem = self.check(value)
+            if problem is not None:
+                raise PydanticCustomError("zimage_rule", "{problem}", {"problem": problem})
+            return value
+
+        return core_schema.no_info_after_validator_function(validate, handler(source))
+
+
+@dataclass(frozen=True)
+class _Step:
+    """`multipleOf` that tolerates binary floats: 0.07 is a multiple of 0.01 to a human and to Runware."""
+
+    step: float
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        def validate(value: float) -> float:
+            if not _is_multiple(value, self.step):
+                raise PydanticCustomError("multiple_of", "not a multiple of {step}", {"step": self.step})
+            return value
+
+        return core_schema.no_info_after_validator_function(validate, handler(source))
+
+
+def _is_multiple(value: float, step: float) -> bool:
+    quotient = value / step
+    return abs(quotient - round(quotient)) <= 1e-9 * max(1.0, abs(quotient))
+
+
+_UUID_V4 = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$"
+)
+_UUID_ANY = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+# RFC 3986 characters only: what the schema's `format: uri` accepts.
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+$")
+_HTTP_URL = re.compile(r"^https?://[^/?#\s]+", re.IGNORECASE)
+_DATA_URI = re.compile(r"^data:image/[a-zA-Z]+;base64,[a-zA-Z0-9+/=]+$")
+_BASE64 = re.compile(r"^[a-zA-Z0-9+/=]+$")
+_MODEL_ID_PATTERN = r"^[a-zA-Z0-9._-]+(:[a-zA-Z0-9._/@-]+)?$"
+
+
+def _check_uuid4(value: str) -> str | None:
+    return (
+        None
+        if _UUID_V4.match(value)
+        else "must be a UUID v4 string like 'xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx'"
+    )
+
+
+def _check_http_url(value: str) -> str | None:
+    if _URI.match(value) and _HTTP_URL.match(value):
+        return None
+    return "must be an absolute http(s) URL"
+
+
+def _check_image(value: str) -> str | None:
+    if any(p.match(value) for p in (_UUID_ANY, _DATA_URI, _URI, _BASE64)):
+        return None
+    return "must be an image UUID, a URI, a data URI (data:image/<type>;base64,...) or base64 data"
+
+
+SCHEDULERS: tuple[str, ...] = (
+    "DDIM", "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "Default", "DPM++", "DPM++ 2M",
+    "DPM++ 2M Beta", "DPM++ 2M Exponential", "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Beta",
+    "DPM++ 2M SDE Exponential", "DPM++ 2M SDE Karras", "DPM++ 2M SDE Uniform", "DPM++ 2M Uniform",
+    "DPM++ 3M", "DPM++ 3M Beta", "DPM++ 3M Exponential", "DPM++ 3M Karras", "DPM++ 3M SDE Uniform",
+    "DPM++ 3M Uniform", "DPM++ Beta", "DPM++ Exponential", "DPM++ Karras", "DPM++ SDE", "DPM++ SDE Beta",
+    "DPM++ SDE Exponential", "DPM++ SDE Karras", "DPM++ Uniform", "DPM++ Uniform Beta",
+    "DPM++ Uniform Exponential", "DPM++ Uniform Karras", "DPMSolverMultistepInverse",
+    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler",
+    "EDMEulerScheduler", "Euler", "Euler a", "Euler Beta", "Euler DiscreteScheduler", "Euler Exponential",
+    "Euler Karras", "EulerAncestralDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "Heun",
+    "HeunDiscreteScheduler", "Heun Karras", "IPNDMScheduler", "IPNDM Uniform", "IPNDM Uniform Beta",
+    "IPNDM Uniform Exponential", "IPNDM Uniform Karras", "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler", "LCM", "LCMScheduler", "LMS", "LMSDiscreteScheduler", "LMS Karras",
+    "PNDMScheduler", "TCDScheduler", "UniPC", "UniPC 2M", "UniPC 2M Karras", "UniPC 2M Uniform", "UniPC 3M",
+    "UniPC 3M Karras", "UniPC 3M Uniform", "UniPC Karras", "UniPC Uniform", "UniPC Uniform Beta",
+    "UniPC Uniform Exponential", "UniPC Uniform Karras",
+)  # fmt: skip
+_SCHEDULER_TEXT = "one of the 75 Runware scheduler names (see models.SCHEDULERS)"
+
+
+def _check_scheduler(value: str) -> str | None:
+    if value in SCHEDULERS:
+        return None
+    close = difflib.get_close_matches(value, SCHEDULERS, n=1)
+    return f"must be {_SCHEDULER_TEXT}" + (f"; did you mean {close[0]!r}?" if close else "")
+
+
+Uuid4 = Annotated[str, _Rule(_check_uuid4, "a UUID v4 string")]
+HttpUrl = Annotated[str, _Rule(_check_http_url, "an absolute http(s) URL")]
+ImageRef = Annotated[str, _Rule(_check_image, "an image UUID, URI, data URI or base64 string")]
+SchedulerName = Annotated[str, _Rule(_check_scheduler, _SCHEDULER_TEXT)]
+ModelName = Annotated[str, _Rule(_check_model, _MODEL_CHOICES)]
+ModelId = Annotated[str, Field(pattern=_MODEL_ID_PATTERN)]
+# Page 000 allows 10000 characters for runware:z-image@0, but its markdown page (001) and the OpenAPI
+# schema say 3000: the smaller bound is the one every source agrees Runware accepts.
+Prompt = Annotated[str, Field(min_length=2, max_length=3000)]
+Weight = Annotated[float, Field(ge=-4, le=4), _Step(0.01)]
+Unit = Annotated[float, Field(ge=0, le=1), _Step(0.01)]
+ImageSide = Annotated[int, Field(ge=128, le=2048), _Step(16)]
+
+# --------------------------------------------------------------------------------------------------
+# Request models
+# --------------------------------------------------------------------------------------------------
+
+
+class _Issue(NamedTuple):
+    """A broken cross-field rule, named relative to the model that found it ("" for the model itself)."""
+
+    parameter: str
+    message: str
+    value: Any = None
+
+
+def _raise_issues(issues: list[_Issue]) -> None:
+    """Report every broken rule at once: fixing one per round trip through Airflow is slow."""
+    if issues:
+        summary = "; ".join(_join(i.parameter, i.message, ": ") for i in issues)
+        ctx = {"summary": summary, "issues": tuple(i._asdict() for i in issues)}
+        raise PydanticCustomError("zimage_rules", "{summary}", ctx)
+
+
+class _WireModel(BaseModel):
+    """Strict types (a string "1024" is not a width) and no unknown keys, as the API schema says."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _step_pair_issues(
+    start: int | None,
+    end: int | None,
+    start_name: str,
+    end_name: str,
+    start_pct: int | None,
+    end_pct: int | None,
+) -> list[_Issue]:
+    """Absolute and percentage step windows are alternatives; mixing them is ambiguous at Runware."""
+    issues = []
+    if start is not None and start_pct is not None:
+        issues.append(_Issue(f"{start_name}Percentage", f"cannot be combined with {start_name}", start_pct))
+    if end is not None and end_pct is not None:
+        issues.append(_Issue(f"{end_name}Percentage", f"cannot be combined with {end_name}", end_pct))
+    if start is not None and end is not None and start >= end:
+        issues.append(_Issue(start_name, f"must be less than {end_name} ({end})", start))
+    if start_pct is not None and end_pct is not None and start_pct >= end_pct:
+        issues.append(
+            _Issue(
+                f"{start_name}Percentage", f"must be less than {end_name}Percentage ({end_pct})", start_pct
+            )
+        )
+    return issues
+
+
+class Safety(_WireModel):
+    check_content: bool | None = Field(None, alias="checkContent")
+    mode: Literal["none", "fast"] | None = None
+
+
+class Inputs(_WireModel):
+    seed_image: ImageRef | None = Field(None, alias="seedImage")
+    mask_image: ImageRef | None = Field(None, alias="maskImage")
+
+
+class AcceleratorOptions(_WireModel):
+    cache_start_step: int | None = Field(None, alias="cacheStartStep", ge=0)
+    cache_end_step: int | None = Field(None, alias="cacheEndStep", ge=1)
+    cache_start_step_percentage: int | None = Field(None, alias="cacheStartStepPercentage", ge=0, le=99)
+    cache_end_step_percentage: int | None = Field(None, alias="cacheEndStepPercentage", ge=1, le=100)
+    cache_max_consecutive_steps: int | None = Field(None, alias="cacheMaxConsecutiveSteps", ge=1, le=5)
+    fb_cache: bool | None = Field(None, alias="fbCache")
+    fb_cache_threshold: Unit | None = Field(None, alias="fbCacheThreshold")
+    tea_cache: bool | None = Field(None, alias="teaCache")
+    tea_cache_distance: Unit | None = Field(None, alias="teaCacheDistance")
+    db_cache: bool | None = Field(None, alias="dbCache")
+    db_cache_threshold: Unit | None = Field(None, alias="dbCacheThreshold")
+    db_cache_skip_interval: int | None = Field(None, alias="dbCacheSkipInterval", ge=1)
+
+    @model_validator(mode="after")
+    def _windows(self) -> AcceleratorOptions:
+        _raise_issues(
+            _step_pair_issues(
+                self.cache_start_step,
+                self.cache_end_step,
+                "cacheStartStep",
+                "cacheEndStep",
+                self.cache_start_step_percentage,
+                self.cache_end_step_percentage,
+            )
+        )
+        return self
+
+
+class Outpaint(_WireModel):
+    top: int | None = Field(None, ge=0)
+    bottom: int | None = Field(None, ge=0)
+    left: int | None = Field(None, ge=0)
+    right: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _some_direction(self) -> Outpaint:
+        if not any((self.top, self.bottom, self.left, self.right)):
+            # An outpaint of zero pixels everywhere is an image-to-image run billed as outpainting.
+            message = "needs at least one of top, bottom, left, right with a pixel count > 0"
+            _raise_issues([_Issue("", message, _dump(self))])
+        return self
+
+
+class Lora(_WireModel):
+    model: ModelId
+    weight: Weight | None = None
+    transformer: Literal["high", "low", "both"] | None = None
+
+
+class ControlNet(_WireModel):
+    model: ModelId
+    guide_image: ImageRef = Field(alias="guideImage")
+    weight: Weight | None = None
+    control_mode: Literal["balanced", "controlnet", "prompt"] | None = Field(None, alias="controlMode")
+    start_step: int | None = Field(None, alias="startStep", ge=0)
+    end_step: int | None = Field(None, alias="endStep", ge=1)
+    start_step_percentage: int | None = Field(None, alias="startStepPercentage", ge=0, le=99)
+    end_step_percentage: int | None = Field(None, alias="endStepPercentage", ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _windows(self) -> ControlNet:
+        _raise_issues(
+            _step_pair_issues(
+                self.start_step,
+                self.end_step,
+                "startStep",
+                "endStep",
+                self.start_step_percentage,
+                self.end_step_percentage,
+            )
+        )
+        return self
+
+
+class Ultralytics(_WireModel):
+    cfg_scale: Annotated[float, Field(ge=0, le=50), _Step(0.1)] | None = Field(None, alias="CFGScale")
+    confidence: Unit | None = None
+    inpaint_size: int | None = Field(None, alias="inpaintSize", ge=128, le=2048)
+    mask_blur: int | None = Field(None, alias="maskBlur", ge=0, le=100)
+    mask_padding: int | None = Field(None, alias="maskPadding", ge=0, le=20)
+    negative_prompt: str | None = Field(None, alias="negativePrompt")
+    positive_prompt: str | None = Field(None, alias="positivePrompt")
+    steps: int | None = Field(None, ge=1, le=100)
+    strength: Unit | None = None
+
+
+# Left out of the fingerprint: they change how the result is delivered, not which image is made.
+_DELIVERY_PARAMETERS = frozenset({"taskUUID", "webhookURL", "uploadEndpoint", "deliveryMethod"})
+
+
+class ImageInferenceRequest(_WireModel):
+    """One `imageInference` task. Build it with `build()` to get errors a DAG author can act on."""
+
+    # API options
+    task_type: Literal["imageInference"] = Field("imageInference", alias="taskType")
+    task_uuid: Uuid4 = Field(default_factory=lambda: str(uuid.uuid4()), alias="taskUUID")
+    output_type: Literal["URL", "base64Data", "dataURI"] | None = Field(None, alias="outputType")
+    output_format: Literal["JPG", "PNG", "WEBP"] | None = Field(None, alias="outputFormat")
+    output_quality: int | None = Field(None, alias="outputQuality", ge=20, le=99)
+    webhook_url: HttpUrl | None = Field(None, alias="webhookURL")
+    delivery_method: Literal["sync", "async"] | None = Field(None, alias="deliveryMethod")
+    upload_endpoint: HttpUrl | None = Field(None, alias="uploadEndpoint")
+    safety: Safety | None = None
+    ttl: int | None = Field(None, ge=60)
+    include_cost: bool | None = Field(None, alias="includeCost")
+    number_results: int | None = Field(None, alias="numberResults", ge=1, le=20)
+    acceleration: Literal["none", "low", "medium", "high"] | None = None
+    accelerator_options: AcceleratorOptions | None = Field(None, alias="acceleratorOptions")
+    # Inputs
+    inputs: Inputs | None = None
+    # Generation parameters
+    model: ModelName
+    positive_prompt: Prompt = Field(alias="positivePrompt")
+    negative_prompt: Prompt | None = Field(None, alias="negativePrompt")
+    width: ImageSide | None = None
+    height: ImageSide | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    steps: int | None = Field(None, ge=1, le=50)
+    scheduler: SchedulerName | None = None
+    # The field allows the largest maximum of the catalog; the per-model maximum is checked below.
+    cfg_scale: Annotated[float, Field(ge=0, le=50), _Step(0.01)] | None = Field(None, alias="CFGScale")
+    strength: Unit | None = None
+    mask_margin: int | None = Field(None, alias="maskMargin", ge=32, le=128)
+    outpaint: Outpaint | None = None
+    lora: list[Lora] | None = Field(None, min_length=1)
+    control_net: list[ControlNet] | None = Field(None, alias="controlNet", min_length=1)
+    # Features
+    ultralytics: Ultralytics | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _canonical_model(cls, value: str) -> str:
+        """Aliases are for people; the wire and the fingerprint always carry the AIR id."""
+        return _MODEL_NAMES[value.strip().lower()]
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> ImageInferenceRequest:
+        spec = self.spec
+        issues = self._capability_issues(spec)
+        flagged = {i.parameter for i in issues}
+        issues += [i for i in self._dependency_issues() if i.parameter not in flagged]
+        issues += self._size_issues(spec)
+        if self.cfg_scale is not None and self.cfg_scale > spec.cfg_scale_max:
+            issues.append(
+                _Issue(
+                    "CFGScale", f"must be between 0 and {spec.cfg_scale_max:g} for {spec.air}", self.cfg_scale
+                )
+            )
+        issues += self._step_issues(spec)
+        _raise_issues(issues)
+        return self
+
+    def _capability_issues(self, spec: ModelSpec) -> list[_Issue]:
+        inputs = self.inputs or Inputs.model_validate({})
+        used: list[tuple[str, Capability, Any]] = [
+            ("inputs.seedImage", "image-to-image", inputs.seed_image),
+            ("strength", "image-to-image", self.strength),
+            ("inputs.maskImage", "inpainting", inputs.mask_image),
+            ("maskMargin", "inpainting", self.mask_margin),
+            ("outpaint", "outpainting", self.outpaint),
+            ("controlNet", "controlnet", self.control_net),
+            ("lora", "lora", self.lora),
+            ("ultralytics", "ultralytics", self.ultralytics),
+            (
+                "ultralytics.inpaintSize",
+                "ultralytics-inpaint-size",
+                self.ultralytics and self.ultralytics.inpaint_size,
+            ),
+            ("acceleration", "acceleration", self.acceleration),
+        ]
+        issues: list[_Issue] = []
+        for parameter, capability, value in used:
+            if value is None or spec.supports(capability):
+                continue
+            if any(parameter.startswith(f"{i.parameter}.") for i in issues):
+                continue  # the whole object is already refused
+            others = ", ".join(s.air for s in CATALOG.values() if s.supports(capability)) or "none"
+            issues.append(
+                _Issue(parameter, f"is not supported by {spec.air} (supported by: {others})", _dump(value))
+            )
+        return issues
+
+    def _dependency_issues(self) -> list[_Issue]:
+        inputs = self.inputs or Inputs.model_validate({})
+        issues = []
+        if inputs.mask_image is not None and inputs.seed_image is None:
+            issues.append(
+                _Issue("inputs.maskImage", "requires inputs.seedImage (the image to edit)", inputs.mask_image)
+            )
+        if self.strength is not None and inputs.seed_image is None:
+            issues.append(
+                _Issue("strength", "only applies with inputs.seedImage (between 0 and 1)", self.strength)
+            )
+        if self.mask_margin is not None and inputs.mask_image is None:
+            issues.append(
+                _Issue(
+                    "maskMargin", "only applies with inputs.maskImage (between 32 and 128)", self.mask_margin
+                )
+            )
+        if self.outpaint is not None and inputs.seed_image is None:
+            issues.append(
+                _Issue("outpaint", "requires inputs.seedImage (the image to extend)", _dump(self.outpaint))
+            )
+        if self.ttl is not None and self.output_type not in (None, "URL"):
+            issues.append(
+                _Issue(
+                    "ttl", f"only applies when outputType is URL (outputType is {self.output_type})", self.ttl
+                )
+            )
+        return issues
+
+    def _size_issues(self, spec: ModelSpec) -> list[_Issue]:
+        if self.width is None and self.height is None:
+            if spec.requires_size:
+                # Runware requires a size for this model; filling its default keeps DAGs short and makes
+                # the fingerprint equal to that of a request spelling the default out.
+                self.width, self.height = spec.default_width, spec.default_height
+            return []
+        if self.height is None:
+            return [
+                _Issue("height", "is required when width is given (a multiple of 16 between 128 and 2048)")
+            ]
+        if self.width is None:
+            return [
+                _Issue("width", "is required when height is given (a multiple of 16 between 128 and 2048)")
+            ]
+        return []
+
+    def _step_issues(self, spec: ModelSpec) -> list[_Issue]:
+        """End steps past the last step are refused by Runware; check them against the effective steps."""
+        steps = self.steps if self.steps is not None else spec.default_steps
+        if steps is None:
+            return []
+        where = "steps" if self.steps is not None else f"{spec.air}'s default steps"
+        ends = [(f"controlNet[{n}].endStep", c.end_step) for n, c in enumerate(self.control_net or [])]
+        if self.accelerator_options is not None:
+            ends.append(("acceleratorOptions.cacheEndStep", self.accelerator_options.cache_end_step))
+        return [
+            _Issue(name, f"must be between 1 and {steps} ({where})", end)
+            for name, end in ends
+            if end is not None and end > steps
+        ]
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The catalog entry of `model`, which validation has already resolved to an AIR id."""
+        return CATALOG[self.model]
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> ImageInferenceRequest:
+        """Construct from snake_case or camelCase keys; raise one error naming every bad parameter."""
+        try:
+            return cls.model_validate(kwargs)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The task object as Runware expects it; unset parameters are left to Runware's defaults."""
+        return _dump(self)
+
+    def fingerprint(self) -> str:
+        """Identify what image this request makes, so a retried or re-run task never pays for it twice."""
+        wire = {k: v for k, v in self.to_wire().items() if k not in _DELIVERY_PARAMETERS}
+        canonical = json.dumps(wire, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _dump(value: Any) -> Any:
+    """Wire form of a (nested) model, for the request itself and for values quoted in errors."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(by_alias=True, exclude_none=True, mode="json")
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# From pydantic's errors to ZImageValidationError
+# --------------------------------------------------------------------------------------------------
+
+_URL_SECRET = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)(?:[^\s/?#@'\"]*@)?([^\s?#'\"]*)(\?[^\s#'\"]*)?")
+_MAX_SHOWN = 80
+
+
+def _redact(text: str) -> str:
+    """Webhook and presigned upload URLs carry their credentials in the query string or the userinfo."""
+
+    def scrub(match: re.Match[str]) -> str:
+        userinfo = "<redacted>@" if "@" in match.group(0).split("?")[0] else ""
+        query = "?<redacted>" if match.group(3) else ""
+        return f"{match.group(1)}{userinfo}{match.group(2)}{query}"
+
+    return _URL_SECRET.sub(scrub, text)
+
+
+def _safe_value(value: Any) -> Any:
+    """The offending value, fit to be logged: URL secrets removed, prompts and image data cut short."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    text = _redact(value if isinstance(value, str) else json.dumps(value, default=str))
+    return text if len(text) <= _MAX_SHOWN else f"{text[: _MAX_SHOWN - 20]}... ({len(text)} characters)"
+
+
+def _entry(parameter: str, message: str, value: Any = None) -> dict[str, Any]:
+    safe = _safe_value(value)
+    text = f"{parameter}: {message}"
+    if value is not None:
+        text += f" (got {safe!r})" if isinstance(value, str) else f" (got {safe})"
+    return {"parameter": parameter, "message": message, "value": safe, "text": text}
+
+
+def _public(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: entry[k] for k in ("parameter", "message", "value")}
+
+
+def _join(base: str, name: str, sep: str = ".") -> str:
+    if not base or not name:
+        return base or name
+    return f"{base}{name}" if name.startswith("[") else f"{base}{sep}{name}"
+
+
+def _strip_optional(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _model_of(annotation: Any) -> type[_WireModel] | None:
+    annotation = _strip_optional(annotation)
+    if get_origin(annotation) is list:
+        annotation = get_args(annotation)[0]
+    return annotation if isinstance(annotation, type) and issubclass(annotation, _WireModel) else None
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _describe(info: FieldInfo) -> str:
+    """What a field accepts, in words, from the same constraints that validate it."""
+    annotation = _strip_optional(info.annotation)
+    metadata = list(info.metadata)
+    if get_origin(annotation) is Annotated:  # `Alias | None`: the constraints stay inside the Optional
+        metadata += annotation.__metadata__
+        annotation = get_args(annotation)[0]
+    limits: dict[str, Any] = {}
+    for meta in metadata:
+        if isinstance(meta, _Rule):
+            return meta.allowed
+        for item in meta.metadata if isinstance(meta, FieldInfo) else [meta]:
+            for key in ("ge", "le", "min_length", "max_length", "pattern", "step"):
+                if getattr(item, key, None) is not None:
+                    limits[key] = getattr(item, key)
+    lo: Any = limits.get("ge")
+    hi: Any = limits.get("le")
+    step: Any = limits.get("step")
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
+    if annotation is bool:
+        return "true or false"
+    nested = _model_of(annotation)
+    if nested is not None:
+        keys = ", ".join(f.alias or n for n, f in nested.model_fields.items())
+        if get_origin(annotation) is list:
+            return f"a non-empty list of objects with keys {keys}"
+        return f"an object with keys {keys}"
+    if annotation is str:
+        if "pattern" in limits:
+            return f"a string matching {limits['pattern']}"
+        if "max_length" in limits:
+            return f"a string of {limits.get('min_length', 0)} to {limits['max_length']} characters"
+        return "a string"
+    if annotation is int and step is not None:
+        return f"a multiple of {_num(step)} between {_num(lo)} and {_num(hi)}"
+    kind = "an integer" if annotation is int else "a number"
+    if lo is not None and hi is not None:
+        kind += f" between {_num(lo)} and {_num(hi)}"
+    elif lo is not None:
+        kind += f" >= {_num(lo)}"
+    return kind + (f" in steps of {_num(step)}" if step is not None else "")
+
+
+class _Location(NamedTuple):
+    path: str  # wire path: "lora[0].weight"
+    field: FieldInfo | None  # None for a key no model knows
+    parent: type[_WireModel] | None  # the model the last key was looked up in
+    key: str  # the last key as the caller spelled it
+
+
+def _locate(loc: tuple[int | str, ...]) -> _Location:
+    """Walk pydantic's error location (Python or wire names) to the wire path and the field."""
+    owner: type[_WireModel] | None = ImageInferenceRequest
+    parent, path, info, key = owner, "", None, ""
+    for item in loc:
+        if isinstance(item, int):
+            path += f"[{item}]"
+            continue
+        parent, key = owner, item
+        fields = owner.model_fields if owner is not None else {}
+        name = item if item in fields else next((n for n, f in fields.items() if f.alias == item), None)
+        if name is None:
+            info = None
+            path = _join(path, item)
+            break
+        info = fields[name]
+        path = _join(path, info.alias or name)
+        owner = _model_of(info.annotation)
+    return _Location(path, info, parent, key)
+
+
+def _unknown_key_message(where: _Location) -> str:
+    fields = where.parent.model_fields if where.parent is not None else {}
+    alias = fields[where.key].alias if where.key in fields else None
+    if alias and alias != where.key:
+        return f"is given twice, as {alias} and {where.key}"
+    known = [f.alias or n for n, f in fields.items()]
+    by_case = {k.lower(): k for k in known}
+    close = by_case.get(where.key.lower()) or next(
+        iter(difflib.get_close_matches(where.key, known, n=1)), None
+    )
+    return "is not a known parameter" + (f" (did you mean {close}?)" if close else "")
+
+
+def _problem(error: Any, where: _Location) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return f"is required ({_describe(where.field)})" if where.field is not None else "is required"
+    if kind == "extra_forbidden":
+        return _unknown_key_message(where)
+    if kind == "zimage_rule" or where.field is None:
+        return str(error["msg"])
+    return f"must be {_describe(where.field)}"
+
+
+def _validation_error(exc: ValidationError) -> ZImageValidationError:
+    entries: list[dict[str, Any]] = []
+    for error in exc.errors(include_url=False):
+        where = _locate(tuple(error["loc"]))
+        if error["type"] == "zimage_rules":
+            for issue in error["ctx"]["issues"]:
+                entries.append(
+                    _entry(_join(where.path, issue["parameter"]), issue["message"], issue["value"])
+                )
+        else:
+            value = None if error["type"] == "missing" else error["input"]
+            entries.append(_entry(where.path, _problem(error, where), value))
+    count = f"{len(entries)} problem" + ("s" if len(entries) != 1 else "")
+    message = f"Invalid Z-Image request ({count}): " + "; ".join(e["text"] for e in entries)
+    return ZImageValidationError(message, [_public(e) for e in entries])
+
+
+# --------------------------------------------------------------------------------------------------
+# Result models: tolerant, because Runware adds fields and a result must never be lost to parsing
+# --------------------------------------------------------------------------------------------------
+
+
+class _ResultModel(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> Self:
+        return cls.model_validate(dict(data))
+
+
+class ImageResult(_ResultModel):
+    """One finished image; unknown fields are kept so a newer API answer still round-trips."""
+
+    task_type: str | None = Field(None, alias="taskType")
+    task_uuid: str | None = Field(None, alias="taskUUID")
+    image_uuid: str | None = Field(None, alias="imageUUID")
+    image_url: str | None = Field(None, alias="imageURL")
+    image_base64_data: str | None = Field(None, alias="imageBase64Data")
+    image_data_uri: str | None = Field(None, alias="imageDataURI")
+    seed: int | None = None
+    nsfw_content: bool | None = Field(None, alias="NSFWContent")
+    cost: float | None = None
+    status: str | None = None
+
+
+class ApiErrorDetail(_ResultModel):
+    """One item of Runware's `errors` array; every field optional because gateways send partial ones."""
+
+    code: str | None = None
+    message: str | None = None
+    parameter: str | None = None
+    task_type: str | None = Field(None, alias="taskType")
+    task_uuid: str | None = Field(None, alias="taskUUID")
+    documentation: str | None = None

@@ -1,0 +1,383 @@
+"""`ZImageGenerateOperator`: one image request per task instance, on the Runware API or a local GPU.
+
+Orchestration only: build and validate the request, reuse or submit through `GenerationJob`, defer to
+`ZImageTaskTrigger` (or poll in-process), store, and return the manifest entries as XCom.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+from airflow.sdk import BaseOperator, BaseOperatorLink, conf
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from airflow_provider_zimage.exceptions import (
+    ZImageError,
+    ZImagePermanentError,
+    ZImageTimeout,
+    ZImageValidationError,
+)
+from airflow_provider_zimage.generation import GenerationJob, NsfwPolicy, TaskInstanceRef
+from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
+from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult, estimate_cost
+from airflow_provider_zimage.storage import ArtifactStore, default_output_path
+from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+    from airflow.sdk.types import TaskInstanceKey
+
+Backend = Literal["runware", "local"]
+LINK_XCOM_KEY = "zimage_image_link"
+
+
+class ZImageImageLink(BaseOperatorLink):
+    """Opens the first stored image (an S3 console page for s3://, the file URI otherwise)."""
+
+    name = "Z-Image: first image"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        from airflow.sdk.execution_time.xcom import XCom
+
+        return XCom.get_value(ti_key=ti_key, key=LINK_XCOM_KEY) or ""
+
+
+def browsable_link(uri: str) -> str:
+    if uri.startswith("s3://"):
+        bucket_key = uri[len("s3://") :].split("@", 1)[-1]
+        bucket, _, key = bucket_key.partition("/")
+        return f"https://s3.console.aws.amazon.com/s3/object/{bucket}?prefix={key}"
+    return uri
+
+
+class ZImageGenerateOperator(BaseOperator):
+    """Generate images with Z-Image and store them; returns one small dict per image (never bytes).
+
+    Every Runware request parameter is an argument (snake_case; see the README table). The same DAG runs
+    on the Runware API or a local GPU by changing `backend` (or the connection's `backend` extra).
+
+    :param prompt: positivePrompt, 2-3000 characters. Templated; `.expand(prompt=[...])` maps over prompts.
+    :param model: AIR id or alias (`z-image`, `z-image-turbo`, `twinflow`). Templated.
+    :param backend: "runware" or "local"; None takes the connection's `backend` extra (default runware).
+    :param deferrable: wait in the triggerer instead of holding a worker slot.
+    :param wait_for_completion: False submits and returns the taskUUID (pair with `ZImageTaskSensor`).
+    :param output_path: ObjectStoragePath URL for images and manifests; `[zimage] output_path` if unset.
+    :param force: regenerate even when this task instance already stored images for the same request.
+    :param max_cost_usd: refuse, before submitting, a request whose catalog estimate exceeds this.
+    :param on_nsfw: what to do with images Runware flags NSFW: fail, skip or keep.
+    :param timeout: seconds to wait for Runware before the task fails (retries reattach, never resubmit).
+    """
+
+    template_fields: Sequence[str] = (
+        "prompt",
+        "negative_prompt",
+        "seed",
+        "model",
+        "width",
+        "height",
+        "steps",
+        "cfg_scale",
+        "output_path",
+        "seed_image",
+        "mask_image",
+        "lora",
+        "zimage_conn_id",
+    )
+    template_fields_renderers = {"prompt": "py", "negative_prompt": "py", "lora": "json"}
+    operator_extra_links = (ZImageImageLink(),)
+    ui_color = "#f4e1ff"
+
+    def __init__(
+        self,
+        *,
+        prompt: str,
+        model: str = "runware:z-image@turbo",
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+        scheduler: str | None = None,
+        cfg_scale: float | None = None,
+        strength: float | None = None,
+        mask_margin: int | None = None,
+        seed_image: str | None = None,
+        mask_image: str | None = None,
+        outpaint: dict[str, int] | None = None,
+        lora: list[dict[str, Any]] | None = None,
+        control_net: list[dict[str, Any]] | None = None,
+        ultralytics: dict[str, Any] | None = None,
+        number_results: int | None = None,
+        output_type: str | None = None,
+        output_format: str | None = None,
+        output_quality: int | None = None,
+        safety: dict[str, Any] | None = None,
+        ttl: int | None = None,
+        include_cost: bool = True,
+        acceleration: str | None = None,
+        accelerator_options: dict[str, Any] | None = None,
+        upload_endpoint: str | None = None,
+        zimage_conn_id: str = ZImageHook.default_conn_name,
+        backend: Backend | None = None,
+        local_model_path: str | None = None,
+        device: str | None = None,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        wait_for_completion: bool = True,
+        poll_interval: float = 1.0,
+        max_poll_interval: float = 10.0,
+        timeout: float = 3600.0,
+        output_path: str | None = None,
+        force: bool = False,
+        max_cost_usd: float | None = None,
+        on_nsfw: NsfwPolicy = "fail",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.prompt = prompt
+        self.model = model
+        self.negative_prompt = negative_prompt
+        self.width = width
+        self.height = height
+        self.seed = seed
+        self.steps = steps
+        self.scheduler = scheduler
+        self.cfg_scale = cfg_scale
+        self.strength = strength
+        self.mask_margin = mask_margin
+        self.seed_image = seed_image
+        self.mask_image = mask_image
+        self.outpaint = outpaint
+        self.lora = lora
+        self.control_net = control_net
+        self.ultralytics = ultralytics
+        self.number_results = number_results
+        self.output_type = output_type
+        self.output_format = output_format
+        self.output_quality = output_quality
+        self.safety = safety
+        self.ttl = ttl
+        self.include_cost = include_cost
+        self.acceleration = acceleration
+        self.accelerator_options = accelerator_options
+        self.upload_endpoint = upload_endpoint
+        self.zimage_conn_id = zimage_conn_id
+        self.backend = backend
+        self.local_model_path = local_model_path
+        self.device = device
+        self.deferrable = deferrable
+        self.wait_for_completion = wait_for_completion
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.timeout = timeout
+        self.output_path = output_path
+        self.force = force
+        self.max_cost_usd = max_cost_usd
+        if on_nsfw not in ("fail", "skip", "keep"):
+            raise ValueError(f"on_nsfw must be 'fail', 'skip' or 'keep' (got {on_nsfw!r})")
+        self.on_nsfw = on_nsfw
+
+    # -- request ------------------------------------------------------------------------------------
+
+    def build_request(self) -> ImageInferenceRequest:
+        """The validated request; raises ZImageValidationError naming the parameter before any call."""
+        inputs = {k: v for k, v in (("seed_image", self.seed_image), ("mask_image", self.mask_image)) if v}
+        fields: dict[str, Any] = {
+            "model": self.model,
+            "positive_prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "width": self.width,
+            "height": self.height,
+            "seed": self.seed,
+            "steps": self.steps,
+            "scheduler": self.scheduler,
+            "cfg_scale": self.cfg_scale,
+            "strength": self.strength,
+            "mask_margin": self.mask_margin,
+            "inputs": inputs or None,
+            "outpaint": self.outpaint,
+            "lora": self.lora,
+            "control_net": self.control_net,
+            "ultralytics": self.ultralytics,
+            "number_results": self.number_results,
+            "output_type": self.output_type,
+            "output_format": self.output_format,
+            "output_quality": self.output_quality,
+            "safety": self.safety,
+            "ttl": self.ttl,
+            "include_cost": self.include_cost,
+            "acceleration": self.acceleration,
+            "accelerator_options": self.accelerator_options,
+            "upload_endpoint": self.upload_endpoint,
+        }
+        return ImageInferenceRequest.build(**{k: v for k, v in fields.items() if v is not None})
+
+    def _settings(self) -> ConnectionSettings:
+        """The connection's settings; a local run needs no connection at all."""
+        try:
+            return ZImageHook(self.zimage_conn_id).settings
+        except Exception as exc:  # AirflowNotFoundException and friends, without importing them
+            if self.backend == "local":
+                return ConnectionSettings(backend="local")
+            raise AirflowFailException(
+                f"connection {self.zimage_conn_id!r} is not usable: {exc}. Create it (conn type 'zimage', "
+                "password = Runware API key) or pass backend='local'."
+            ) from None
+
+    def _job(self, context: Context, request: ImageInferenceRequest, backend: str) -> GenerationJob:
+        store = ArtifactStore(self.output_path or default_output_path())
+        return GenerationJob(
+            TaskInstanceRef.from_context(context),
+            request,
+            backend=backend,
+            conn_id=self.zimage_conn_id if backend == "runware" else None,
+            store=store,
+            on_nsfw=self.on_nsfw,
+        )
+
+    # -- execution ----------------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> Any:
+        try:
+            request = self.build_request()
+        except ZImageValidationError as exc:
+            raise AirflowFailException(f"invalid Z-Image request: {exc}") from None
+        settings = self._settings()
+        backend = self.backend or settings.backend
+        if backend not in ("runware", "local"):
+            raise AirflowFailException(f"backend must be 'runware' or 'local' (got {backend!r})")
+        job = self._job(context, request, backend)
+
+        if not self.force and (images := job.reusable_images()) is not None:
+            self.log.info(
+                "This task instance already stored %d image(s) for this exact request: returning them "
+                "without generating (force=True regenerates).",
+                len(images),
+            )
+            return self._finish(context, images)
+
+        if backend == "local":
+            return self._finish(context, self._run_local(job, settings))
+
+        estimate = estimate_cost(request)
+        self.log.info("Estimated cost: $%.4f for %d image(s)", estimate, job.expected_results)
+        if self.max_cost_usd is not None and estimate > self.max_cost_usd:
+            raise AirflowFailException(
+                f"max_cost_usd: the estimated cost ${estimate:.4f} exceeds the limit ${self.max_cost_usd:.4f}"
+            )
+
+        hook = ZImageHook(self.zimage_conn_id)
+        try:
+            submission = job.submit(lambda req: hook.submit([req]))
+        except ZImagePermanentError as exc:
+            raise AirflowFailException(str(exc)) from None
+        except ZImageError as exc:
+            raise AirflowException(f"submitting to Runware failed, Airflow may retry: {exc}") from None
+        if not self.wait_for_completion:
+            return submission.task_uuid
+
+        if self.deferrable:
+            self.defer(
+                trigger=ZImageTaskTrigger(
+                    task_uuid=submission.task_uuid,
+                    zimage_conn_id=self.zimage_conn_id,
+                    expected_results=job.expected_results,
+                    deadline=time.time() + self.timeout,
+                    poll_interval=self.poll_interval,
+                    max_poll_interval=self.max_poll_interval,
+                ),
+                method_name="execute_complete",
+                timeout=timedelta(seconds=self.timeout + 60),
+            )
+
+        try:
+            status = hook.wait_for_task(
+                submission.task_uuid,
+                job.expected_results,
+                timeout=self.timeout,
+                poll_interval=self.poll_interval,
+                max_poll_interval=self.max_poll_interval,
+            )
+        except ZImageTimeout as exc:
+            raise AirflowException(f"{exc}; a retry reattaches to the same Runware task") from None
+        except ZImagePermanentError as exc:
+            raise AirflowFailException(str(exc)) from None
+        except ZImageError as exc:
+            raise AirflowException(str(exc)) from None
+        if status.failed:
+            job.mark_failed(submission.task_uuid, str(status.errors[0].message))
+            raise AirflowFailException(
+                f"Runware task {submission.task_uuid} failed: {status.errors[0].message}"
+            )
+        return self._store(context, job, status.results, hook, submission.task_uuid)
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        """Resume after the trigger: validate the event before trusting it, then store."""
+        try:
+            parsed = TaskEvent.model_validate(event)
+        except Exception as exc:
+            raise AirflowException(f"malformed event from ZImageTaskTrigger: {exc}") from None
+        request = self.build_request()
+        job = self._job(context, request, "runware")
+        expected = job.next_submission().task_uuid
+        if parsed.task_uuid != expected:
+            raise AirflowException(f"event for task {parsed.task_uuid} does not match this task's {expected}")
+        if parsed.status == "error":
+            if parsed.retryable:
+                raise AirflowException(f"{parsed.message}; a retry reattaches to the same Runware task")
+            job.mark_failed(parsed.task_uuid, parsed.message)
+            raise AirflowFailException(f"Runware task {parsed.task_uuid} failed: {parsed.message}")
+        if parsed.status == "timeout":
+            raise AirflowException(f"{parsed.message}; a retry reattaches to the same Runware task")
+        results = [ImageResult.from_wire(r) for r in parsed.results]
+        return self._store(context, job, results, ZImageHook(self.zimage_conn_id), parsed.task_uuid)
+
+    def _store(
+        self,
+        context: Context,
+        job: GenerationJob,
+        results: list[ImageResult],
+        hook: ZImageHook,
+        task_uuid: str,
+    ) -> Any:
+        try:
+            images = job.store_results(results, hook.download, task_uuid=task_uuid)
+        except ZImagePermanentError as exc:
+            raise AirflowFailException(str(exc)) from None
+        return self._finish(context, images)
+
+    def _run_local(self, job: GenerationJob, settings: ConnectionSettings) -> list[dict[str, Any]]:
+        from airflow_provider_zimage.hooks.local import LocalZImageExecutor
+
+        executor = LocalZImageExecutor(
+            model_path=self.local_model_path or settings.model_path,
+            device=self.device or settings.device,
+        )
+        try:
+            generated = executor.generate(job.request)
+        except ZImageValidationError as exc:
+            raise AirflowFailException(f"invalid request for the local backend: {exc}") from None
+        by_uuid = {g.result["imageUUID"]: g for g in generated}
+        results = [ImageResult.from_wire(g.result) for g in generated]
+        try:
+            return job.store_results(results, lambda r: by_uuid[r.image_uuid].data)
+        except ZImagePermanentError as exc:
+            raise AirflowFailException(str(exc)) from None
+
+    def _finish(self, context: Context, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if images:
+            context["ti"].xcom_push(key=LINK_XCOM_KEY, value=browsable_link(images[0]["uri"]))
+        self._emit_asset_events(context, images)
+        return images
+
+    def _emit_asset_events(self, context: Context, images: list[dict[str, Any]]) -> None:
+        from airflow.sdk import Asset
+
+        outlets = [o for o in (self.outlets or []) if isinstance(o, Asset)]
+        if not outlets:
+            return
+        total = round(sum(i.get("cost") or 0.0 for i in images), 6)
+        for outlet in outlets:
+            context["outlet_events"][outlet].extra = {"images": images, "total_cost": total}

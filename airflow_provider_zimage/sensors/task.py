@@ -1,0 +1,138 @@
+"""`ZImageTaskSensor`: wait for a Runware task submitted elsewhere, then store it like the operator.
+
+Typical pairing: `ZImageGenerateOperator(wait_for_completion=False)` returns the taskUUID, and this
+sensor (templated `task_uuid`) waits in poke, reschedule or deferrable mode. Poke calls the same hook
+method the trigger awaits, so all three modes see Runware the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from airflow_provider_zimage.exceptions import ZImagePermanentError, ZImageTransientError
+from airflow_provider_zimage.generation import GenerationJob, NsfwPolicy, TaskInstanceRef
+from airflow_provider_zimage.hooks.runware import ZImageHook
+from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
+from airflow_provider_zimage.protocol import TaskStatus
+from airflow_provider_zimage.storage import ArtifactStore, default_output_path
+from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+class ZImageTaskSensor(BaseSensorOperator):
+    """Waits for `task_uuid` to finish at Runware, stores its images and returns the manifest entries.
+
+    :param task_uuid: the Runware taskUUID (templated, e.g. `{{ ti.xcom_pull('submit') }}`).
+    :param expected_results: numberResults of that task.
+    :param model: recorded in the manifest (the sensor does not see the request).
+    :param output_format: the task's outputFormat, checked against the stored bytes.
+    """
+
+    template_fields: Sequence[str] = ("task_uuid", "output_path", "zimage_conn_id")
+
+    def __init__(
+        self,
+        *,
+        task_uuid: str,
+        zimage_conn_id: str = ZImageHook.default_conn_name,
+        expected_results: int = 1,
+        model: str = "runware:z-image@turbo",
+        output_format: str = "JPG",
+        output_path: str | None = None,
+        on_nsfw: NsfwPolicy = "fail",
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        max_poll_interval: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.task_uuid = task_uuid
+        self.zimage_conn_id = zimage_conn_id
+        self.expected_results = expected_results
+        self.model = model
+        self.output_format = output_format
+        self.output_path = output_path
+        self.on_nsfw = on_nsfw
+        self.deferrable = deferrable
+        self.max_poll_interval = max_poll_interval
+
+    def _job(self, context: Context) -> GenerationJob:
+        # The request is not known here; the manifest records what the sensor knows. The fingerprint is
+        # then the taskUUID's, so a re-run of the sensor reuses what it stored.
+        request = ImageInferenceRequest.build(
+            model=self.model,
+            positive_prompt=f"taskUUID {self.task_uuid}",
+            number_results=self.expected_results,
+            output_format=self.output_format,
+            task_uuid=self.task_uuid,
+        )
+        return GenerationJob(
+            TaskInstanceRef.from_context(context),
+            request,
+            backend="runware",
+            conn_id=self.zimage_conn_id,
+            store=ArtifactStore(self.output_path or default_output_path()),
+            on_nsfw=self.on_nsfw,
+        )
+
+    def execute(self, context: Context) -> Any:
+        images = self._job(context).reusable_images()
+        if images is not None:
+            self.log.info("Images of task %s are already stored: returning them", self.task_uuid)
+            return images
+        if not self.deferrable:
+            return super().execute(context)
+        self.defer(
+            trigger=ZImageTaskTrigger(
+                task_uuid=self.task_uuid,
+                zimage_conn_id=self.zimage_conn_id,
+                expected_results=self.expected_results,
+                deadline=time.time() + float(self.timeout),
+                poll_interval=float(self.poke_interval),
+                max_poll_interval=self.max_poll_interval,
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=float(self.timeout) + 60),
+        )
+
+    def poke(self, context: Context) -> PokeReturnValue:
+        hook = ZImageHook(self.zimage_conn_id)
+        try:
+            status = hook.get_response(self.task_uuid, TaskStatus(self.task_uuid, self.expected_results))
+        except ZImageTransientError as exc:
+            self.log.warning("getResponse failed, trying again at the next poke: %s", exc)
+            return PokeReturnValue(is_done=False)
+        except ZImagePermanentError as exc:
+            raise AirflowFailException(str(exc)) from None
+        if status.failed:
+            raise AirflowFailException(f"Runware task {self.task_uuid} failed: {status.errors[0].message}")
+        if not status.complete:
+            self.log.info("%d/%d result(s) in", len(status.results), self.expected_results)
+            return PokeReturnValue(is_done=False)
+        return PokeReturnValue(is_done=True, xcom_value=self._store(context, status.results, hook))
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        try:
+            parsed = TaskEvent.model_validate(event)
+        except Exception as exc:
+            raise AirflowException(f"malformed event from ZImageTaskTrigger: {exc}") from None
+        if parsed.task_uuid != self.task_uuid:
+            raise AirflowException(f"event for task {parsed.task_uuid} does not match {self.task_uuid}")
+        if parsed.status != "success":
+            exc_type = AirflowException if parsed.retryable else AirflowFailException
+            raise exc_type(parsed.message)
+        results = [ImageResult.from_wire(r) for r in parsed.results]
+        return self._store(context, results, ZImageHook(self.zimage_conn_id))
+
+    def _store(self, context: Context, results: list[ImageResult], hook: ZImageHook) -> list[dict[str, Any]]:
+        try:
+            return self._job(context).store_results(results, hook.download, task_uuid=self.task_uuid)
+        except ZImagePermanentError as exc:
+            raise AirflowFailException(str(exc)) from None

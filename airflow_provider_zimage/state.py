@@ -1,0 +1,147 @@
+"""Never pay twice: deterministic taskUUIDs and a submission ledger that outlives XCom.
+
+Every Runware submission costs money, and Airflow re-runs work: retries, a worker killed after submit,
+a restarted triggerer, a cleared task, a re-run backfill. The defence has three layers:
+
+1. The taskUUID is derived from (dag_id, task_id, run_id, map_index, request fingerprint, generation),
+   so a re-sent submission carries the same id and Runware answers `conflictTaskUUID` instead of
+   generating (and billing) a second image.
+2. The ledger records the intent *before* submitting and the submission *after*, next to the artifacts
+   on object storage (XCom is cleared on retry; object storage is not). The next try reads it first and
+   reattaches through `getResponse`.
+3. The manifest, written last, makes a finished task's re-run return the stored images without a call.
+
+A task that failed at Runware (or whose results expired) moves to the next *generation*, which derives
+a new taskUUID: that is the one case where paying again is the point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from airflow_provider_zimage.storage import ZImageStorageError, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "_zimage_state.json"
+STATE_VERSION = 1
+
+SubmissionStatus = Literal["intent", "submitted", "failed", "stored"]
+
+
+def derive_task_uuid(
+    *, dag_id: str, task_id: str, run_id: str, map_index: int, fingerprint: str, generation: int
+) -> str:
+    """A UUID v4-formatted id that is the same every time the same task instance asks for the same image."""
+    material = "\x1f".join([dag_id, task_id, run_id, str(map_index), fingerprint, str(generation)])
+    digest = hashlib.sha256(material.encode()).digest()[:16]
+    return str(uuid.UUID(bytes=digest, version=4))
+
+
+def job_fingerprint(request_fingerprint: str, *, backend: str, conn_id: str | None) -> str:
+    """What decides "same image": the request, and who makes it (another account or backend is another
+    image, and must never silently reattach to results billed elsewhere)."""
+    material = "\x1f".join([request_fingerprint, backend, conn_id or ""])
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+@dataclass
+class Submission:
+    """One generation of one request fingerprint, as recorded on object storage."""
+
+    fingerprint: str
+    generation: int
+    task_uuid: str
+    status: SubmissionStatus
+    expected_results: int = 1
+    updated_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    reason: str | None = None
+
+
+@dataclass
+class Ledger:
+    """The submission record of one task instance (dag/task/run/map index), one entry per fingerprint.
+
+    Keeping every fingerprint (not only the latest) means a prompt changed and changed back still finds
+    its earlier generation instead of reusing a taskUUID whose results may have expired.
+    """
+
+    dag_id: str
+    task_id: str
+    run_id: str
+    map_index: int
+    submissions: dict[str, Submission] = field(default_factory=dict)
+    version: int = STATE_VERSION
+
+    def current(self, fingerprint: str) -> Submission | None:
+        return self.submissions.get(fingerprint)
+
+    def new_submission(self, fingerprint: str, expected_results: int, *, fresh: bool = False) -> Submission:
+        """The submission to make now: the recorded one when it can be reattached, else a new generation.
+
+        `fresh` (force=True, or a stored result that is gone) always moves to the next generation.
+        """
+        previous = self.submissions.get(fingerprint)
+        if previous is not None and not fresh and previous.status in ("intent", "submitted"):
+            return previous
+        generation = 0 if previous is None else previous.generation + 1
+        task_uuid = derive_task_uuid(
+            dag_id=self.dag_id,
+            task_id=self.task_id,
+            run_id=self.run_id,
+            map_index=self.map_index,
+            fingerprint=fingerprint,
+            generation=generation,
+        )
+        return Submission(fingerprint, generation, task_uuid, "intent", expected_results)
+
+    def record(self, submission: Submission, status: SubmissionStatus, reason: str | None = None) -> None:
+        submission.status = status
+        submission.reason = reason
+        submission.updated_at = datetime.now(timezone.utc).isoformat()
+        self.submissions[submission.fingerprint] = submission
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["submissions"] = {k: asdict(v) for k, v in self.submissions.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Ledger:
+        if data.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported ledger version {data.get('version')!r} (this provider writes 1)")
+        subs = {k: Submission(**v) for k, v in (data.get("submissions") or {}).items()}
+        return cls(
+            dag_id=data["dag_id"],
+            task_id=data["task_id"],
+            run_id=data["run_id"],
+            map_index=int(data["map_index"]),
+            submissions=subs,
+        )
+
+
+class LedgerStore:
+    """Reads and writes a task instance's ledger in its artifact directory, atomically."""
+
+    def __init__(self, directory: Any) -> None:
+        self.path = directory / STATE_FILE
+
+    def load(self, *, dag_id: str, task_id: str, run_id: str, map_index: int) -> Ledger:
+        try:
+            data = read_json(self.path)
+            if data is None:
+                return Ledger(dag_id, task_id, run_id, map_index)
+            return Ledger.from_dict(data)
+        except (KeyError, TypeError, ValueError, ZImageStorageError) as exc:
+            # Refusing to run would block the task forever; starting over can at worst resubmit, and the
+            # deterministic taskUUID then still turns a duplicate into `conflictTaskUUID`.
+            log.warning("ignoring unreadable submission ledger %s: %s", self.path, exc)
+            return Ledger(dag_id, task_id, run_id, map_index)
+
+    def save(self, ledger: Ledger) -> None:
+        write_json_atomic(self.path, ledger.to_dict())

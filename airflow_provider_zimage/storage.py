@@ -1,0 +1,549 @@
+"""Where generated images and their manifest land, written so that a reader never sees half a file.
+
+Every image costs money, so the store is what lets a retried or re-run task find out what it already
+paid for: the operator writes the images, then ``manifest.json`` *last*. A manifest on storage
+therefore implies that every image it names was fully written, and :func:`verify` re-checks each one by
+sha256 before the operator trusts it instead of generating again.
+
+Atomicity, by kind of storage (the one rule: nothing incomplete is ever visible under a final name):
+
+* **Local filesystems** (``file://``, ``local://``, plain paths): the bytes go to a hidden temp file in
+  the same directory (``.{name}.{random}.tmp``), are fsynced, then ``os.replace``-d over the final
+  name, which POSIX guarantees to be atomic within one filesystem. On any exception the temp file is
+  removed. Only a hard kill (SIGKILL, power loss) can leave a hidden ``.*.tmp`` behind; it is never
+  mistaken for an artifact because nothing reads names starting with a dot.
+* **Object stores** (s3, gcs, azure, ...): one ``fs.pipe_file`` call with the whole payload. s3fs turns
+  that into a single ``PutObject`` (or, above 100 MiB, a multipart upload that it aborts on failure);
+  either way S3 only makes an object visible once it is complete. We deliberately do *not* use
+  ``path.open("wb")``: fsspec's buffered file commits whatever was buffered when the ``with`` block
+  exits, *even when it exits with an exception*, which would publish a truncated object.
+* **Anything else** fsspec can reach (sftp, hdfs, ...): temp name in the same directory plus
+  ``fs.mv``, the closest those filesystems offer to a rename.
+
+Image bytes are never logged; log lines carry URIs, sizes and digests only.
+
+The API is synchronous. Async code (triggers, the webhook app) must call it through
+``asyncio.to_thread``: Airflow's S3 filesystem factory runs ``asyncio.run()`` the first time a
+connection is used and raises ``RuntimeError`` inside a running event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from airflow.sdk import ObjectStoragePath
+
+from airflow_provider_zimage.exceptions import ZImageError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SUPPORTED_FORMATS",
+    "ArtifactStore",
+    "ImageArtifact",
+    "ZImageStorageError",
+    "default_output_path",
+    "inspect_image",
+    "normalize_format",
+    "read_json",
+    "safe_segment",
+    "verify",
+    "write_bytes_atomic",
+    "write_json_atomic",
+]
+
+MANIFEST_NAME = "manifest.json"
+DEFAULT_DIR_NAME = "zimage-artifacts"
+UNMAPPED_SEGMENT = "unmapped"
+"""Path segment used for ``map_index == -1``: a bare ``-1`` directory reads like a CLI flag in a shell."""
+
+SUPPORTED_FORMATS: tuple[str, ...] = ("jpg", "png", "webp")
+
+_PIL_FORMAT_TO_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_FORMAT_ALIASES = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
+
+_LOCAL_PROTOCOLS = frozenset({"", "file", "local"})
+# Filesystems where one pipe_file call is one atomic object PUT (see module docstring).
+_SINGLE_PUT_PROTOCOLS = frozenset(
+    {"s3", "s3a", "s3n", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"}
+)
+
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._=-]")
+_MAX_SEGMENT_LEN = 200
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
+
+
+class ZImageStorageError(ZImageError):
+    """Refused or unreadable artifact: bad image bytes, wrong format or size, unusable name, bad JSON.
+
+    Raised before anything is written when the input is at fault, so a failed call leaves storage as
+    it was.
+    """
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths
+
+
+def _airflow_home() -> str:
+    """Same resolution as Airflow's own (env var, else ``~/airflow``), evaluated per call.
+
+    Read at call time rather than import time so tests and workers that set ``AIRFLOW_HOME`` late are
+    honoured, and without importing Airflow core's configuration module into task processes.
+    """
+    return os.path.expanduser(os.path.expandvars(os.environ.get("AIRFLOW_HOME") or "~/airflow"))
+
+
+def _conf_get(section: str, key: str) -> str | None:
+    try:
+        from airflow.sdk.configuration import conf
+    except ImportError:  # early Airflow 3 releases have no SDK configuration module
+        from airflow.configuration import conf  # type: ignore[no-redef]
+    value = conf.get(section, key, fallback=None)
+    return (value.strip() or None) if isinstance(value, str) else None
+
+
+def as_path(value: ObjectStoragePath | str | os.PathLike[str]) -> ObjectStoragePath:
+    """Coerce to an ``ObjectStoragePath``, turning scheme-less local paths into absolute ``file://``.
+
+    Why: URIs recorded in manifests and XCom must mean the same thing to a process with a different
+    working directory, and ``ObjectStoragePath("/x")`` would otherwise print without a scheme.
+    """
+    if isinstance(value, ObjectStoragePath):
+        if value.protocol:
+            return value
+        return ObjectStoragePath(f"file://{os.path.abspath(value.path)}")
+    text = os.fspath(value)
+    if "://" in text:
+        return ObjectStoragePath(text)
+    return ObjectStoragePath(f"file://{os.path.abspath(os.path.expanduser(text))}")
+
+
+def default_output_path() -> ObjectStoragePath:
+    """``[zimage] output_path`` if configured, else ``file://{AIRFLOW_HOME}/zimage-artifacts``.
+
+    The fallback is created on the spot so a first run on a laptop works with zero configuration; on
+    a multi-worker deployment it is a per-machine directory, which is why production should configure
+    shared object storage.
+    """
+    configured = _conf_get("zimage", "output_path")
+    if configured:
+        return as_path(configured)
+    local = os.path.join(_airflow_home(), DEFAULT_DIR_NAME)
+    os.makedirs(local, exist_ok=True)
+    return as_path(local)
+
+
+def safe_segment(value: str) -> str:
+    """Make one path segment safe for local paths and object keys while keeping it readable.
+
+    Characters outside ``[A-Za-z0-9._=-]`` become ``_`` and a leading ``.`` becomes ``_`` (no hidden
+    or ``..`` segments). Whenever anything had to change, or the value is longer than 200 characters,
+    ``-`` plus the first 8 hex digits of the original value's sha256 is appended. Why the suffix:
+    Airflow allows run ids that differ only in characters we replace (``a:b`` and ``a+b``), and two
+    runs sharing a directory would make the second one "find" the first one's images and never
+    generate its own. Values that are already safe (all dag and task ids Airflow accepts in ASCII) are
+    returned unchanged, so e.g. ``manual__2026-01-01T00:00:00+00:00`` becomes
+    ``manual__2026-01-01T00_00_00_00_00-<8 hex>``.
+    """
+    if not value:
+        raise ValueError("path segment must not be empty")
+    cleaned = _UNSAFE_CHARS.sub("_", value)
+    if cleaned.startswith("."):
+        cleaned = "_" + cleaned[1:]
+    if cleaned == value and len(cleaned) <= _MAX_SEGMENT_LEN:
+        return cleaned
+    digest = hashlib.sha256(value.encode("utf-8")).hexdigest()[:8]
+    return f"{cleaned[: _MAX_SEGMENT_LEN - 9]}-{digest}"
+
+
+def _map_index_segment(map_index: int | None) -> str:
+    if map_index is None or map_index == -1:
+        return UNMAPPED_SEGMENT
+    if map_index < 0:
+        raise ValueError(f"map_index must be -1 (unmapped) or >= 0, got {map_index}")
+    return str(int(map_index))
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+
+
+def normalize_format(fmt: str) -> str:
+    """Map every spelling callers use (Runware's ``outputFormat`` ``JPG``, PIL's ``JPEG``) to one name.
+
+    One canonical name per format so that manifests, file extensions and comparisons agree.
+    """
+    try:
+        return _FORMAT_ALIASES[fmt.strip().lower()]
+    except KeyError:
+        raise ZImageStorageError(
+            f"unsupported image format {fmt!r}; supported: {', '.join(SUPPORTED_FORMATS)}"
+        ) from None
+
+
+def inspect_image(data: bytes) -> tuple[str, int, int]:
+    """Fully decode ``data`` and return ``(format, width, height)``.
+
+    A full decode (``load()``), not just a header sniff, because a truncated download has a perfectly
+    valid header; storing it would mean paying for an image nobody can open.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ZImageStorageError("image data is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            pil_format = img.format or ""
+            width, height = img.size
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        # Pillow's messages describe the failure, never the payload; the payload is not logged.
+        raise ZImageStorageError(f"image data ({len(data)} bytes) could not be decoded: {exc}") from None
+    fmt = _PIL_FORMAT_TO_EXT.get(pil_format)
+    if fmt is None:
+        raise ZImageStorageError(
+            f"image format {pil_format or 'unknown'} is not supported; supported: "
+            f"{', '.join(SUPPORTED_FORMATS)}"
+        )
+    return fmt, width, height
+
+
+def _image_name(name: str, fmt: str) -> str:
+    """Validate ``name`` and give it an extension matching the decoded format.
+
+    Strict rather than sanitising because names come from our own code, so a bad one is a bug to
+    surface. A name whose image extension contradicts the bytes is refused: a ``.png`` holding JPEG
+    breaks browsers and content-type guessing downstream.
+    """
+    if not _SAFE_NAME.match(name) or name in (MANIFEST_NAME,):
+        raise ZImageStorageError(
+            f"invalid artifact name {name!r}: use 1-200 characters of [A-Za-z0-9._=-], not starting "
+            f"with '.', '-', '_' or '=', and not {MANIFEST_NAME!r}"
+        )
+    stem, dot, ext = name.rpartition(".")
+    if dot and ext.lower() in _FORMAT_ALIASES:
+        if _FORMAT_ALIASES[ext.lower()] != fmt:
+            raise ZImageStorageError(f"artifact name {name!r} has extension .{ext} but the data is {fmt}")
+        return name
+    return f"{name}.{fmt}"
+
+
+@dataclass(frozen=True)
+class ImageArtifact:
+    """One stored image as recorded in the manifest and pushed to XCom.
+
+    ``uri`` is ``str(ObjectStoragePath)``, including ``conn_id@`` when there is one, so
+    ``ObjectStoragePath(artifact.uri)`` reaches the same object from any worker.
+    """
+
+    uri: str
+    name: str
+    sha256: str
+    bytes: int
+    format: str
+    width: int
+    height: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImageArtifact:
+        """Rebuild from a manifest entry, ignoring extra keys other modules may have added."""
+        return cls(
+            uri=str(data["uri"]),
+            name=str(data["name"]),
+            sha256=str(data["sha256"]),
+            bytes=int(data["bytes"]),
+            format=str(data["format"]),
+            width=int(data["width"]),
+            height=int(data["height"]),
+        )
+
+    @property
+    def path(self) -> ObjectStoragePath:
+        return ObjectStoragePath(self.uri)
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def _fsync_dir(directory: str) -> None:
+    """Persist the rename itself; without it a crash can roll back to the old directory entry."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # Some filesystems (and all of Windows) refuse fsync on directories.
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_name(final_name: str) -> str:
+    return f".{final_name}.{uuid.uuid4().hex}.tmp"
+
+
+def _write_local_atomic(target: str, data: bytes) -> None:
+    directory = os.path.dirname(target) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, _temp_name(os.path.basename(target)))
+    try:
+        # Plain open() rather than mkstemp: mkstemp's 0600 mode would survive the rename and make
+        # artifacts unreadable to other users of a shared output directory.
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _write_generic_atomic(path: ObjectStoragePath, data: bytes) -> None:
+    fs = path.fs
+    parent = path.parent
+    tmp = parent / _temp_name(path.name)
+    with contextlib.suppress(Exception):
+        fs.makedirs(parent.path, exist_ok=True)
+    try:
+        fs.pipe_file(tmp.path, data)
+        fs.mv(tmp.path, path.path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm_file(tmp.path)
+        raise
+
+
+def write_bytes_atomic(
+    path: ObjectStoragePath | str | os.PathLike[str], data: bytes | bytearray | memoryview
+) -> ObjectStoragePath:
+    """Write ``data`` so that ``path`` holds either its previous content or all of ``data``, never a prefix.
+
+    Creates parent directories where the storage has them. See the module docstring for the mechanism
+    per kind of storage.
+    """
+    target = as_path(path)
+    payload = bytes(data)
+    protocol = target.protocol
+    if protocol in _LOCAL_PROTOCOLS:
+        _write_local_atomic(target.path, payload)
+    elif protocol in _SINGLE_PUT_PROTOCOLS:
+        target.fs.pipe_file(target.path, payload)
+    else:
+        _write_generic_atomic(target, payload)
+    return target
+
+
+def _json_default(obj: Any) -> Any:
+    """Encode the few non-JSON types manifests and ledgers naturally contain."""
+    if isinstance(obj, (dt.datetime, dt.date)):
+        return obj.isoformat()
+    if isinstance(obj, uuid.UUID):
+        return str(obj)
+    if isinstance(obj, ObjectStoragePath):
+        return str(obj)
+    if hasattr(obj, "model_dump"):  # pydantic models
+        return obj.model_dump(mode="json", by_alias=True)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def dumps_json(obj: Any) -> bytes:
+    """Deterministic encoding (sorted keys, UTF-8, trailing newline) so identical content diffs empty."""
+    try:
+        text = json.dumps(
+            obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False, default=_json_default
+        )
+    except (TypeError, ValueError) as exc:
+        raise ZImageStorageError(f"cannot encode as JSON: {exc}") from exc
+    return (text + "\n").encode("utf-8")
+
+
+def write_json_atomic(path: ObjectStoragePath | str | os.PathLike[str], obj: Any) -> ObjectStoragePath:
+    """Encode first, then write atomically: an unencodable object leaves the old file untouched."""
+    return write_bytes_atomic(path, dumps_json(obj))
+
+
+def read_json(path: ObjectStoragePath | str | os.PathLike[str]) -> Any | None:
+    """Decoded JSON, or ``None`` when the file does not exist.
+
+    Corrupt content raises :class:`ZImageStorageError` rather than reading as absent, because callers
+    such as the submission ledger must not conclude "never submitted" (and pay again) from a file
+    they could not read; each caller chooses its own recovery.
+    """
+    target = as_path(path)
+    try:
+        raw = target.fs.cat_file(target.path)
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ZImageStorageError(f"{target} does not contain valid JSON: {exc}") from exc
+
+
+def verify(artifact: ImageArtifact | Mapping[str, Any]) -> bool:
+    """Whether the stored object still exists and matches the recorded sha256 (and size, if recorded).
+
+    Returns ``False`` only for "missing" or "different"; any other error (permissions, network)
+    propagates, because a ``False`` leads the caller to generate, and pay for, the image again.
+    """
+    expected_size: int | None
+    if isinstance(artifact, ImageArtifact):
+        uri, expected_sha, expected_size = artifact.uri, artifact.sha256, artifact.bytes
+    else:
+        uri, expected_sha = str(artifact["uri"]), str(artifact["sha256"])
+        expected_size = int(artifact["bytes"]) if artifact.get("bytes") is not None else None
+    target = as_path(uri)
+    try:
+        data = target.fs.cat_file(target.path)
+    except FileNotFoundError:
+        log.warning("Artifact %s is missing", uri)
+        return False
+    if expected_size is not None and len(data) != expected_size:
+        log.warning("Artifact %s has %d bytes, expected %d", uri, len(data), expected_size)
+        return False
+    actual_sha = hashlib.sha256(data).hexdigest()
+    if actual_sha != expected_sha.lower():
+        log.warning("Artifact %s has sha256 %s, expected %s", uri, actual_sha, expected_sha)
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# The store
+
+
+class ArtifactStore:
+    """Lays out artifacts as ``{base}/{dag_id}/{run_id}/{task_id}/{map_index}/`` on any ObjectStoragePath.
+
+    One directory per task instance (not per try) so that a retry lands where the earlier try wrote
+    and finds its manifest, instead of generating, and paying for, the same images again.
+    """
+
+    def __init__(self, base: ObjectStoragePath | str | os.PathLike[str] | None = None) -> None:
+        self._base = default_output_path() if base is None else as_path(base)
+
+    @classmethod
+    def from_config(cls) -> ArtifactStore:
+        return cls(default_output_path())
+
+    @property
+    def base(self) -> ObjectStoragePath:
+        return self._base
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self._base)!r})"
+
+    def task_dir(
+        self, dag_id: str, run_id: str, task_id: str, map_index: int | None = -1
+    ) -> ObjectStoragePath:
+        """The task instance's directory; see :func:`safe_segment` and ``UNMAPPED_SEGMENT`` for naming.
+
+        Nothing is created: object stores have no directories, local ones are made on first write.
+        """
+        return (
+            self._base
+            / safe_segment(dag_id)
+            / safe_segment(run_id)
+            / safe_segment(task_id)
+            / _map_index_segment(map_index)
+        )
+
+    def write_image(
+        self,
+        directory: ObjectStoragePath | str,
+        name: str,
+        data: bytes | bytearray | memoryview,
+        *,
+        expected_format: str | None = None,
+        expected_size: tuple[int, int] | None = None,
+    ) -> ImageArtifact:
+        """Check, hash and atomically store one image.
+
+        ``expected_size`` is ``(width, height)``. The bytes are decoded and compared before anything
+        is written, so a wrong or broken image never becomes an artifact. ``name`` without an image
+        extension gets one from the decoded format.
+        """
+        payload = bytes(data)
+        fmt, width, height = inspect_image(payload)
+        if expected_format is not None and normalize_format(expected_format) != fmt:
+            raise ZImageStorageError(
+                f"image {name!r} is {fmt}, expected {normalize_format(expected_format)}; nothing written"
+            )
+        if expected_size is not None and (width, height) != tuple(expected_size):
+            raise ZImageStorageError(
+                f"image {name!r} is {width}x{height}, expected {expected_size[0]}x{expected_size[1]}; "
+                "nothing written"
+            )
+        final_name = _image_name(name, fmt)
+        digest = hashlib.sha256(payload).hexdigest()
+        target = write_bytes_atomic(as_path(directory) / final_name, payload)
+        log.info(
+            "Stored %s (%s %dx%d, %d bytes, sha256 %s)", target, fmt, width, height, len(payload), digest
+        )
+        return ImageArtifact(
+            uri=str(target),
+            name=final_name,
+            sha256=digest,
+            bytes=len(payload),
+            format=fmt,
+            width=width,
+            height=height,
+        )
+
+    def write_manifest(
+        self, directory: ObjectStoragePath | str, manifest: Mapping[str, Any]
+    ) -> ObjectStoragePath:
+        """Write ``manifest.json``; call it only after every image it lists has been written.
+
+        Its presence is the commit marker for the whole task directory (see the module docstring).
+        """
+        target = write_json_atomic(as_path(directory) / MANIFEST_NAME, dict(manifest))
+        log.info("Wrote manifest %s", target)
+        return target
+
+    def read_manifest(self, directory: ObjectStoragePath | str) -> dict[str, Any] | None:
+        """The manifest, or ``None`` when there is none.
+
+        A corrupt manifest is reported and treated as absent: atomic writes mean it cannot be a
+        half-written one, so it was damaged from outside and the images it would describe cannot be
+        trusted either; regenerating is the safe answer.
+        """
+        target = as_path(directory) / MANIFEST_NAME
+        try:
+            data = read_json(target)
+        except ZImageStorageError as exc:
+            log.warning("Ignoring unreadable manifest: %s", exc)
+            return None
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            log.warning("Ignoring manifest %s: top level is %s, not an object", target, type(data).__name__)
+            return None
+        return data
+
+    def verify(self, artifact: ImageArtifact | Mapping[str, Any]) -> bool:
+        """See :func:`verify`."""
+        return verify(artifact)

@@ -1,0 +1,1 @@
+"""Offline helpers (a tiny random Z-Image checkpoint) for tests, benchmarks and the demo."""

@@ -1,0 +1,1 @@
+"""webhooks of the Z-Image provider."""
