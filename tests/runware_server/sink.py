@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from .transport import HTTPServer, Request, Response
 
@@ -28,9 +30,7 @@ class SinkRequest:
     body: bytes
     status: int
 
-    def json(self) -> object:
-        import json
-
+    def json(self) -> Any:
         return json.loads(self.body)
 
 
@@ -134,7 +134,9 @@ class HTTPSink:
             status = self._statuses.popleft() if self._statuses else self.default_status
             ok = 200 <= status < 300
             self._requests.append(
-                SinkRequest(request.method, request.path, request.query, request.headers, request.body, status)
+                SinkRequest(
+                    request.method, request.path, request.query, request.headers, request.body, status
+                )
             )
             if ok and request.method == "PUT":
                 content_type = request.headers.get("content-type", "application/octet-stream")
