@@ -775,7 +775,8 @@ def test_api_error_detail_from_wire():
             "extra": 1,
         }
     )
-    assert (detail.code, detail.parameter, detail.task_type) == ("conflictTaskUUID", "taskUUID", "imageInference")
+    assert (detail.code, detail.parameter) == ("conflictTaskUUID", "taskUUID")
+    assert detail.task_type == "imageInference"
     assert detail.task_uuid == "b235b0c2-8081-499d-97a6-3bc21824c55a"
     assert detail.documentation == "https://runware.ai/docs"
     assert detail.model_extra == {"extra": 1}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
 import pytest
 from PIL import Image
@@ -358,29 +360,59 @@ def test_upload_endpoint(server: RunwareTestServer, client: httpx.Client, sink: 
 # ----------------------------------------------------------------------------- scale and lifecycle
 
 
-async def test_many_concurrent_pollers_share_keepalive_connections() -> None:
-    with RunwareTestServer(delay=0.05) as server:
-        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-        async with httpx.AsyncClient(headers=AUTH, limits=limits, trust_env=False, timeout=10) as ac:
+async def _raw_post(
+    conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: Any
+) -> Any:
+    """One request on a kept-alive socket; raw h11 because httpx's pool, not the server, is slow at 1000."""
+    data = json.dumps(body).encode()
+    headers = [("host", "x"), ("authorization", "Bearer test-key"), ("content-length", str(len(data)))]
+    out = conn.send(h11.Request(method="POST", target="/v1", headers=headers))
+    writer.write(out + conn.send(h11.Data(data=data)) + conn.send(h11.EndOfMessage()))  # type: ignore[operator]
+    payload = b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(65536))
+        elif isinstance(event, h11.Data):
+            payload += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            conn.start_next_cycle()
+            return json.loads(payload)
 
-            async def one() -> str:
-                t = task(deliveryMethod="async", width=128, height=128)
-                assert (await ac.post(server.url, json=[t])).status_code == 200
-                while True:
-                    items = (
-                        await ac.post(
-                            server.url, json=[{"taskType": "getResponse", "taskUUID": t["taskUUID"]}]
-                        )
-                    ).json()
-                    if items["data"][0]["status"] == "success":
-                        return t["taskUUID"]
-                    await asyncio.sleep(0.02)
 
-            done = await asyncio.gather(*(one() for _ in range(300)))
+async def test_a_thousand_concurrent_pollers_on_keepalive_connections() -> None:
+    with RunwareTestServer(delay=0.3) as server:
+        assert server.port is not None
+
+        clients = 1000
+        finished: list[str] = []
+        all_finished = asyncio.Event()
+
+        async def one() -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            conn = h11.Connection(h11.CLIENT)
+            t = task(deliveryMethod="async")
+            assert (await _raw_post(conn, reader, writer, [t]))["data"][0]["status"] == "processing"
+            poll_body = [{"taskType": "getResponse", "taskUUID": t["taskUUID"]}]
+            while (await _raw_post(conn, reader, writer, poll_body))["data"][0]["status"] != "success":
+                await asyncio.sleep(0.05)
+            finished.append(t["taskUUID"])
+            if len(finished) == clients:
+                all_finished.set()
+            await all_finished.wait()  # hold every connection open until all are done
+            writer.close()
+
+        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(clients))), 30)
         stats = server.stats
-        assert stats["total_accepted"] == 300 and all(stats["accepted"][u] == 1 for u in done)
-        assert stats["requests"] > 600
-        assert stats["connections_opened"] <= 200 < stats["requests"]
+        assert stats["total_accepted"] == clients and all(stats["accepted"][u] == 1 for u in finished)
+        assert stats["connections_opened"] == stats["max_open_connections"] == clients
+        assert stats["requests"] >= 2000
+
+        # and through httpx.AsyncClient, the provider's async path
+        async with httpx.AsyncClient(headers=AUTH, trust_env=False) as ac:
+            t = task(deliveryMethod="async")
+            assert (await ac.post(server.url, json=[t])).status_code == 200
+            assert server.accepted_submissions(t["taskUUID"]) == 1
 
 
 def test_stop_is_clean_and_runs_as_a_process() -> None:

@@ -143,7 +143,6 @@ SCHEDULER_MAP: dict[str, SchedulerChoice] = {
     "FlowMatchEulerDiscreteScheduler": _EULER,
     "Euler": _EULER,
     "Euler DiscreteScheduler": _EULER,
-    "EulerDiscreteScheduler": _EULER,
     "Euler Karras": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True}),
     "Euler Exponential": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {"use_exponential_sigmas": True}),
     # Ancestral Euler's flow-matching analogue: predict x0, re-noise to the next sigma with fresh noise.
@@ -156,7 +155,6 @@ SCHEDULER_MAP: dict[str, SchedulerChoice] = {
     "UniPC": _UNIPC({"solver_order": 2}),
     "UniPC 2M": _UNIPC({"solver_order": 2}),
     "UniPC 3M": _UNIPC({"solver_order": 3}),
-    "UniPCMultistepScheduler": _UNIPC({"solver_order": 2}),
     "DPM++": _DPM({"solver_order": 2, "algorithm_type": "dpmsolver++"}),
     "DPM++ 2M": _DPM({"solver_order": 2, "algorithm_type": "dpmsolver++"}),
     "DPM++ 3M": _DPM({"solver_order": 3, "algorithm_type": "dpmsolver++"}),
@@ -204,7 +202,8 @@ def _adapt_scheduler(choice: SchedulerChoice, base_config: Mapping[str, Any], ge
 
         scheduler.set_timesteps = set_timesteps
     elif choice.sigmas == "own":
-        accepts_mu = "mu" in inspect.signature(original).parameters
+        # DPM-Solver asserts when given `mu` without dynamic shifting; the pipeline always passes one.
+        takes_mu = "mu" in inspect.signature(original).parameters and scheduler.config.use_dynamic_shifting
 
         # The pipeline always passes its default sigmas (linspace(1, 1/n, n)); this scheduler's flow
         # schedule is the same curve, so only the step count is forwarded.
@@ -215,7 +214,7 @@ def _adapt_scheduler(choice: SchedulerChoice, base_config: Mapping[str, Any], ge
             mu: float | None = None,
         ) -> None:
             steps = len(sigmas) if sigmas is not None else num_inference_steps
-            original(steps, device=device, **({"mu": mu} if accepts_mu else {}))
+            original(steps, device=device, **({"mu": mu} if takes_mu else {}))
 
         scheduler.set_timesteps = set_timesteps
 

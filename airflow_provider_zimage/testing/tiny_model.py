@@ -194,6 +194,36 @@ def build_tiny_zimage(path: str | os.PathLike[str], *, seed: int = 0) -> Path:
     return target
 
 
+def build_tiny_lora(model_path: str | os.PathLike[str], path: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Write a random rank-4 LoRA for the tiny transformer in diffusers' format; returns the .safetensors file.
+
+    Built with peft on the attention projections (what real Z-Image LoRAs target) and saved with
+    `ZImagePipeline.save_lora_weights`, so loading it exercises the same code path as a downloaded LoRA.
+    `init_lora_weights=False` makes both LoRA matrices random: a zero-initialised LoRA would be a no-op
+    and could not show that the adapter was applied, nor that it was removed afterwards.
+    """
+    import torch
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    target = Path(path)
+    weights = target / "pytorch_lora_weights.safetensors"
+    if weights.is_file():
+        return weights
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel.from_pretrained(Path(model_path) / "transformer", local_files_only=True)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=4,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        init_lora_weights=False,
+    )
+    transformer.add_adapter(config)
+    target.mkdir(parents=True, exist_ok=True)
+    ZImagePipeline.save_lora_weights(target, transformer_lora_layers=get_peft_model_state_dict(transformer))
+    return weights
+
+
 def main() -> None:
     """`python -m airflow_provider_zimage.testing.tiny_model DIR` builds the checkpoint into DIR."""
     import argparse

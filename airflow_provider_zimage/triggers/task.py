@@ -91,7 +91,7 @@ class ZImageTaskTrigger(BaseTrigger):
         event = TaskEvent(
             status=status,
             task_uuid=self.task_uuid,
-            results=[r.to_wire() for r in state.results],
+            results=[r.model_dump(by_alias=True, exclude_none=True) for r in state.results],
             errors=[e.model_dump(by_alias=True, exclude_none=True) for e in state.errors],
             **kwargs,
         )
