@@ -36,10 +36,15 @@ def load_dag(path: Path, dag_id: str) -> Any:
     return bag.dags[dag_id]
 
 
-def run_dag(name: str, source: str, **params: Any) -> Any:
-    """Write, load and `dag.test()` a DAG; returns the finished DagRun."""
+def run_dag(name: str, source: str, *, logical_date: Any = None, **params: Any) -> Any:
+    """Write, load and `dag.test()` a DAG; returns the finished DagRun.
+
+    The same `logical_date` twice re-runs the same run_id (as clearing a run does in production).
+    """
     dag = load_dag(write_dag(name, source, **params), params.get("dag_id", name))
-    return dag.test()
+    if logical_date is None:
+        return dag.test()
+    return dag.test(logical_date=logical_date, run_after=logical_date)
 
 
 def task_states(run: Any) -> dict[str, str]:

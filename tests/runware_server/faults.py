@@ -94,7 +94,7 @@ class Fault:
     times: int = 1
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Fault:
+    def from_dict(cls, data: Mapping[str, Any] | Fault) -> Fault:
         if isinstance(data, Fault):
             return data
         if not isinstance(data, Mapping):

@@ -116,7 +116,8 @@ class HTTPServer:
                 try:
                     request = await self._read_request(conn, reader, writer)
                 except _TooLarge:
-                    await self._send(conn, writer, None, Response.json(413, _error("payloadTooLarge")))
+                    too_large = Response.json(413, _error("payloadTooLarge"), [("connection", "close")])
+                    await self._send(conn, writer, None, too_large)
                     break
                 except h11.RemoteProtocolError as exc:
                     with contextlib.suppress(Exception):
@@ -144,6 +145,10 @@ class HTTPServer:
                 conn.start_next_cycle()
         except (ConnectionError, TimeoutError, h11.LocalProtocolError, OSError):
             pass
+        except asyncio.CancelledError:
+            # Shutdown. Finish normally: on 3.11 asyncio.start_server's done-callback calls
+            # task.exception(), which raises (and logs) for a cancelled connection task.
+            abort = True
         finally:
             self._connections.discard(task)
             if abort:
