@@ -54,8 +54,9 @@ def inference_payload(requests: Sequence[ImageInferenceRequest]) -> list[dict[st
     return [r.to_wire() for r in requests]
 
 
-def get_response_payload(task_uuid: str) -> list[dict[str, Any]]:
-    return [{"taskType": "getResponse", "taskUUID": task_uuid}]
+def get_response_payload(*task_uuids: str) -> list[dict[str, Any]]:
+    """One POST can poll many tasks; every item of the answer names its taskUUID."""
+    return [{"taskType": "getResponse", "taskUUID": uuid} for uuid in task_uuids]
 
 
 @dataclass
@@ -83,7 +84,7 @@ class TaskStatus:
     def merge(self, response: RunwareResponse) -> TaskStatus:
         seen = {r.image_uuid for r in self.results}
         for result in response.results:
-            if result.task_uuid not in (None, self.task_uuid):
+            if result.task_uuid != self.task_uuid:
                 continue
             if result.image_uuid in seen:
                 continue
@@ -230,6 +231,22 @@ def parse_response(
             continue
         response.results.append(ImageResult.from_wire(dict(item)))
     return response
+
+
+PER_TASK_POLL_CODES = frozenset({TASK_NOT_FOUND, "taskExpired"})
+
+
+def parse_poll_response(
+    status_code: int, content: bytes, headers: Mapping[str, str] | None = None
+) -> RunwareResponse:
+    """Like `parse_response`, but a 400 whose errors all concern named tasks (unknown or expired) is an
+    answer about those tasks, not a failure of the whole poll: a batched poll must not fail every task
+    because one of them expired."""
+    if status_code == 400:
+        details = _error_details(_load_json(content))
+        if details and all(d.code in PER_TASK_POLL_CODES and d.task_uuid for d in details):
+            return RunwareResponse(errors=details)
+    return parse_response(status_code, content, headers)
 
 
 def _has_image(item: Mapping[str, Any]) -> bool:

@@ -191,14 +191,20 @@ def time_pipeline(pipe: Any, args: argparse.Namespace, device: str) -> dict[str,
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (smoke test)")
-    parser.add_argument("--dry-run", action="store_true", help="build real-size configs on 'meta', print sizes")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="build real-size configs on 'meta', print sizes"
+    )
     parser.add_argument("--device", default=None, help="default: cuda (real) / cpu (--tiny)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 (real) / float32 (--tiny)")
-    parser.add_argument("--size", type=int, default=None, help="image side; default 1024 (real) / 64 (--tiny)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="image side; default 1024 (real) / 64 (--tiny)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="default 8 (real) / 2 (--tiny)")
     parser.add_argument("--guidance", type=float, default=0.0, help="0 = Turbo's setting (no CFG)")
     parser.add_argument("--runs", type=int, default=None, help="timed runs; default 5 (real) / 3 (--tiny)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs; default 2 (real) / 1 (--tiny)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed runs; default 2 (real) / 1 (--tiny)"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (real size)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
@@ -210,7 +216,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.dry_run:
         sizes = count_parameters(real_components("meta", torch.bfloat16))
         report = {"mode": "dry-run", "params_billion": {k: round(v, 3) for k, v in sizes.items()}}
-        print(json.dumps(report) if args.json else f"real-size parameters (billions): {report['params_billion']}")
+        print(
+            json.dumps(report)
+            if args.json
+            else f"real-size parameters (billions): {report['params_billion']}"
+        )
         return report
 
     tiny = args.tiny
@@ -254,7 +264,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"Z-Image-Turbo {report['mode']} on {report['device']} ({report['dtype']}): "
             f"{args.size}x{args.size}, {args.steps} steps, median of {args.runs} after {args.warmup} warm-up"
         )
-        print(f"  seconds per image : {summary['total']:.3f}  (min {summary['min_total']:.3f}, max {summary['max_total']:.3f})")
+        print(
+            f"  seconds per image : {summary['total']:.3f}  (min {summary['min_total']:.3f}, max {summary['max_total']:.3f})"
+        )
         print(f"  per denoising step: {summary['step']:.4f}")
         print(f"  before denoising  : {summary['before_denoise']:.4f}  (text encoder + setup)")
         print(f"  after denoising   : {summary['after_denoise']:.4f}  (VAE decode + postprocess)")

@@ -112,8 +112,10 @@ def main(argv: list[str] | None = None) -> None:
 
     med = statistics.median
     bare_m, exec_m, enc_m = med(bare_s), med(exec_s), med(encode_s)
-    print(f"tiny Z-Image, {args.size}x{args.size}, {args.steps} steps, {args.format}, {args.runs} runs, "
-          f"torch threads={torch.get_num_threads()}")
+    print(
+        f"tiny Z-Image, {args.size}x{args.size}, {args.steps} steps, {args.format}, {args.runs} runs, "
+        f"torch threads={torch.get_num_threads()}"
+    )
     print(f"  import torch/diffusers/provider : {import_s:8.3f} s")
     print(f"  cold task (load + first image)  : {cold:8.3f} s")
     print(f"  warm task (generate, median)    : {exec_m:8.4f} s")

@@ -198,14 +198,14 @@ class ZImageHook(BaseHook):
             self._client.close()
             self._client = None
 
-    def _post(self, payload: list[dict[str, Any]]) -> RunwareResponse:
+    def _post(self, payload: list[dict[str, Any]], parse: Any = protocol.parse_response) -> RunwareResponse:
         settings = self.settings
         headers = self._auth_headers(settings)
         attempt = 0
         while True:
             try:
                 resp = self.get_conn().post(settings.base_url, json=payload, headers=headers)
-                return protocol.parse_response(resp.status_code, resp.content, resp.headers)
+                return parse(resp.status_code, resp.content, resp.headers)
             except Exception as exc:
                 delay = self._retry_delay(settings, attempt, exc, payload)
             time.sleep(delay)
@@ -223,7 +223,9 @@ class ZImageHook(BaseHook):
             client = clients[key] = httpx.AsyncClient(timeout=settings.timeouts(), limits=_LIMITS)
         return client
 
-    async def _apost(self, payload: list[dict[str, Any]]) -> RunwareResponse:
+    async def _apost(
+        self, payload: list[dict[str, Any]], parse: Any = protocol.parse_response
+    ) -> RunwareResponse:
         settings = await self.asettings()
         headers = self._auth_headers(settings)
         client = await self.get_async_conn()
@@ -231,7 +233,7 @@ class ZImageHook(BaseHook):
         while True:
             try:
                 resp = await client.post(settings.base_url, json=payload, headers=headers)
-                return protocol.parse_response(resp.status_code, resp.content, resp.headers)
+                return parse(resp.status_code, resp.content, resp.headers)
             except Exception as exc:
                 delay = self._retry_delay(settings, attempt, exc, payload)
             await asyncio.sleep(delay)
@@ -365,6 +367,10 @@ class ZImageHook(BaseHook):
     async def aget_response(self, task_uuid: str, status: TaskStatus | None = None) -> TaskStatus:
         status = status or TaskStatus(task_uuid)
         return status.merge(await self._apost(protocol.get_response_payload(task_uuid)))
+
+    async def aget_responses(self, task_uuids: Sequence[str]) -> RunwareResponse:
+        """Poll many tasks in one POST; unknown or expired tasks come back as their own errors."""
+        return await self._apost(protocol.get_response_payload(*task_uuids), protocol.parse_poll_response)
 
     async def await_task(
         self,

@@ -25,7 +25,7 @@ from typing import Any
 #: Written last by `build_tiny_zimage`; its presence means the folder is complete.
 MARKER = ".tiny-zimage-complete"
 #: Bumped whenever the configs below change, so a stale folder is rebuilt rather than reused.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -55,8 +55,9 @@ TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
     "rope_theta": 256.0,
     "t_scale": 1000.0,
     "axes_dims": [8, 4, 4],
-    # axis 0 holds caption positions (up to 512 tokens + padding) before the image's; axes 1-2 the patch grid.
-    "axes_lens": [1024, 128, 128],
+    # As published: axis 0 holds caption positions (up to 512 tokens + padding) then the image's; axes 1-2
+    # the patch grid, so 512 allows any size the API accepts (2048 px / 2 / 2 with this 2x VAE).
+    "axes_lens": [1024, 512, 512],
 }
 
 TINY_VAE_CONFIG: dict[str, Any] = {
