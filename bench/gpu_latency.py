@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from airflow_provider_zimage.testing.tiny_model import (  # noqa: E402
+from airflow_provider_zimage.testing.tiny_model import (
     SCHEDULER_CONFIG,
     build_byte_tokenizer,
     tiny_components,
@@ -166,7 +166,7 @@ def time_pipeline(pipe: Any, args: argparse.Namespace, device: str) -> dict[str,
         )
         sync()
         end = time.perf_counter()
-        steps = [b - a for a, b in zip(marks, marks[1:])]
+        steps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
         step = statistics.median(steps) if steps else marks[0] - start
         return {
             "total": end - start,
@@ -264,9 +264,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"Z-Image-Turbo {report['mode']} on {report['device']} ({report['dtype']}): "
             f"{args.size}x{args.size}, {args.steps} steps, median of {args.runs} after {args.warmup} warm-up"
         )
-        print(
-            f"  seconds per image : {summary['total']:.3f}  (min {summary['min_total']:.3f}, max {summary['max_total']:.3f})"
-        )
+        spread = f"min {summary['min_total']:.3f}, max {summary['max_total']:.3f}"
+        print(f"  seconds per image : {summary['total']:.3f}  ({spread})")
         print(f"  per denoising step: {summary['step']:.4f}")
         print(f"  before denoising  : {summary['before_denoise']:.4f}  (text encoder + setup)")
         print(f"  after denoising   : {summary['after_denoise']:.4f}  (VAE decode + postprocess)")

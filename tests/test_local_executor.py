@@ -206,7 +206,9 @@ def test_image_to_image_accepts_data_uri_and_file(executor, seed_image, tmp_path
 
 
 def test_image_to_image_keeps_seed_image_size_when_none_requested(executor, seed_image):
-    [image] = executor.generate(make_request(inputs={"seedImage": png_b64(seed_image)}, width=None, height=None))
+    [image] = executor.generate(
+        make_request(inputs={"seedImage": png_b64(seed_image)}, width=None, height=None)
+    )
     assert decode(image.data).size == (160, 144)
 
 
@@ -259,14 +261,16 @@ def test_lora_is_applied_then_unloaded(executor, tiny_lora):
 
 
 def test_lora_by_air_id_through_lora_paths(tiny_model, tiny_lora):
-    mapped = LocalZImageExecutor(tiny_model, local_files_only=True, lora_paths={"civitai:1@2": str(tiny_lora)})
+    mapped = LocalZImageExecutor(
+        tiny_model, local_files_only=True, lora_paths={"civitai:1@2": str(tiny_lora)}
+    )
     by_air = mapped.generate(make_request(lora=[{"model": "civitai:1@2", "weight": 0.8}]))[0].data
     by_file = mapped.generate(make_request(lora=[{"model": f"file:{tiny_lora}", "weight": 0.8}]))[0].data
     assert by_air == by_file
 
 
 # One name per distinct diffusers configuration: aliases map to the same SchedulerChoice.
-DISTINCT_SCHEDULERS = list({id(local.SCHEDULER_MAP[n]): n for n in SUPPORTED_SCHEDULERS}.values())
+DISTINCT_SCHEDULERS = list({repr(local.SCHEDULER_MAP[n]): n for n in SUPPORTED_SCHEDULERS}.values())
 
 
 @pytest.mark.parametrize("name", DISTINCT_SCHEDULERS)
@@ -360,14 +364,16 @@ def test_refusals_of_options_turbo_validation_already_blocks(unloadable_executor
 
 
 def test_refusals_are_reported_together(unloadable_executor):
-    request = make_request(scheduler="DDIM", webhookURL="https://example.com/h", ultralytics={"confidence": 0.5})
+    request = make_request(
+        scheduler="DDIM", webhookURL="https://example.com/h", ultralytics={"confidence": 0.5}
+    )
     with pytest.raises(ZImageValidationError) as caught:
         unloadable_executor.validate(request)
     assert set(caught.value.parameters) == {"scheduler", "webhookURL", "ultralytics"}
 
 
 def test_strength_leaving_no_step_is_refused(unloadable_executor, seed_image):
-    request = make_request(steps=2, strength=0.2, inputs={"seedImage": png_b64(seed_image)})
+    request = make_request(steps=2, strength=0.0, inputs={"seedImage": png_b64(seed_image)})
     with pytest.raises(ZImageValidationError) as caught:
         unloadable_executor.generate(request)
     assert caught.value.parameters == ["strength"]

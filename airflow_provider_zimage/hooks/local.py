@@ -146,7 +146,9 @@ SCHEDULER_MAP: dict[str, SchedulerChoice] = {
     "Euler Karras": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True}),
     "Euler Exponential": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {"use_exponential_sigmas": True}),
     # Ancestral Euler's flow-matching analogue: predict x0, re-noise to the next sigma with fresh noise.
-    "Euler a": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, stochastic=True),
+    "Euler a": SchedulerChoice(
+        "FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, stochastic=True
+    ),
     "EulerAncestralDiscreteScheduler": SchedulerChoice(
         "FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, stochastic=True
     ),
@@ -345,6 +347,8 @@ def _issue(parameter: str, message: str, value: Any = None) -> dict[str, Any]:
         value = value.split("?")[0]
     if isinstance(value, str) and len(value) > 80:
         value = f"{value[:60]}... ({len(value)} characters)"
+    elif isinstance(value, list):
+        value = [_issue(parameter, message, item)["value"] for item in value]
     elif value is not None and not isinstance(value, (str, int, float, bool)):
         dump = getattr(value, "model_dump", None)
         value = dump(by_alias=True, exclude_none=True, mode="json") if dump else repr(value)
@@ -422,7 +426,7 @@ class LocalZImageExecutor:
             pipe = self._pipeline(plan.spec, plan.kind, device, dtype)
             arrays = self._run(pipe, plan, device, dtype)
         # Encoding needs no GPU: done outside the lock so the next task can start denoising.
-        images = [self._encode(plan, seed, array) for seed, array in zip(plan.seeds, arrays)]
+        images = [self._encode(plan, seed, array) for seed, array in zip(plan.seeds, arrays, strict=True)]
         log.info(
             "Generated %d image(s) %dx%d in %.2fs (task %s)",
             len(images),
@@ -434,7 +438,7 @@ class LocalZImageExecutor:
         return images
 
     def pipeline(self, model: str = "runware:z-image@turbo", kind: PipelineKind = "text-to-image") -> Any:
-        """The cached diffusers pipeline this executor would use (loading it if needed), for warm-up/benches."""
+        """The cached pipeline this executor would use (loaded if needed): warm-up, benchmarks, tests."""
         spec = self._spec(model)
         torch = _import_runtime()
         device, dtype = self._resolve(torch)
@@ -534,7 +538,7 @@ class LocalZImageExecutor:
                     [
                         _issue(
                             "strength",
-                            f"leaves no denoising step with steps={steps} (needs steps x strength >= 1)",
+                            f"leaves no denoising step with steps={steps} (use a strength above 0)",
                             strength,
                         )
                     ]
@@ -581,8 +585,8 @@ class LocalZImageExecutor:
                 issues.append(
                     _issue(
                         parameter,
-                        "cannot be resolved locally: map this AIR id with lora_paths={...} or name the LoRA as "
-                        "'file:/path/to/lora.safetensors' or 'hf:owner/repo'",
+                        "cannot be resolved locally: map this AIR id with lora_paths={...} or name the "
+                        "LoRA as 'file:/path/to/lora.safetensors' or 'hf:owner/repo'",
                         name,
                     )
                 )
@@ -639,7 +643,9 @@ class LocalZImageExecutor:
             for key in evicted:
                 del _CACHE[key]
         if evicted:
-            log.info("Evicting %s from %s to make room for another checkpoint", [k[0] for k in evicted], device)
+            log.info(
+                "Evicting %s from %s to make room for another checkpoint", [k[0] for k in evicted], device
+            )
             _release_memory({device})
 
     def _load(self, key: tuple[str, str, str, bool]) -> _Loaded:
@@ -649,7 +655,9 @@ class LocalZImageExecutor:
 
         source, device, dtype, offload = key
         started = time.perf_counter()
-        log.info("Loading Z-Image from %s (device=%s, dtype=%s, cpu_offload=%s)", source, device, dtype, offload)
+        log.info(
+            "Loading Z-Image from %s (device=%s, dtype=%s, cpu_offload=%s)", source, device, dtype, offload
+        )
         try:
             pipe = diffusers.ZImagePipeline.from_pretrained(
                 source,
@@ -658,7 +666,10 @@ class LocalZImageExecutor:
                 **self.from_pretrained_kwargs,
             )
         except (OSError, ValueError) as exc:
-            hint = " (local_files_only=True: the weights must already be in the HF cache)" * self.local_files_only
+            hint = (
+                " (local_files_only=True: the weights must already be in the HF cache)"
+                * self.local_files_only
+            )
             raise ZImageError(f"Could not load Z-Image from {source!r}{hint}: {exc}") from exc
         finally:
             _LOADS += 1
@@ -701,11 +712,11 @@ class LocalZImageExecutor:
                 )
                 array = np.asarray(output.images[0])
                 log.info("%s done in %.2fs", label, time.perf_counter() - started)
-                if np.isnan(array).any() or not array.any():
+                nan = bool(np.isnan(array).any())
+                if nan or not array.any():
                     raise LocalGenerationError(
-                        f"{label} came out {'NaN' if np.isnan(array).any() else 'all black'} with dtype {dtype} "
-                        f"on {device}. Z-Image overflows in float16: use bfloat16 on GPUs (dtype='auto') "
-                        "or float32 on CPU."
+                        f"{label} came out {'NaN' if nan else 'all black'} with dtype {dtype} on {device}. "
+                        "Z-Image overflows in float16: use bfloat16 on GPUs (dtype='auto') or float32 on CPU."
                     )
                 arrays.append(array)
         finally:
@@ -780,13 +791,25 @@ def _unsupported_features(request: Any) -> list[dict[str, Any]]:
     """Parameters that change what Runware would return and that this backend cannot reproduce."""
     issues = []
     refusals = [
-        ("controlNet", "control_net", "needs a Z-Image ControlNet model, which the local backend does not load"),
+        (
+            "controlNet",
+            "control_net",
+            "needs a Z-Image ControlNet model, which the local backend does not load",
+        ),
         ("ultralytics", "ultralytics", "(face/hand detailing) is a Runware-side post-process"),
         ("outpaint", "outpaint", "is not available locally (diffusers has no Z-Image outpainting pipeline)"),
         ("maskMargin", "mask_margin", "(crop-and-zoom inpainting) is not implemented by the local backend"),
-        ("acceleratorOptions", "accelerator_options", "(step caching) is Runware-side; remove it for local runs"),
+        (
+            "acceleratorOptions",
+            "accelerator_options",
+            "(step caching) is Runware-side; remove it for local runs",
+        ),
         ("webhookURL", "webhook_url", "is a Runware delivery option; local results are returned directly"),
-        ("uploadEndpoint", "upload_endpoint", "is a Runware delivery option; local results are returned directly"),
+        (
+            "uploadEndpoint",
+            "upload_endpoint",
+            "is a Runware delivery option; local results are returned directly",
+        ),
     ]
     for wire, attribute, message in refusals:
         value = getattr(request, attribute, None)
@@ -795,7 +818,11 @@ def _unsupported_features(request: Any) -> list[dict[str, Any]]:
     acceleration = getattr(request, "acceleration", None)
     if acceleration not in (None, "none"):
         issues.append(
-            _issue("acceleration", "is Runware-side caching; the local backend runs every step (use 'none')", acceleration)
+            _issue(
+                "acceleration",
+                "is Runware-side caching; the local backend runs every step (use 'none')",
+                acceleration,
+            )
         )
     safety = getattr(request, "safety", None)
     if safety is not None and getattr(safety, "check_content", None):
@@ -846,7 +873,8 @@ def _load_image(reference: str, parameter: str, mode: str) -> Image.Image:
             return image.convert(mode)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ZImageValidationError(
-            f"{parameter}: is not a readable image ({exc})", [_issue(parameter, "is not a readable image", reference)]
+            f"{parameter}: is not a readable image ({exc})",
+            [_issue(parameter, "is not a readable image", reference)],
         ) from None
 
 
@@ -877,7 +905,11 @@ def _download(url: str, parameter: str) -> bytes:
             if 400 <= response.status_code < 500:
                 raise ZImageValidationError(
                     f"{parameter}: download failed with HTTP {response.status_code}",
-                    [_issue(parameter, f"download failed with HTTP {response.status_code}", url.split("?")[0])],
+                    [
+                        _issue(
+                            parameter, f"download failed with HTTP {response.status_code}", url.split("?")[0]
+                        )
+                    ],
                 )
             response.raise_for_status()
             chunks, size = [], 0

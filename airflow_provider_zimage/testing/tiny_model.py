@@ -195,8 +195,10 @@ def build_tiny_zimage(path: str | os.PathLike[str], *, seed: int = 0) -> Path:
     return target
 
 
-def build_tiny_lora(model_path: str | os.PathLike[str], path: str | os.PathLike[str], *, seed: int = 0) -> Path:
-    """Write a random rank-4 LoRA for the tiny transformer in diffusers' format; returns the .safetensors file.
+def build_tiny_lora(
+    model_path: str | os.PathLike[str], path: str | os.PathLike[str], *, seed: int = 0
+) -> Path:
+    """Write a random rank-4 LoRA for the tiny transformer in diffusers' format; returns the weights file.
 
     Built with peft on the attention projections (what real Z-Image LoRAs target) and saved with
     `ZImagePipeline.save_lora_weights`, so loading it exercises the same code path as a downloaded LoRA.
@@ -212,7 +214,9 @@ def build_tiny_lora(model_path: str | os.PathLike[str], path: str | os.PathLike[
     if weights.is_file():
         return weights
     torch.manual_seed(seed)
-    transformer = ZImageTransformer2DModel.from_pretrained(Path(model_path) / "transformer", local_files_only=True)
+    transformer = ZImageTransformer2DModel.from_pretrained(
+        Path(model_path) / "transformer", local_files_only=True
+    )
     config = LoraConfig(
         r=4,
         lora_alpha=4,
