@@ -443,3 +443,10 @@ def test_gpu_latency_real_configs_have_published_sizes():
     assert 6.0 < sizes["transformer"] < 6.3  # "6B" Z-Image transformer
     assert 3.9 < sizes["text_encoder"] < 4.1  # Qwen3-4B without its LM head
     assert 0.08 < sizes["vae"] < 0.09  # Flux VAE
+
+
+def test_oversized_seed_image_is_fitted_to_the_api_limits(unloadable_executor):
+    big = png_b64(Image.new("RGB", (4100, 1030), (10, 20, 30)))
+    plan = unloadable_executor._plan(make_request(inputs={"seedImage": big}, width=None, height=None))
+    assert (plan.width, plan.height) == (2048, 512)
+    assert plan.seed_image.size == (2048, 512)

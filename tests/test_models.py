@@ -202,7 +202,11 @@ def test_default_task_uuid_is_a_fresh_uuid4():
     assert first.task_uuid != second.task_uuid
 
 
-@pytest.mark.parametrize("value", ["123", str(uuid.uuid1()), "{" + str(uuid.uuid4()) + "}", 42])
+@pytest.mark.parametrize(
+    "value",
+    ["123", "e262cedc-e595-11f1-92ab-02fc00000001", "{e2712b3f-b738-44ab-bc99-3218875f01b1}", 42],
+    ids=["digits", "uuid1", "braced-uuid4", "int"],
+)
 def test_task_uuid_must_be_a_uuid4_string(value):
     err = refused(taskUUID=value)
     assert err.parameters == ["taskUUID"]

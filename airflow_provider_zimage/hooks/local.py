@@ -25,6 +25,7 @@ import functools
 import gc
 import inspect
 import io
+import json
 import logging
 import math
 import os
@@ -71,11 +72,13 @@ _PIPELINE_CLASSES: dict[str, str] = {
 }
 _INSTALL_HINT = "pip install 'airflow-provider-zimage[local]'"
 _SIZE_MULTIPLE = 16  # VAE factor 8 x patch size 2 of the published checkpoints
+_MAX_SIDE = 2048  # the API's largest width/height
 _DEFAULT_STRENGTH = 0.8  # Runware's default for seedImage and maskImage
 _DEFAULT_QUALITY = 95  # Runware's default outputQuality
 _DEFAULT_FORMAT = "JPG"  # Runware's default outputFormat
 _MAX_DOWNLOAD = 64 * 1024 * 1024
 _PROGRESS_LINES = 10
+_URL_QUERY = re.compile(r"(?i)\b(https?://[^\s?#'\"]*)\?[^\s#'\"]*")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
@@ -258,7 +261,7 @@ _LOADS = 0
 
 
 def load_count() -> int:
-    """How many times this process loaded weights with `from_pretrained` (tests assert the cache works)."""
+    """How many times this process called `from_pretrained` (tests assert the cache works)."""
     return _LOADS
 
 
@@ -342,17 +345,22 @@ class _Plan:
 
 
 def _issue(parameter: str, message: str, value: Any = None) -> dict[str, Any]:
-    """One entry of `ZImageValidationError.errors`; values cut short, URL queries (secrets) dropped."""
-    if isinstance(value, str) and value.lower().startswith(("http://", "https://")):
-        value = value.split("?")[0]
-    if isinstance(value, str) and len(value) > 80:
-        value = f"{value[:60]}... ({len(value)} characters)"
-    elif isinstance(value, list):
-        value = [_issue(parameter, message, item)["value"] for item in value]
-    elif value is not None and not isinstance(value, (str, int, float, bool)):
-        dump = getattr(value, "model_dump", None)
-        value = dump(by_alias=True, exclude_none=True, mode="json") if dump else repr(value)
+    """One entry of `ZImageValidationError.errors`, safe to log: URL queries (presigned URLs and webhook
+    tokens carry secrets there) are dropped and long values (base64 images) cut short."""
+    if value is not None and not isinstance(value, (str, int, float, bool)):
+        value = json.dumps(_plain(value), default=repr)
+    if isinstance(value, str):
+        value = _URL_QUERY.sub(r"\1?<redacted>", value)
+        if len(value) > 80:
+            value = f"{value[:60]}... ({len(value)} characters)"
     return {"parameter": parameter, "message": message, "value": value}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    dump = getattr(value, "model_dump", None)
+    return dump(by_alias=True, exclude_none=True, mode="json") if dump else value
 
 
 def _raise(issues: list[dict[str, Any]]) -> None:
@@ -512,9 +520,13 @@ class LocalZImageExecutor:
         seed_image = _load_image(seed_ref, "inputs.seedImage", "RGB") if seed_ref is not None else None
         mask_image = _load_image(mask_ref, "inputs.maskImage", "L") if mask_ref is not None else None
         if seed_image is not None and (width is None or height is None):
-            # Without an explicit size the output keeps the seed image's size (rounded to the grid).
-            width = max(_SIZE_MULTIPLE, seed_image.width // _SIZE_MULTIPLE * _SIZE_MULTIPLE)
-            height = max(_SIZE_MULTIPLE, seed_image.height // _SIZE_MULTIPLE * _SIZE_MULTIPLE)
+            # Without an explicit size the output keeps the seed image's size, shrunk to the API's largest
+            # side if needed and rounded down to the 16-pixel grid.
+            scale = min(1.0, _MAX_SIDE / max(seed_image.size))
+            width, height = (
+                max(_SIZE_MULTIPLE, int(side * scale) // _SIZE_MULTIPLE * _SIZE_MULTIPLE)
+                for side in seed_image.size
+            )
         width = width or spec.default_width
         height = height or spec.default_height
         if seed_image is not None and seed_image.size != (width, height):
@@ -667,8 +679,9 @@ class LocalZImageExecutor:
             )
         except (OSError, ValueError) as exc:
             hint = (
-                " (local_files_only=True: the weights must already be in the HF cache)"
-                * self.local_files_only
+                " (local_files_only: the weights must already be in the HF cache)"
+                if self.local_files_only
+                else ""
             )
             raise ZImageError(f"Could not load Z-Image from {source!r}{hint}: {exc}") from exc
         finally:
@@ -694,6 +707,19 @@ class LocalZImageExecutor:
         base_scheduler = pipe.scheduler
         generator_device = "cpu" if device in ("cpu", "mps") else device  # MPS generators are unreliable
         cuda = device.startswith("cuda")
+        log.info(
+            "%s: %d image(s) %dx%d, %d steps, guidance %g, scheduler %s, %d LoRA(s), %s %s",
+            plan.kind,
+            len(plan.seeds),
+            plan.width,
+            plan.height,
+            plan.steps,
+            plan.guidance_scale,
+            plan.scheduler_name,
+            len(plan.loras),
+            device,
+            dtype,
+        )
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         adapters = self._apply_loras(pipe, plan)
