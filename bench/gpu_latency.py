@@ -111,12 +111,14 @@ def real_components(device: str, dtype: Any) -> dict[str, Any]:
 
     torch.manual_seed(0)
     with torch.device(device), default_dtype(dtype), torch.no_grad():
-        transformer = ZImageTransformer2DModel(**TURBO_TRANSFORMER_CONFIG).eval()
+        transformer: Any = ZImageTransformer2DModel(**TURBO_TRANSFORMER_CONFIG)
+        transformer.eval()
         if device != "meta":
             transformer.x_pad_token.fill_(1.0)
             transformer.cap_pad_token.fill_(1.0)
         text_encoder = Qwen3Model(Qwen3Config(**QWEN3_4B_CONFIG)).eval()
-        vae = AutoencoderKL(**FLUX_VAE_CONFIG).eval()
+        vae: Any = AutoencoderKL(**FLUX_VAE_CONFIG)
+        vae.eval()
     return {
         "transformer": transformer,
         "text_encoder": text_encoder,
@@ -180,7 +182,7 @@ def time_pipeline(pipe: Any, args: argparse.Namespace, device: str) -> dict[str,
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     runs = [one(i) for i in range(args.runs)]
-    summary = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    summary: dict[str, float] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
     summary["min_total"] = min(r["total"] for r in runs)
     summary["max_total"] = max(r["total"] for r in runs)
     if cuda:
@@ -215,13 +217,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.dry_run:
         sizes = count_parameters(real_components("meta", torch.bfloat16))
-        report = {"mode": "dry-run", "params_billion": {k: round(v, 3) for k, v in sizes.items()}}
+        params = {k: round(v, 3) for k, v in sizes.items()}
         print(
-            json.dumps(report)
+            json.dumps({"mode": "dry-run", "params_billion": params})
             if args.json
-            else f"real-size parameters (billions): {report['params_billion']}"
+            else f"real-size parameters (billions): {params}"
         )
-        return report
+        return {"mode": "dry-run", "params_billion": params}
 
     tiny = args.tiny
     device = args.device or ("cpu" if tiny else "cuda")
@@ -239,14 +241,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             components = tiny_components()
     else:
         components = real_components(device, dtype)
-    pipe = ZImagePipeline(**components)
+    pipe: Any = ZImagePipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     if args.compile:
         pipe.transformer.compile(fullgraph=False)
     build_s = time.perf_counter() - built
 
     summary = time_pipeline(pipe, args, device)
-    report = {
+    report: dict[str, Any] = {
         "mode": "tiny" if tiny else "real",
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
         "dtype": str(dtype).removeprefix("torch."),

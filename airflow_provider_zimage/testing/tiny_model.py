@@ -131,14 +131,14 @@ def tiny_components(seed: int = 0) -> dict[str, Any]:
     from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(seed)
-    transformer = ZImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
+    transformer: Any = ZImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
     with torch.no_grad():
         # Kept at zeros these make every padded token identical; upstream loads real values. diffusers'
         # tests set ones, and a checkpoint saved with uninitialised memory here would give NaN images.
         transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
         transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    vae: Any = AutoencoderKL(**TINY_VAE_CONFIG)
     torch.manual_seed(seed + 2)
     text_encoder = Qwen3Model(Qwen3Config(**TINY_TEXT_ENCODER_CONFIG)).eval()
     return {
