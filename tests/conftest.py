@@ -60,6 +60,16 @@ def airflow_db() -> Iterator[None]:
     yield
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A random-weight Z-Image model built offline, loaded through the same from_pretrained path as a
+    user's real model; one per worker (4 MB, deterministic)."""
+    pytest.importorskip("diffusers")
+    from airflow_provider_zimage.testing.tiny_model import build_tiny_zimage
+
+    return build_tiny_zimage(tmp_path_factory.mktemp("zimage") / "tiny-zimage")
+
+
 @pytest.fixture
 def output_dir(tmp_path: Any) -> str:
     path = tmp_path / "artifacts"

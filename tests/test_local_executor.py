@@ -36,7 +36,7 @@ from airflow_provider_zimage.hooks.local import (  # noqa: E402
     LocalZImageExecutor,
 )
 from airflow_provider_zimage.models import SCHEDULERS, ImageInferenceRequest, Inputs  # noqa: E402
-from airflow_provider_zimage.testing.tiny_model import build_tiny_lora, build_tiny_zimage  # noqa: E402
+from airflow_provider_zimage.testing.tiny_model import build_tiny_lora  # noqa: E402
 
 pytestmark = pytest.mark.local
 
@@ -53,11 +53,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_zimage(tmp_path_factory.mktemp("zimage") / "tiny-zimage")
 
 
 @pytest.fixture(scope="session")
