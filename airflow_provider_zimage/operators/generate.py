@@ -2,18 +2,26 @@
 
 Orchestration only: build and validate the request, reuse or submit through `GenerationJob`, defer to
 `ZImageTaskTrigger` (or poll in-process), store, and return the manifest entries as XCom.
+
+Delivery options only change how results reach Airflow, never which image is made: `webhookURL` and
+`uploadEndpoint` are left out of the request fingerprint, and they are added to the request inside the
+send, derived from the taskUUID the ledger chose, so a re-sent submission carries the same webhook URL
+and the same upload key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 from airflow.sdk import BaseOperator, BaseOperatorLink, conf
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_provider_zimage import protocol
 from airflow_provider_zimage.exceptions import (
     ZImageError,
     ZImagePermanentError,
@@ -22,15 +30,19 @@ from airflow_provider_zimage.exceptions import (
 )
 from airflow_provider_zimage.generation import GenerationJob, NsfwPolicy, TaskInstanceRef
 from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
+from airflow_provider_zimage.inbox import WebhookInbox, default_inbox_path
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult, estimate_cost
 from airflow_provider_zimage.storage import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
+from airflow_provider_zimage.uploads import S3_PROTOCOLS, presign_put, store_uploaded, upload_target
+from airflow_provider_zimage.webhooks.tokens import configured_secret, webhook_url, without_query
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
     from airflow.sdk.types import TaskInstanceKey
 
 Backend = Literal["runware", "local"]
+Delivery = Literal["polling", "webhook"]
 LINK_XCOM_KEY = "zimage_image_link"
 
 
@@ -69,6 +81,16 @@ class ZImageGenerateOperator(BaseOperator):
     :param max_cost_usd: refuse, before submitting, a request whose catalog estimate exceeds this.
     :param on_nsfw: what to do with images Runware flags NSFW: fail, skip or keep.
     :param timeout: seconds to wait for Runware before the task fails (retries reattach, never resubmit).
+    :param delivery: "polling" (getResponse) or "webhook": Runware POSTs results to the webhook plugin
+        on the API server (connection extras `webhook_base_url` and `webhook_secret`, or
+        `[zimage] webhook_secret`), and the wait wakes when one arrives. See docs/webhooks.md.
+    :param webhook_grace_period: with delivery="webhook", seconds after submitting before getResponse
+        polling starts as well, so a lost webhook costs this much latency and never an image.
+    :param webhook_check_interval: with delivery="webhook", seconds between two looks at the task's
+        inbox folder (one listing each; on S3 a LIST request, so raise it for many concurrent tasks).
+    :param upload_to_storage: Runware PUTs the image straight into the s3:// `output_path` through a
+        presigned URL; the worker reads it back from the bucket for the manifest, never from Runware.
+        One image per task: `number_results` > 1 is refused (uploadEndpoint is one URL per task).
     """
 
     template_fields: Sequence[str] = (
@@ -133,6 +155,10 @@ class ZImageGenerateOperator(BaseOperator):
         force: bool = False,
         max_cost_usd: float | None = None,
         on_nsfw: NsfwPolicy = "fail",
+        delivery: Delivery = "polling",
+        webhook_grace_period: float = 60.0,
+        webhook_check_interval: float = 0.25,
+        upload_to_storage: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -178,6 +204,28 @@ class ZImageGenerateOperator(BaseOperator):
         if on_nsfw not in ("fail", "skip", "keep"):
             raise ValueError(f"on_nsfw must be 'fail', 'skip' or 'keep' (got {on_nsfw!r})")
         self.on_nsfw = on_nsfw
+        if delivery not in ("polling", "webhook"):
+            raise ValueError(f"delivery must be 'polling' or 'webhook' (got {delivery!r})")
+        if delivery == "webhook" and not wait_for_completion:
+            raise ValueError(
+                "delivery='webhook' needs wait_for_completion=True: ZImageTaskSensor waits by polling"
+            )
+        if webhook_grace_period < 0:
+            raise ValueError(f"webhook_grace_period must be >= 0 seconds (got {webhook_grace_period})")
+        if webhook_check_interval <= 0:
+            raise ValueError(f"webhook_check_interval must be > 0 seconds (got {webhook_check_interval})")
+        self.delivery = delivery
+        self.webhook_grace_period = webhook_grace_period
+        self.webhook_check_interval = webhook_check_interval
+        if upload_to_storage and upload_endpoint:
+            raise ValueError("pass either upload_endpoint or upload_to_storage=True, not both")
+        if upload_to_storage and (number_results or 1) > 1:
+            raise ValueError(
+                f"number_results={number_results} cannot be used with upload_to_storage=True: Runware "
+                "uploads every result of a task to its one uploadEndpoint; map over prompts or seeds "
+                "to get several images"
+            )
+        self.upload_to_storage = upload_to_storage
 
     # -- request ------------------------------------------------------------------------------------
 
@@ -269,8 +317,9 @@ class ZImageGenerateOperator(BaseOperator):
             )
 
         hook = ZImageHook(self.zimage_conn_id)
+        send = self._sender(job, settings, hook)
         try:
-            submission = job.submit(lambda req: hook.submit([req]))
+            submission = job.submit(send)
         except ZImagePermanentError as exc:
             raise AirflowFailException(str(exc)) from None
         except ZImageError as exc:
@@ -278,19 +327,16 @@ class ZImageGenerateOperator(BaseOperator):
         if not self.wait_for_completion:
             return submission.task_uuid
 
+        trigger = self._trigger(submission.task_uuid, job.expected_results)
         if self.deferrable:
             self.defer(
-                trigger=ZImageTaskTrigger(
-                    task_uuid=submission.task_uuid,
-                    zimage_conn_id=self.zimage_conn_id,
-                    expected_results=job.expected_results,
-                    deadline=time.time() + self.timeout,
-                    poll_interval=self.poll_interval,
-                    max_poll_interval=self.max_poll_interval,
-                ),
+                trigger=trigger,
                 method_name="execute_complete",
                 timeout=timedelta(seconds=self.timeout + 60),
             )
+        if self.delivery == "webhook":
+            # Not deferred: the worker waits the way the triggerer would, on the inbox first.
+            return self.execute_complete(context, asyncio.run(_first_event(trigger)))
 
         try:
             status = hook.wait_for_task(
@@ -328,11 +374,104 @@ class ZImageGenerateOperator(BaseOperator):
             if parsed.retryable:
                 raise AirflowException(f"{parsed.message}; a retry reattaches to the same Runware task")
             job.mark_failed(parsed.task_uuid, parsed.message)
+            self._discard_inbox(parsed.task_uuid)
             raise AirflowFailException(f"Runware task {parsed.task_uuid} failed: {parsed.message}")
         if parsed.status == "timeout":
             raise AirflowException(f"{parsed.message}; a retry reattaches to the same Runware task")
         results = [ImageResult.from_wire(r) for r in parsed.results]
-        return self._store(context, job, results, ZImageHook(self.zimage_conn_id), parsed.task_uuid)
+        images = self._store(context, job, results, ZImageHook(self.zimage_conn_id), parsed.task_uuid)
+        self._discard_inbox(parsed.task_uuid)
+        return images
+
+    # -- delivery -----------------------------------------------------------------------------------
+
+    def _sender(
+        self, job: GenerationJob, settings: ConnectionSettings, hook: ZImageHook
+    ) -> Callable[[ImageInferenceRequest], object]:
+        """Submit a request with the delivery fields of its taskUUID; refuse a misconfiguration first.
+
+        The fields are credentials (webhook token, presigned signature): they are masked in task logs
+        and scrubbed from errors before anything can print them, and never logged whole.
+        """
+        from airflow.sdk.log import mask_secret
+
+        base_url = secret = None
+        if self.delivery == "webhook":
+            base_url, secret = self._webhook_settings(settings)
+            mask_secret(secret)
+        if self.upload_to_storage and job.directory.protocol not in S3_PROTOCOLS:
+            raise AirflowFailException(
+                f"upload_to_storage=True needs an s3:// output_path (got {job.directory}); Runware can "
+                "only PUT to a presigned S3 URL"
+            )
+
+        def send(request: ImageInferenceRequest) -> object:
+            update: dict[str, Any] = {}
+            credentials: list[str] = []
+            if base_url is not None and secret is not None:
+                url = webhook_url(base_url, request.task_uuid, secret, self.zimage_conn_id)
+                credentials += _query_values(url)
+                update["webhook_url"] = url
+                self.log.info("Runware will POST the results to %s", without_query(url))
+            if self.upload_to_storage:
+                target = upload_target(job, request.task_uuid)
+                url = presign_put(target, self.timeout + 900)
+                credentials += _query_values(url)
+                update["upload_endpoint"] = url
+                self.log.info("Runware will upload the image to %s (presigned PUT)", target)
+            for credential in credentials:
+                mask_secret(credential)
+            try:
+                return hook.submit([request.model_copy(update=update)])
+            except ZImageError as exc:
+                exc.args = (protocol.redact(str(exc), credentials),)
+                raise
+
+        return send
+
+    def _webhook_settings(self, settings: ConnectionSettings) -> tuple[str, str]:
+        """The public base URL and the secret, or a failure naming what to set, before anything is paid."""
+        if not settings.webhook_base_url:
+            raise AirflowFailException(
+                f"delivery='webhook' needs the webhook_base_url extra of connection {self.zimage_conn_id!r}: "
+                "the public URL of the Airflow API server, e.g. https://airflow.example.com"
+            )
+        parts = urlsplit(settings.webhook_base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+            raise AirflowFailException(
+                f"the webhook_base_url extra of connection {self.zimage_conn_id!r} must be an http(s) URL "
+                f"without a query string (got {settings.webhook_base_url!r})"
+            )
+        secret = settings.webhook_secret or configured_secret()
+        if not secret:
+            raise AirflowFailException(
+                f"delivery='webhook' needs a webhook secret: set the webhook_secret extra of connection "
+                f"{self.zimage_conn_id!r} or [zimage] webhook_secret"
+            )
+        return settings.webhook_base_url, secret
+
+    def _trigger(self, task_uuid: str, expected_results: int) -> ZImageTaskTrigger:
+        webhook = self.delivery == "webhook"
+        now = time.time()
+        return ZImageTaskTrigger(
+            task_uuid=task_uuid,
+            zimage_conn_id=self.zimage_conn_id,
+            expected_results=expected_results,
+            deadline=now + self.timeout,
+            poll_interval=self.poll_interval,
+            max_poll_interval=self.max_poll_interval,
+            webhook_inbox=str(default_inbox_path()) if webhook else None,
+            poll_after=now + self.webhook_grace_period if webhook else 0.0,
+            inbox_interval=self.webhook_check_interval,
+        )
+
+    def _discard_inbox(self, task_uuid: str) -> None:
+        if self.delivery != "webhook":
+            return
+        try:
+            WebhookInbox().discard(task_uuid)
+        except Exception as exc:  # leftovers are a few small files, not a reason to fail a paid task
+            self.log.warning("Could not clear the webhook inbox of task %s: %s", task_uuid, exc)
 
     def _store(
         self,
@@ -343,7 +482,10 @@ class ZImageGenerateOperator(BaseOperator):
         task_uuid: str,
     ) -> Any:
         try:
-            images = job.store_results(results, hook.download, task_uuid=task_uuid)
+            if self.upload_to_storage:
+                images = store_uploaded(job, results, task_uuid)
+            else:
+                images = job.store_results(results, hook.download, task_uuid=task_uuid)
         except ZImagePermanentError as exc:
             raise AirflowFailException(str(exc)) from None
         return self._finish(context, images)
@@ -381,3 +523,14 @@ class ZImageGenerateOperator(BaseOperator):
         total = round(sum(i.get("cost") or 0.0 for i in images), 6)
         for outlet in outlets:
             context["outlet_events"][outlet].extra = {"images": images, "total_cost": total}
+
+
+def _query_values(url: str) -> list[str]:
+    """The values a token or a presigned signature hides in; each is masked on its own wherever it shows."""
+    return [value for _, value in parse_qsl(urlsplit(url).query) if len(value) >= 8]
+
+
+async def _first_event(trigger: ZImageTaskTrigger) -> dict[str, Any]:
+    async for event in trigger.run():
+        return event.payload
+    raise AirflowException(f"{type(trigger).__name__} ended without an event")

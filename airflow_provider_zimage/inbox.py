@@ -1,0 +1,142 @@
+"""The webhook inbox: where the API server leaves what Runware pushed, for the triggerer to pick up.
+
+The process that receives a webhook (the Airflow API server) and the one waiting for it (the
+triggerer) can be different processes on different machines, and either may restart at any moment.
+Object storage is what both reach and what survives them, so an accepted webhook is written there
+*before* Runware gets its 2xx, and the trigger finds it by listing the task's folder.
+
+Layout, one object per finished item so that Runware's retries and duplicate deliveries overwrite an
+object with identical bytes instead of adding one::
+
+    {inbox}/{taskUUID}/result-{imageUUID}.json
+    {inbox}/{taskUUID}/error-{sha256(code, message)[:16]}.json
+
+The inbox is `[zimage] webhook_inbox`, by default `file://{AIRFLOW_HOME}/zimage-webhook-inbox`; that
+default only works when the API server and the triggerer share a disk (one machine, or `dag.test()`).
+
+Synchronous like `storage`: async callers go through `asyncio.to_thread` (see `storage`'s docstring).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from airflow.sdk import ObjectStoragePath
+
+from airflow_provider_zimage import protocol
+from airflow_provider_zimage.protocol import RunwareResponse
+from airflow_provider_zimage.storage import (
+    ZImageStorageError,
+    _airflow_home,
+    _conf_get,
+    as_path,
+    read_json,
+    safe_segment,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INBOX_DIR = "zimage-webhook-inbox"
+
+
+class ForeignTaskError(ValueError):
+    """A webhook body names another task than its URL: its token was issued for the URL's task only."""
+
+
+def default_inbox_path() -> ObjectStoragePath:
+    configured = _conf_get("zimage", "webhook_inbox")
+    if configured:
+        return as_path(configured)
+    return as_path(os.path.join(_airflow_home(), DEFAULT_INBOX_DIR))
+
+
+def inbox_entries(task_uuid: str, body: Any) -> dict[str, dict[str, Any]]:
+    """The objects a webhook body becomes, keyed by object name; items still processing are dropped.
+
+    Both documented body shapes are read (`protocol.webhook_items`), plus the `errors` array of the
+    enveloped one. Errors are normalised to one shape so that the same error, delivered in `data` and
+    in `errors`, or twice, lands in one object with the same bytes.
+
+    :raises ForeignTaskError: an item names a taskUUID other than `task_uuid`.
+    """
+    items = protocol.webhook_items(body)
+    if isinstance(body, Mapping) and isinstance(body.get("errors"), list):
+        items += [{**e, "status": "error"} for e in body["errors"] if isinstance(e, Mapping)]
+    entries: dict[str, dict[str, Any]] = {}
+    for item in items:
+        named = item.get("taskUUID")
+        if named not in (None, task_uuid):
+            raise ForeignTaskError(f"an item names task {named!r}, not the task of this webhook URL")
+        if item.get("status") == "error":
+            error = {
+                "taskType": item.get("taskType") or "imageInference",
+                "taskUUID": task_uuid,
+                "status": "error",
+                "code": item.get("code") or item.get("error") or "taskFailed",
+                "message": item.get("message") or "the task failed at Runware",
+                "parameter": item.get("parameter"),
+            }
+            digest = hashlib.sha256(f"{error['code']}\x1f{error['message']}".encode()).hexdigest()[:16]
+            entries[f"error-{digest}.json"] = {k: v for k, v in error.items() if v is not None}
+        elif item.get("imageUUID"):
+            entries[f"result-{safe_segment(str(item['imageUUID']))}.json"] = {**item, "taskUUID": task_uuid}
+    return entries
+
+
+class WebhookInbox:
+    """The inbox on any ObjectStoragePath; see the module docstring for the layout and why."""
+
+    def __init__(self, base: ObjectStoragePath | str | None = None) -> None:
+        self.base = default_inbox_path() if base is None else as_path(base)
+
+    def task_dir(self, task_uuid: str) -> ObjectStoragePath:
+        return self.base / safe_segment(task_uuid)
+
+    def put(self, task_uuid: str, entries: Mapping[str, dict[str, Any]]) -> None:
+        directory = self.task_dir(task_uuid)
+        for name, item in entries.items():
+            write_json_atomic(directory / name, item)
+
+    def names(self, task_uuid: str) -> set[str]:
+        """Names of the task's stored items; cheap enough to call several times a second.
+
+        The listing cache is dropped first: s3fs caches directory listings for the life of the
+        filesystem object, which would hide every webhook that arrives after the first look.
+        """
+        directory = self.task_dir(task_uuid)
+        fs = directory.fs
+        fs.invalidate_cache(directory.path)
+        try:
+            listed = fs.ls(directory.path, detail=False)
+        except FileNotFoundError:
+            return set()
+        names = {str(p).rstrip("/").rsplit("/", 1)[-1] for p in listed}
+        # Atomic writes on local disks go through hidden `.{name}.{random}.tmp` files.
+        return {n for n in names if n.endswith(".json") and not n.startswith(".")}
+
+    def read(self, task_uuid: str, names: Iterable[str]) -> RunwareResponse:
+        """The named items as a getResponse answer would carry them, parsed by the same code."""
+        directory = self.task_dir(task_uuid)
+        items = []
+        for name in sorted(names):
+            try:
+                item = read_json(directory / name)
+            except ZImageStorageError as exc:  # written atomically, so damaged from outside
+                log.warning("ignoring unreadable webhook item: %s", exc)
+                continue
+            if isinstance(item, dict):
+                items.append(item)
+        return protocol.parse_response(200, json.dumps({"data": items}).encode())
+
+    def discard(self, task_uuid: str) -> None:
+        """Remove a task's items once its images are stored; a failure only leaves a few small files."""
+        directory = self.task_dir(task_uuid)
+        with contextlib.suppress(FileNotFoundError):
+            directory.fs.rm(directory.path, recursive=True)

@@ -1,0 +1,117 @@
+"""`upload_to_storage`: Runware PUTs the image straight into the S3 bucket through a presigned URL.
+
+The worker then never downloads the image from Runware. It reads the object back from the bucket (one
+GET inside the user's own storage) because the manifest promises a sha256, a size and decoded
+dimensions, and because an image that does not decode must not be recorded as paid-for and done.
+
+Runware's `uploadEndpoint` is one URL per task: every result of a `numberResults > 1` task would be
+PUT to the same key, each overwriting the last. The operator therefore refuses `number_results > 1`
+with `upload_to_storage` (one image per task instance; map over prompts or seeds for more).
+
+The object is named after the taskUUID (`{task_dir}/{taskUUID}.{ext}`): the imageUUID, which names
+images fetched the usual way, is only known after the upload. The taskUUID is deterministic, so a
+retry that reattaches to the task looks for the object where the first try told Runware to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import ObjectStoragePath
+
+from airflow_provider_zimage.exceptions import ZImageTaskFailed
+from airflow_provider_zimage.generation import GenerationJob, apply_nsfw_policy, manifest_entry
+from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
+from airflow_provider_zimage.storage import ImageArtifact, ZImageStorageError, inspect_image, normalize_format
+
+log = logging.getLogger(__name__)
+
+S3_PROTOCOLS = frozenset({"s3", "s3a", "s3n"})
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+"""SigV4 presigned URLs cannot live longer than seven days."""
+
+
+def upload_target(job: GenerationJob, task_uuid: str) -> ObjectStoragePath:
+    fmt = normalize_format(job.request.output_format or "JPG")
+    return job.directory / f"{task_uuid}.{fmt}"
+
+
+def presign_put(target: ObjectStoragePath, expires_in: float) -> str:
+    """A presigned PutObject URL for `target`, signed with the credentials of its Airflow connection.
+
+    No Content-Type is signed: Runware does not document which one its PUT sends, and a signed one
+    that differs makes S3 refuse the upload.
+    """
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    hook = S3Hook(aws_conn_id=target.conn_id)
+    url = hook.get_conn().generate_presigned_url(
+        ClientMethod="put_object",
+        Params={"Bucket": target.bucket, "Key": target.key},
+        ExpiresIn=int(max(60, min(MAX_PRESIGN_SECONDS, expires_in))),
+    )
+    return str(url)
+
+
+def uploaded_artifact(target: ObjectStoragePath, request: ImageInferenceRequest) -> ImageArtifact:
+    """Describe the object Runware uploaded, after checking it decodes to the requested format and size."""
+    data = target.fs.cat_file(target.path)
+    fmt, width, height = inspect_image(data)
+    expected = normalize_format(request.output_format or "JPG")
+    if fmt != expected:
+        raise ZImageStorageError(f"uploaded image {target} is {fmt}, expected {expected}")
+    if request.width and request.height and (width, height) != (request.width, request.height):
+        raise ZImageStorageError(
+            f"uploaded image {target} is {width}x{height}, expected {request.width}x{request.height}"
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    log.info(
+        "Runware uploaded %s (%s %dx%d, %d bytes, sha256 %s)", target, fmt, width, height, len(data), digest
+    )
+    return ImageArtifact(
+        uri=str(target),
+        name=target.name,
+        sha256=digest,
+        bytes=len(data),
+        format=fmt,
+        width=width,
+        height=height,
+    )
+
+
+def store_uploaded(
+    job: GenerationJob, results: Sequence[ImageResult], task_uuid: str
+) -> list[dict[str, Any]]:
+    """`GenerationJob.store_results` for an image that is already in the bucket: check, record, manifest.
+
+    An image the NSFW policy does not keep is deleted from the bucket, since it was never meant to be
+    stored. The ledger moves to `stored` as `store_results` does, so a vanished object later means a
+    new generation rather than a reattach to results Runware may have expired. A missing upload marks
+    the task failed for the same reason: reattaching would find the same nothing.
+    """
+    target = upload_target(job, task_uuid)
+    if not target.exists():
+        reason = f"Runware reported the image uploaded, but {target} does not exist"
+        job.mark_failed(task_uuid, reason)
+        raise ZImageTaskFailed(reason)
+    if any(r.nsfw_content for r in results) and job.on_nsfw != "keep" and target.exists():
+        target.unlink()
+        log.warning("Deleted %s: Runware flagged it NSFW (on_nsfw=%r)", target, job.on_nsfw)
+    kept = apply_nsfw_policy(results, job.on_nsfw)
+    images = [
+        manifest_entry(uploaded_artifact(target, job.request).to_dict(), result, model=job.request.model)
+        for result in kept
+    ]
+    job.write_manifest(images, task_uuid=task_uuid, skipped=len(results) - len(kept))
+    ref = job.ref
+    ledger = job.ledgers.load(
+        dag_id=ref.dag_id, task_id=ref.task_id, run_id=ref.run_id, map_index=ref.map_index
+    )
+    submission = ledger.current(job.fingerprint)
+    if submission is not None:
+        ledger.record(submission, "stored")
+        job.ledgers.save(ledger)
+    return images
