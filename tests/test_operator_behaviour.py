@@ -236,3 +236,16 @@ def test_images_land_in_s3_with_manifests_whose_hashes_match(zimage_conn, s3_buc
         data = ObjectStoragePath(image["uri"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == image["sha256"] and image["format"] == "png"
     assert zimage_conn.total_accepted == 3
+
+
+def test_templated_numbers_rendered_as_strings_are_accepted(zimage_conn, output_dir):
+    op = generate(output_dir, seed="20260301", width="256", height="256", steps="8", cfg_scale="1.5")
+    (image,) = op.execute({"ti": FakeTI()})
+    assert image["seed"] == 20260301
+    body = next(b for b in zimage_conn.request_bodies if b[0].get("taskType") == "imageInference")
+    assert (body[0]["seed"], body[0]["steps"], body[0]["CFGScale"]) == (20260301, 8, 1.5)
+
+
+def test_a_templated_value_that_is_not_a_number_is_refused_naming_it(zimage_conn, output_dir):
+    with pytest.raises(AirflowFailException, match="seed"):
+        generate(output_dir, seed="tomorrow").execute({"ti": FakeTI()})

@@ -46,6 +46,18 @@ Delivery = Literal["polling", "webhook"]
 LINK_XCOM_KEY = "zimage_image_link"
 
 
+def _rendered_number(value: Any, kind: type[int] | type[float]) -> Any:
+    """Jinja renders `seed="{{ ds_nodash }}"` as the string "20260101"; the request models are strict
+    about types, so a templated number is converted back here. Anything else is left for validation to
+    refuse with the parameter named."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return kind(value.strip())
+    except ValueError:
+        return value
+
+
 class ZImageImageLink(BaseOperatorLink):
     """Opens the first stored image (an S3 console page for s3://, the file URI otherwise)."""
 
@@ -236,12 +248,12 @@ class ZImageGenerateOperator(BaseOperator):
             "model": self.model,
             "positive_prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
-            "width": self.width,
-            "height": self.height,
-            "seed": self.seed,
-            "steps": self.steps,
+            "width": _rendered_number(self.width, int),
+            "height": _rendered_number(self.height, int),
+            "seed": _rendered_number(self.seed, int),
+            "steps": _rendered_number(self.steps, int),
             "scheduler": self.scheduler,
-            "cfg_scale": self.cfg_scale,
+            "cfg_scale": _rendered_number(self.cfg_scale, float),
             "strength": self.strength,
             "mask_margin": self.mask_margin,
             "inputs": inputs or None,

@@ -26,6 +26,7 @@ from airflow_provider_zimage.exceptions import ZImageError, ZImageTransientError
 from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.inbox import WebhookInbox
 from airflow_provider_zimage.protocol import RunwareResponse, TaskStatus
+from airflow_provider_zimage.triggers.polling import batch_poller
 
 EventStatus = Literal["success", "error", "timeout"]
 
@@ -117,7 +118,7 @@ class ZImageTaskTrigger(BaseTrigger):
         return TriggerEvent(event.model_dump())
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        hook = ZImageHook(self.zimage_conn_id)
+        poller = batch_poller(self.zimage_conn_id)
         state = TaskStatus(self.task_uuid, self.expected_results)
         delays = protocol.poll_delays(self.poll_interval, self.max_poll_interval)
         watch = _InboxWatch(self.webhook_inbox, self.task_uuid, self.log) if self.webhook_inbox else None
@@ -128,7 +129,8 @@ class ZImageTaskTrigger(BaseTrigger):
                 state.merge(await watch.check())
             if not state.finished and time.time() >= next_poll:
                 try:
-                    await hook.aget_response(self.task_uuid, state)
+                    # Shared with every trigger of this loop: one POST polls up to 100 tasks.
+                    state.merge(await poller.poll(self.task_uuid))
                     errors_in_a_row = 0
                 except ZImageTransientError as exc:
                     errors_in_a_row += 1
