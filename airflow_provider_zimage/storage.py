@@ -221,6 +221,23 @@ def inspect_image(data: bytes) -> tuple[str, int, int]:
     return fmt, width, height
 
 
+def check_image(
+    payload: bytes, name: str, expected_format: str | None, expected_size: tuple[int, int] | None
+) -> tuple[str, int, int]:
+    """Decode and compare before anything is recorded: a wrong or broken image never becomes an artifact."""
+    fmt, width, height = inspect_image(payload)
+    if expected_format is not None and normalize_format(expected_format) != fmt:
+        raise ZImageStorageError(
+            f"image {name!r} is {fmt}, expected {normalize_format(expected_format)}; nothing written"
+        )
+    if expected_size is not None and (width, height) != tuple(expected_size):
+        raise ZImageStorageError(
+            f"image {name!r} is {width}x{height}, expected {expected_size[0]}x{expected_size[1]}; "
+            "nothing written"
+        )
+    return fmt, width, height
+
+
 def _image_name(name: str, fmt: str) -> str:
     """Validate ``name`` and give it an extension matching the decoded format.
 
@@ -259,6 +276,21 @@ class ImageArtifact:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def describe(
+        cls, target: ObjectStoragePath, payload: bytes, fmt: str, width: int, height: int
+    ) -> ImageArtifact:
+        """The record of bytes already checked by `check_image` and stored at `target`."""
+        return cls(
+            uri=str(target),
+            name=target.name,
+            sha256=hashlib.sha256(payload).hexdigest(),
+            bytes=len(payload),
+            format=fmt,
+            width=width,
+            height=height,
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ImageArtifact:
@@ -487,31 +519,19 @@ class ArtifactStore:
         extension gets one from the decoded format.
         """
         payload = bytes(data)
-        fmt, width, height = inspect_image(payload)
-        if expected_format is not None and normalize_format(expected_format) != fmt:
-            raise ZImageStorageError(
-                f"image {name!r} is {fmt}, expected {normalize_format(expected_format)}; nothing written"
-            )
-        if expected_size is not None and (width, height) != tuple(expected_size):
-            raise ZImageStorageError(
-                f"image {name!r} is {width}x{height}, expected {expected_size[0]}x{expected_size[1]}; "
-                "nothing written"
-            )
-        final_name = _image_name(name, fmt)
-        digest = hashlib.sha256(payload).hexdigest()
-        target = write_bytes_atomic(as_path(directory) / final_name, payload)
+        fmt, width, height = check_image(payload, name, expected_format, expected_size)
+        target = write_bytes_atomic(as_path(directory) / _image_name(name, fmt), payload)
+        artifact = ImageArtifact.describe(target, payload, fmt, width, height)
         log.info(
-            "Stored %s (%s %dx%d, %d bytes, sha256 %s)", target, fmt, width, height, len(payload), digest
+            "Stored %s (%s %dx%d, %d bytes, sha256 %s)",
+            target,
+            fmt,
+            width,
+            height,
+            len(payload),
+            artifact.sha256,
         )
-        return ImageArtifact(
-            uri=str(target),
-            name=final_name,
-            sha256=digest,
-            bytes=len(payload),
-            format=fmt,
-            width=width,
-            height=height,
-        )
+        return artifact
 
     def write_manifest(
         self, directory: ObjectStoragePath | str, manifest: Mapping[str, Any]

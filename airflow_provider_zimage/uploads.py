@@ -15,7 +15,6 @@ retry that reattaches to the task looks for the object where the first try told 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +24,7 @@ from airflow.sdk import ObjectStoragePath
 from airflow_provider_zimage.exceptions import ZImageTaskFailed
 from airflow_provider_zimage.generation import GenerationJob, apply_nsfw_policy, manifest_entry
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
-from airflow_provider_zimage.storage import ImageArtifact, ZImageStorageError, inspect_image, normalize_format
+from airflow_provider_zimage.storage import ImageArtifact, check_image, normalize_format
 
 log = logging.getLogger(__name__)
 
@@ -59,27 +58,19 @@ def presign_put(target: ObjectStoragePath, expires_in: float) -> str:
 def uploaded_artifact(target: ObjectStoragePath, request: ImageInferenceRequest) -> ImageArtifact:
     """Describe the object Runware uploaded, after checking it decodes to the requested format and size."""
     data = target.fs.cat_file(target.path)
-    fmt, width, height = inspect_image(data)
-    expected = normalize_format(request.output_format or "JPG")
-    if fmt != expected:
-        raise ZImageStorageError(f"uploaded image {target} is {fmt}, expected {expected}")
-    if request.width and request.height and (width, height) != (request.width, request.height):
-        raise ZImageStorageError(
-            f"uploaded image {target} is {width}x{height}, expected {request.width}x{request.height}"
-        )
-    digest = hashlib.sha256(data).hexdigest()
+    size = (request.width, request.height) if request.width and request.height else None
+    fmt, width, height = check_image(data, str(target), request.output_format or "JPG", size)
+    artifact = ImageArtifact.describe(target, data, fmt, width, height)
     log.info(
-        "Runware uploaded %s (%s %dx%d, %d bytes, sha256 %s)", target, fmt, width, height, len(data), digest
+        "Runware uploaded %s (%s %dx%d, %d bytes, sha256 %s)",
+        target,
+        fmt,
+        width,
+        height,
+        len(data),
+        artifact.sha256,
     )
-    return ImageArtifact(
-        uri=str(target),
-        name=target.name,
-        sha256=digest,
-        bytes=len(data),
-        format=fmt,
-        width=width,
-        height=height,
-    )
+    return artifact
 
 
 def store_uploaded(
