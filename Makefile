@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-cpu.txt 2>/dev/null | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-cpu.txt constraints-cpu.txt 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install test lint e2e demo bench clean
+.PHONY: install test lint e2e demo bench clean constraints
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -12,8 +12,8 @@ $(PY):
 
 # torch is pinned to the CPU wheel here (requirements-cpu.txt); the package's own `local` extra stays a
 # range so users on GPUs get the build that matches their CUDA.
-$(STAMP): $(PY) pyproject.toml requirements-cpu.txt
-	$(PY) -m pip install -q -r requirements-cpu.txt -e '.[local,s3,dev]'
+$(STAMP): $(PY) pyproject.toml requirements-cpu.txt constraints-cpu.txt
+	$(PY) -m pip install -q -r requirements-cpu.txt -c constraints-cpu.txt -e '.[local,s3,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -34,6 +34,14 @@ demo: install
 
 bench: install
 	@echo "Benchmarks are run one by one: ls bench/"
+
+# After changing dependencies: re-resolve from scratch, then freeze what the suite passed with.
+constraints:
+	rm -rf .venv-constraints && $(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/pip install -q -r requirements-cpu.txt -e '.[local,s3,dev]'
+	(head -2 constraints-cpu.txt; .venv-constraints/bin/pip freeze --exclude-editable \
+	  | grep -v airflow-provider-zimage) > constraints-cpu.txt.new && mv constraints-cpu.txt.new constraints-cpu.txt
+	rm -rf .venv-constraints
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
