@@ -29,8 +29,11 @@ test: install lint
 e2e: install
 	$(PY) -m pytest -q -m e2e tests/e2e --timeout=3000 -p no:randomly
 
+# Runs dags/zimage_quickstart and dags/zimage_content_pipeline in a throwaway Airflow under .demo/:
+# RUNWARE_API_KEY=... for the Runware API, ZIMAGE_MODEL_PATH=... for local weights, neither for a tiny
+# random-weight model on the CPU (see scripts/demo.py).
 demo: install
-	$(PY) -m airflow_provider_zimage.demo
+	$(PY) scripts/demo.py
 
 bench: install
 	@echo "Benchmarks are run one by one: ls bench/"

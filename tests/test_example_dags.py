@@ -1,0 +1,380 @@
+"""The example DAGs of `dags/`, run unchanged the way a user runs them, and `make demo`'s backend choice.
+
+Each DAG runs through `dag.test()` on SQLite from a copy of `dags/` (data included) in this xdist
+worker's DAGS folder: Airflow 3.3's `dag.test()` serializes by re-parsing the DAGs folder, and a
+per-worker copy keeps workers apart. The DAGs do not name a backend (except `zimage_local_gpu`): the
+`zimage_default` connection picks the Runware test server or the tiny offline Z-Image model, and
+`ZIMAGE_IMAGE_SIZE` the size, exactly as `make demo` does. Payment is checked by the server's
+accepted-submission counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import re
+import shutil
+import sys
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pendulum
+import pytest
+from PIL import Image
+
+from tests.dagtest import dags_folder, task_states
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "dags"
+DAG_IDS = {"zimage_quickstart", "zimage_content_pipeline", "zimage_daily_backfill", "zimage_local_gpu"}
+RUNWARE_SIZE = 256
+LOCAL_SIZE = 128  # the smallest size the API accepts: the tiny model takes about a second per image on a CPU
+
+
+def products() -> list[dict[str, str]]:
+    with (EXAMPLES / "data" / "products.csv").open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+# -- fixtures -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def examples() -> Path:
+    target = dags_folder() / "zimage_examples"
+    shutil.copytree(EXAMPLES, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
+@pytest.fixture
+def output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`[zimage] output_path` for this test only; the DAGs rely on it, as a deployment would."""
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    monkeypatch.setenv("AIRFLOW__ZIMAGE__OUTPUT_PATH", root.as_uri())
+    return root
+
+
+@pytest.fixture
+def runware(zimage_conn: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("ZIMAGE_IMAGE_SIZE", str(RUNWARE_SIZE))
+    return zimage_conn
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("diffusers")
+    from airflow_provider_zimage.testing.tiny_model import build_tiny_zimage
+
+    return build_tiny_zimage(tmp_path_factory.mktemp("zimage") / "tiny-zimage")
+
+
+@pytest.fixture
+def local(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """`zimage_default` on the local backend with the tiny model, as `make demo` sets it without a key."""
+    import torch
+
+    conn = {
+        "conn_type": "zimage",
+        "extra": {"backend": "local", "model_path": str(tiny_model), "device": "cpu"},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_ZIMAGE_DEFAULT", json.dumps(conn))
+    monkeypatch.setenv("ZIMAGE_IMAGE_SIZE", str(LOCAL_SIZE))
+    # Two xdist workers on two cores: more torch threads than that only spin-wait.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_model
+    torch.set_num_threads(threads)
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+
+def load(examples: Path, dag_id: str) -> Any:
+    """Parse the DAG file now, so the environment of the test (size, connection) is what it reads."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(examples / f"{dag_id}.py"))
+    assert not bag.import_errors, bag.import_errors
+    return bag.dags[dag_id]
+
+
+def run(examples: Path, dag_id: str, logical_date: Any = None) -> Any:
+    dag = load(examples, dag_id)
+    result = (
+        dag.test() if logical_date is None else dag.test(logical_date=logical_date, run_after=logical_date)
+    )
+    states = task_states(result)
+    # A run whose dates fall outside the DAG's start/end "succeeds" without running a task: check them.
+    assert result.state == "success" and states and set(states.values()) == {"success"}, states
+    return result
+
+
+def started(run_: Any) -> dict[str, Any]:
+    """When each task instance of the run last started: a re-run that really ran moves them all."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        tis = session.scalars(
+            select(TaskInstance).where(TaskInstance.dag_id == run_.dag_id, TaskInstance.run_id == run_.run_id)
+        ).all()
+        return {f"{ti.task_id}[{ti.map_index}]": ti.start_date for ti in tis}
+
+
+def xcom(run_: Any, task_id: str) -> Any:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        row = session.scalars(
+            select(XComModel).where(
+                XComModel.dag_id == run_.dag_id,
+                XComModel.run_id == run_.run_id,
+                XComModel.task_id == task_id,
+                XComModel.key == "return_value",
+            )
+        ).one()
+        return XComModel.deserialize_value(row)
+
+
+def manifests(root: Path) -> list[dict[str, Any]]:
+    """Every manifest under `root`, in map-index order."""
+    found = [json.loads(path.read_text()) for path in root.rglob("manifest.json")]
+    return sorted(found, key=lambda m: m["map_index"])
+
+
+def check_images(manifest: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    """Every image listed is on disk, intact (sha256, bytes) and decodes at the requested size."""
+    for entry in manifest["images"]:
+        data = Path(entry["uri"].removeprefix("file://")).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        assert len(data) == entry["bytes"]
+        assert Image.open(io.BytesIO(data)).size == (size, size) == (entry["width"], entry["height"])
+    return manifest["images"]
+
+
+def run_dir(root: Path, dag_id: str, run_: Any) -> Path:
+    from airflow_provider_zimage.storage import safe_segment
+
+    return root / dag_id / safe_segment(run_.run_id)
+
+
+# -- loading --------------------------------------------------------------------------------------------
+
+
+def test_every_example_dag_loads_and_declares_its_pattern(examples):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(examples))
+    assert bag.import_errors == {}
+    assert set(bag.dags) == DAG_IDS
+
+    backfill = bag.dags["zimage_daily_backfill"]
+    assert backfill.catchup is True
+    assert backfill.is_paused_upon_creation is True
+    assert backfill.schedule == "@daily"
+    generate = backfill.task_dict["generate"]
+    assert generate.partial_kwargs["pool"] == "zimage_api"
+    assert generate.partial_kwargs["retries"] >= 1
+
+    gpu = bag.dags["zimage_local_gpu"].task_dict["generate"]
+    assert gpu.partial_kwargs["pool"] == "gpu"
+    assert gpu.partial_kwargs["backend"] == "local"
+
+    for dag_id in DAG_IDS - {"zimage_local_gpu"}:  # the others leave the backend to the connection
+        op = bag.dags[dag_id].task_dict["generate"]
+        kwargs = getattr(op, "partial_kwargs", None) or vars(op)
+        assert kwargs.get("backend") is None, dag_id
+
+
+# -- zimage_quickstart ----------------------------------------------------------------------------------
+
+
+def test_quickstart_on_runware_stores_one_image_and_prints_its_manifest(examples, runware, output):
+    result = run(examples, "zimage_quickstart")
+    [manifest] = manifests(output)
+    [image] = check_images(manifest, RUNWARE_SIZE)
+    assert manifest["backend"] == "runware"
+    assert (manifest["dag_id"], manifest["run_id"], manifest["task_id"]) == (
+        "zimage_quickstart",
+        result.run_id,
+        "generate",
+    )
+    assert image["seed"] == 42 and image["cost"] > 0
+    assert manifest["total_cost"] == image["cost"]
+    shown = xcom(result, "show_manifest")
+    assert shown["images"] == [image["uri"]]
+    assert (
+        shown["manifest"]
+        == (run_dir(output, "zimage_quickstart", result) / "generate/unmapped/manifest.json").as_uri()
+    )
+    assert runware.stats["total_accepted"] == 1
+
+
+def test_quickstart_on_the_tiny_local_model_as_make_demo_runs_it(examples, local, output):
+    result = run(examples, "zimage_quickstart")
+    [manifest] = manifests(output)
+    [image] = check_images(manifest, LOCAL_SIZE)
+    assert manifest["backend"] == "local"
+    assert image["seed"] == 42 and image["cost"] == 0.0
+    assert xcom(result, "show_manifest")["images"] == [image["uri"]]
+
+
+# -- zimage_content_pipeline ----------------------------------------------------------------------------
+
+
+def check_contact_sheet_and_gallery(output: Path, result: Any, size: int) -> list[dict[str, Any]]:
+    rows = products()
+    found = manifests(output)
+    assert [m["map_index"] for m in found] == list(range(len(rows)))
+    entries = []
+    for product, manifest in zip(rows, found, strict=True):
+        [image] = check_images(manifest, size)
+        assert product["name"] in manifest["request"]["positivePrompt"]
+        assert image["seed"] == zlib.crc32(product["sku"].encode())  # a product always gets its picture
+        entries.append(image)
+
+    folder = run_dir(output, "zimage_content_pipeline", result)
+    summary = xcom(result, "contact_sheet")
+    assert summary == {
+        "contact_sheet": (folder / "contact_sheet.png").as_uri(),
+        "gallery": (folder / "gallery.html").as_uri(),
+        "images": len(rows),
+    }
+    sheet = Image.open(folder / "contact_sheet.png")
+    assert sheet.format == "PNG"
+    assert sheet.width >= 3 * 256 and sheet.height >= 2 * 256  # 6 products: a 3x2 grid of thumbnails
+
+    gallery = (folder / "gallery.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', gallery)
+    assert sources == ["/".join(e["uri"].rsplit("/", 3)[1:]) for e in entries]
+    assert all((folder / src).is_file() for src in sources)  # relative links resolve next to the page
+    assert all(product["sku"] in gallery for product in rows)
+    return entries
+
+
+def test_content_pipeline_on_runware_maps_products_to_images_sheet_and_gallery(examples, runware, output):
+    result = run(examples, "zimage_content_pipeline")
+    entries = check_contact_sheet_and_gallery(output, result, RUNWARE_SIZE)
+    assert runware.stats["total_accepted"] == len(entries) == len(products())
+    assert set(runware.stats["accepted"].values()) == {1}
+
+
+def test_content_pipeline_on_the_tiny_local_model_as_make_demo_runs_it(examples, local, output):
+    result = run(examples, "zimage_content_pipeline")
+    entries = check_contact_sheet_and_gallery(output, result, LOCAL_SIZE)
+    assert all(e["cost"] == 0.0 for e in entries)
+
+
+# -- zimage_daily_backfill ------------------------------------------------------------------------------
+
+
+def test_backfill_seeds_follow_the_day_and_a_rerun_pays_nothing(examples, runware, output):
+    day = pendulum.datetime(2026, 11, 2, tz="UTC")  # after the DAG's start_date
+    first = run(examples, "zimage_daily_backfill", logical_date=day)
+    found = manifests(run_dir(output, "zimage_daily_backfill", first))
+    assert [m["images"][0]["seed"] for m in found] == [202611020, 202611021]
+    assert all("Monday 02 November" in m["request"]["positivePrompt"] for m in found)
+    for manifest in found:
+        check_images(manifest, RUNWARE_SIZE)
+    stored = {m["images"][0]["sha256"] for m in found}
+    assert runware.stats["total_accepted"] == 2
+    report = xcom(first, "daily_report")
+    assert report["images"] == 2 and report["total_cost"] > 0
+    first_starts = started(first)
+
+    again = run(examples, "zimage_daily_backfill", logical_date=day)  # cleared and re-run: same run id
+    assert again.run_id == first.run_id
+    rerun_starts = started(again)
+    assert all(rerun_starts[key] > first_starts[key] for key in first_starts)  # every task ran again
+    assert runware.stats["total_accepted"] == 2  # nothing submitted, nothing paid
+    assert {
+        m["images"][0]["sha256"] for m in manifests(run_dir(output, "zimage_daily_backfill", again))
+    } == stored
+
+    next_day = run(examples, "zimage_daily_backfill", logical_date=day.add(days=1))
+    seeds = [m["images"][0]["seed"] for m in manifests(run_dir(output, "zimage_daily_backfill", next_day))]
+    assert seeds == [202611030, 202611031]
+    assert runware.stats["total_accepted"] == 4
+    assert set(runware.stats["accepted"].values()) == {1}
+
+
+# -- zimage_local_gpu -----------------------------------------------------------------------------------
+
+
+def test_local_gpu_dag_generates_the_product_shots_locally(examples, local, output):
+    result = run(examples, "zimage_local_gpu")
+    rows = products()
+    found = manifests(output)
+    assert len(found) == len(rows)
+    for product, manifest in zip(rows, found, strict=True):
+        [image] = check_images(manifest, LOCAL_SIZE)
+        assert manifest["backend"] == "local"
+        assert image["format"] == "png"
+        assert image["seed"] == zlib.crc32(product["sku"].encode())
+    assert xcom(result, "summarise")["images"] == len(rows)
+
+
+# -- make demo ------------------------------------------------------------------------------------------
+
+
+def demo_module() -> Any:
+    spec = importlib.util.spec_from_file_location("zimage_demo", REPO / "scripts" / "demo.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("env", "backend", "size", "settings"),
+    [
+        ({}, "tiny", 256, {"backend": "local", "model_path": "<tiny>", "api_key": None}),
+        (
+            {"ZIMAGE_MODEL_PATH": "/models/z-image-turbo"},
+            "local",
+            1024,
+            {"backend": "local", "model_path": "/models/z-image-turbo", "api_key": None},
+        ),
+        (
+            {"RUNWARE_API_KEY": "rw-key", "ZIMAGE_MODEL_PATH": "/ignored", "ZIMAGE_IMAGE_SIZE": "512"},
+            "runware",
+            512,
+            {"backend": "runware", "model_path": None, "api_key": "rw-key"},
+        ),
+    ],
+    ids=["no-key-tiny-model", "model-path", "api-key"],
+)
+def test_make_demo_picks_the_backend_from_the_environment(tmp_path, env, backend, size, settings):
+    from airflow.models.connection import Connection
+
+    from airflow_provider_zimage.hooks.runware import ConnectionSettings
+
+    demo = demo_module()
+    choice = demo.choose_backend(env, tmp_path / "tiny")
+    assert (choice.name, choice.image_size) == (backend, size)
+    airflow_env = demo.airflow_env(choice, tmp_path / "home", tmp_path / "out", {})
+    # What the hook reads from AIRFLOW_CONN_ZIMAGE_DEFAULT is what the demo meant.
+    conn = Connection.from_json(airflow_env["AIRFLOW_CONN_ZIMAGE_DEFAULT"], conn_id="zimage_default")
+    resolved = ConnectionSettings.from_connection(conn)
+    expected = dict(settings)
+    if expected["model_path"] == "<tiny>":
+        expected["model_path"] = str(tmp_path / "tiny")
+    assert {k: getattr(resolved, k) for k in expected} == expected
+    assert airflow_env["AIRFLOW__CORE__DAGS_FOLDER"] == str(EXAMPLES)
+    assert airflow_env["ZIMAGE_IMAGE_SIZE"] == str(size)
+    assert airflow_env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite:///")
+    if backend == "tiny":
+        assert "RANDOM" in choice.notice  # the user is told the pictures are noise, and how to get real ones
+        assert "RUNWARE_API_KEY" in choice.notice and "ZIMAGE_MODEL_PATH" in choice.notice
