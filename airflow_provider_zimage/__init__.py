@@ -58,6 +58,16 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
         "description": "backend=local only: overrides the Hugging Face id of the requested model.",
         "schema": {"type": ["string", "null"]},
     },
+    "dtype": {
+        "label": "Local dtype",
+        "description": "backend=local only: auto (bf16 on GPU, fp32 on CPU), bfloat16 or float32.",
+        "schema": {"type": ["string", "null"], "default": "auto"},
+    },
+    "cpu_offload": {
+        "label": "Local CPU offload",
+        "description": "backend=local only: offload idle components to CPU (for GPUs with little memory).",
+        "schema": {"type": ["boolean", "null"], "default": False},
+    },
     "device": {
         "label": "Local device",
         "description": "backend=local only: auto, cuda, cuda:1, mps or cpu.",

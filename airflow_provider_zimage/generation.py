@@ -46,7 +46,7 @@ class GenerationJob:
 
     :param request: the validated request (its taskUUID is replaced by the ledger's deterministic one).
     :param backend: "runware" or "local"; part of the fingerprint.
-    :param conn_id: connection id; part of the fingerprint (another account is another bill).
+    :param origin: the connection id (Runware) or the model source (local); part of the fingerprint.
     """
 
     def __init__(
@@ -55,17 +55,17 @@ class GenerationJob:
         request: ImageInferenceRequest,
         *,
         backend: str,
-        conn_id: str | None,
+        origin: str | None,
         store: ArtifactStore,
         on_nsfw: NsfwPolicy = "fail",
     ) -> None:
         self.ref = ref
         self.request = request
         self.backend = backend
-        self.conn_id = conn_id
+        self.origin = origin
         self.store = store
         self.on_nsfw = on_nsfw
-        self.fingerprint = job_fingerprint(request.fingerprint(), backend=backend, conn_id=conn_id)
+        self.fingerprint = job_fingerprint(request.fingerprint(), backend=backend, origin=origin)
         self.directory = store.task_dir(ref.dag_id, ref.run_id, ref.task_id, ref.map_index)
         self.ledgers = LedgerStore(self.directory)
 

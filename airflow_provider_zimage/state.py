@@ -43,10 +43,11 @@ def derive_task_uuid(
     return str(uuid.UUID(bytes=digest, version=4))
 
 
-def job_fingerprint(request_fingerprint: str, *, backend: str, conn_id: str | None) -> str:
-    """What decides "same image": the request, and who makes it (another account or backend is another
-    image, and must never silently reattach to results billed elsewhere)."""
-    material = "\x1f".join([request_fingerprint, backend, conn_id or ""])
+def job_fingerprint(request_fingerprint: str, *, backend: str, origin: str | None) -> str:
+    """What decides "same image": the request, and who makes it. `origin` is the Runware connection
+    (another account must never reattach to results billed elsewhere) or the local model's weights
+    (switching from test weights to real ones must not return the old images)."""
+    material = "\x1f".join([request_fingerprint, backend, origin or ""])
     return hashlib.sha256(material.encode()).hexdigest()
 
 

@@ -91,3 +91,35 @@ def test_refusals_of_the_local_backend_fail_the_task_naming_the_parameter(local_
     )
     with pytest.raises(AirflowFailException, match="controlNet"):
         op.execute({"ti": FakeTI()})
+
+
+def test_switching_local_weights_generates_again_instead_of_reusing(
+    local_conn, output_dir, tmp_path, monkeypatch
+):
+    """Re-running a task after moving from test weights to real ones must not return the old images."""
+    import shutil
+
+    from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
+    from tests.test_operator_behaviour import FakeTI
+
+    other = tmp_path / "other-weights"
+    shutil.copytree(local_conn, other)
+
+    def once(model_path):
+        op = ZImageGenerateOperator(
+            task_id="generate",
+            prompt="same request",
+            seed=3,
+            width=128,
+            height=128,
+            steps=2,
+            output_path=output_dir,
+            local_model_path=str(model_path),
+        )
+        return op.execute({"ti": FakeTI()})
+
+    first = once(local_conn)
+    again = once(local_conn)
+    switched = once(other)
+    assert first[0]["uri"] == again[0]["uri"]  # same weights: reused, not regenerated
+    assert switched[0]["uri"] != first[0]["uri"]  # other weights: a new image record

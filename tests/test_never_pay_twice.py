@@ -214,3 +214,52 @@ async def test_a_trigger_tolerates_a_bounded_run_of_transient_errors(zimage_conn
     events = [event async for event in trigger.run()]
     assert events[0].payload["status"] == "error" and events[0].payload["retryable"] is True
     assert zimage_conn.accepted_submissions(req.task_uuid) == 1
+
+
+# -- results Runware no longer has ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deferrable", [False, True], ids=["in-process", "deferrable"])
+def test_expired_results_are_retryable_and_the_retry_pays_for_a_new_generation(
+    runware_server_factory, monkeypatch, output_dir, deferrable
+):
+    """Paid-for results that expired cannot be recovered; the retry must not reattach to them forever."""
+    import asyncio
+
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
+
+    from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
+    from tests.conftest import zimage_connection_json
+
+    server = runware_server_factory(result_ttl=0.0, delay=0.1)
+    monkeypatch.setenv("AIRFLOW_CONN_ZIMAGE_DEFAULT", zimage_connection_json(server))
+
+    def attempt():
+        op = ZImageGenerateOperator(
+            task_id="generate",
+            prompt="an expiring image",
+            width=256,
+            height=256,
+            output_path=output_dir,
+            poll_interval=0.3,
+            deferrable=deferrable,
+        )
+        context = {"ti": FakeTI(f"manual__expired_{deferrable}")}
+        try:
+            return op.execute(context)
+        except TaskDeferred as deferred:
+            events = asyncio.run(_events(deferred.trigger))
+            return op.execute_complete(context, events[0].payload)
+
+    with pytest.raises(AirflowException) as info:
+        attempt()
+    assert not isinstance(info.value, AirflowFailException)
+    assert "new taskUUID" in str(info.value)
+    with pytest.raises(AirflowException):
+        attempt()
+    accepted = server.stats["accepted"]
+    assert len(accepted) == 2 and set(accepted.values()) == {1}  # generation 0, then generation 1
+
+
+async def _events(trigger):
+    return [event async for event in trigger.run()]

@@ -24,11 +24,11 @@ def test_task_uuid_is_deterministic_and_a_valid_uuid4():
 
 
 def test_backend_and_connection_are_part_of_what_makes_an_image_the_same():
-    assert job_fingerprint("r", backend="runware", conn_id="a") != job_fingerprint(
-        "r", backend="runware", conn_id="b"
+    assert job_fingerprint("r", backend="runware", origin="a") != job_fingerprint(
+        "r", backend="runware", origin="b"
     )
-    assert job_fingerprint("r", backend="runware", conn_id="a") != job_fingerprint(
-        "r", backend="local", conn_id="a"
+    assert job_fingerprint("r", backend="runware", origin="a") != job_fingerprint(
+        "r", backend="local", origin="a"
     )
 
 

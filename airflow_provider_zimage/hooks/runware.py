@@ -55,6 +55,8 @@ class ConnectionSettings:
     webhook_base_url: str | None = None
     model_path: str | None = None
     device: str = "auto"
+    dtype: str = "auto"
+    cpu_offload: bool = False
 
     @property
     def secrets(self) -> tuple[str | None, ...]:
@@ -88,6 +90,8 @@ class ConnectionSettings:
             webhook_base_url=extra.get("webhook_base_url") or None,
             model_path=extra.get("model_path") or None,
             device=extra.get("device") or "auto",
+            dtype=extra.get("dtype") or "auto",
+            cpu_offload=str(extra.get("cpu_offload", "")).lower() in ("1", "true", "yes", "on"),
         )
 
     def timeouts(self) -> httpx.Timeout:
@@ -289,9 +293,14 @@ class ZImageHook(BaseHook):
         return [t.task_uuid for t in tasks]
 
     def get_response(self, task_uuid: str, status: TaskStatus | None = None) -> TaskStatus:
-        """One `getResponse` poll merged into `status` (partial results accumulate, deduplicated)."""
+        """One `getResponse` poll merged into `status` (partial results accumulate, deduplicated).
+
+        An unknown or expired task comes back as a failed status (code taskNotFound / taskExpired), the
+        same answer a batched poll gives, so every waiting path decides about lost results in one place.
+        """
         status = status or TaskStatus(task_uuid)
-        return status.merge(self._post(protocol.get_response_payload(task_uuid)))
+        payload = protocol.get_response_payload(task_uuid)
+        return status.merge(self._post(payload, protocol.parse_poll_response))
 
     def wait_for_task(
         self,
@@ -310,7 +319,7 @@ class ZImageHook(BaseHook):
             if status.finished:
                 return status
             if time.monotonic() + delay > deadline:
-                raise ZImageTimeout(f"task {task_uuid} did not finish within {timeout:.0f}s")
+                raise ZImageTimeout(f"task {task_uuid} did not finish within {timeout:g}s")
             time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -336,11 +345,11 @@ class ZImageHook(BaseHook):
     def test_connection(self) -> tuple[bool, str]:
         """Checks the key for free: getResponse of an unknown task is `taskNotFound` with a valid key."""
         try:
-            self.get_response(str(uuid.uuid4()))
-        except protocol.ZImageTaskNotFound:
-            return True, "Connection to Runware works and the API key is accepted."
+            status = self.get_response(str(uuid.uuid4()))
         except ZImageError as exc:
             return False, protocol.redact(str(exc), self.settings.secrets)
+        if any(e.code == protocol.TASK_NOT_FOUND for e in status.errors):
+            return True, "Connection to Runware works and the API key is accepted."
         return True, "Connection to Runware works."
 
     # -- API: async --------------------------------------------------------------------------------
@@ -366,7 +375,7 @@ class ZImageHook(BaseHook):
 
     async def aget_response(self, task_uuid: str, status: TaskStatus | None = None) -> TaskStatus:
         status = status or TaskStatus(task_uuid)
-        return status.merge(await self._apost(protocol.get_response_payload(task_uuid)))
+        return status.merge(await self.aget_responses([task_uuid]))
 
     async def aget_responses(self, task_uuids: Sequence[str]) -> RunwareResponse:
         """Poll many tasks in one POST; unknown or expired tasks come back as their own errors."""
@@ -388,7 +397,7 @@ class ZImageHook(BaseHook):
             if status.finished:
                 return status
             if time.monotonic() + delay > deadline:
-                raise ZImageTimeout(f"task {task_uuid} did not finish within {timeout:.0f}s")
+                raise ZImageTimeout(f"task {task_uuid} did not finish within {timeout:g}s")
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 

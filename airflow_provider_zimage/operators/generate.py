@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 from urllib.parse import parse_qsl, urlsplit
 
 from airflow.sdk import BaseOperator, BaseOperatorLink, conf
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 Backend = Literal["runware", "local"]
 Delivery = Literal["polling", "webhook"]
 LINK_XCOM_KEY = "zimage_image_link"
+# getResponse codes meaning "the results are gone", not "the request was wrong".
+LOST_RESULT_CODES = frozenset({"taskExpired", "taskNotFound"})
 
 
 def _rendered_number(value: Any, kind: type[int] | type[float]) -> Any:
@@ -158,6 +160,8 @@ class ZImageGenerateOperator(BaseOperator):
         backend: Backend | None = None,
         local_model_path: str | None = None,
         device: str | None = None,
+        dtype: str | None = None,
+        cpu_offload: bool | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         wait_for_completion: bool = True,
         poll_interval: float = 1.0,
@@ -205,6 +209,8 @@ class ZImageGenerateOperator(BaseOperator):
         self.backend = backend
         self.local_model_path = local_model_path
         self.device = device
+        self.dtype = dtype
+        self.cpu_offload = cpu_offload
         self.deferrable = deferrable
         self.wait_for_completion = wait_for_completion
         self.poll_interval = poll_interval
@@ -286,13 +292,26 @@ class ZImageGenerateOperator(BaseOperator):
                 "password = Runware API key) or pass backend='local'."
             ) from None
 
-    def _job(self, context: Context, request: ImageInferenceRequest, backend: str) -> GenerationJob:
+    def _local_model_source(self, settings: ConnectionSettings) -> str | None:
+        return self.local_model_path or settings.model_path
+
+    def _job(
+        self,
+        context: Context,
+        request: ImageInferenceRequest,
+        backend: str,
+        settings: ConnectionSettings | None = None,
+    ) -> GenerationJob:
         store = ArtifactStore(self.output_path or default_output_path())
+        if backend == "local":
+            origin = self._local_model_source(settings or self._settings()) or request.spec.hf_repo
+        else:
+            origin = self.zimage_conn_id
         return GenerationJob(
             TaskInstanceRef.from_context(context),
             request,
             backend=backend,
-            conn_id=self.zimage_conn_id if backend == "runware" else None,
+            origin=origin,
             store=store,
             on_nsfw=self.on_nsfw,
         )
@@ -308,7 +327,7 @@ class ZImageGenerateOperator(BaseOperator):
         backend = self.backend or settings.backend
         if backend not in ("runware", "local"):
             raise AirflowFailException(f"backend must be 'runware' or 'local' (got {backend!r})")
-        job = self._job(context, request, backend)
+        job = self._job(context, request, backend, settings)
 
         if not self.force and (images := job.reusable_images()) is not None:
             self.log.info(
@@ -365,10 +384,8 @@ class ZImageGenerateOperator(BaseOperator):
         except ZImageError as exc:
             raise AirflowException(str(exc)) from None
         if status.failed:
-            job.mark_failed(submission.task_uuid, str(status.errors[0].message))
-            raise AirflowFailException(
-                f"Runware task {submission.task_uuid} failed: {status.errors[0].message}"
-            )
+            errors = [e.model_dump(by_alias=True) for e in status.errors]
+            self._fail_task(job, submission.task_uuid, errors, str(status.errors[0].message))
         return self._store(context, job, status.results, hook, submission.task_uuid)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
@@ -385,15 +402,30 @@ class ZImageGenerateOperator(BaseOperator):
         if parsed.status == "error":
             if parsed.retryable:
                 raise AirflowException(f"{parsed.message}; a retry reattaches to the same Runware task")
-            job.mark_failed(parsed.task_uuid, parsed.message)
-            self._discard_inbox(parsed.task_uuid)
-            raise AirflowFailException(f"Runware task {parsed.task_uuid} failed: {parsed.message}")
+            self._fail_task(job, parsed.task_uuid, parsed.errors, parsed.message)
         if parsed.status == "timeout":
             raise AirflowException(f"{parsed.message}; a retry reattaches to the same Runware task")
         results = [ImageResult.from_wire(r) for r in parsed.results]
         images = self._store(context, job, results, ZImageHook(self.zimage_conn_id), parsed.task_uuid)
         self._discard_inbox(parsed.task_uuid)
         return images
+
+    def _fail_task(
+        self, job: GenerationJob, task_uuid: str, errors: list[dict[str, Any]], message: str
+    ) -> NoReturn:
+        """A task Runware failed moves the ledger to a new generation, so the next try pays for a new one.
+
+        Results that expired (or a task Runware forgot) are retryable: nothing is wrong with the request,
+        and Airflow's retry regenerates them. Any other task failure is final until someone clears it.
+        """
+        job.mark_failed(task_uuid, message)
+        self._discard_inbox(task_uuid)
+        if any(e.get("code") in LOST_RESULT_CODES for e in errors):
+            raise AirflowException(
+                f"Runware no longer has the results of task {task_uuid} ({message}); "
+                "a retry generates them again under a new taskUUID"
+            )
+        raise AirflowFailException(f"Runware task {task_uuid} failed: {message}")
 
     # -- delivery -----------------------------------------------------------------------------------
 
@@ -503,16 +535,26 @@ class ZImageGenerateOperator(BaseOperator):
         return self._finish(context, images)
 
     def _run_local(self, job: GenerationJob, settings: ConnectionSettings) -> list[dict[str, Any]]:
-        from airflow_provider_zimage.hooks.local import LocalZImageExecutor
+        from airflow_provider_zimage.hooks.local import (
+            LocalBackendUnavailable,
+            LocalGenerationError,
+            LocalZImageExecutor,
+        )
 
         executor = LocalZImageExecutor(
-            model_path=self.local_model_path or settings.model_path,
+            model_path=self._local_model_source(settings),
             device=self.device or settings.device,
+            dtype=self.dtype or settings.dtype,
+            cpu_offload=self.cpu_offload if self.cpu_offload is not None else settings.cpu_offload,
         )
         try:
             generated = executor.generate(job.request)
         except ZImageValidationError as exc:
             raise AirflowFailException(f"invalid request for the local backend: {exc}") from None
+        except (LocalBackendUnavailable, LocalGenerationError, ValueError) as exc:
+            # A missing extra, NaN images or an impossible dtype: a retry would reload the weights and
+            # fail the same way.
+            raise AirflowFailException(str(exc)) from None
         by_uuid = {g.result["imageUUID"]: g for g in generated}
         results = [ImageResult.from_wire(g.result) for g in generated]
         try:

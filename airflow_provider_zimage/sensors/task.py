@@ -77,7 +77,7 @@ class ZImageTaskSensor(BaseSensorOperator):
             TaskInstanceRef.from_context(context),
             request,
             backend="runware",
-            conn_id=self.zimage_conn_id,
+            origin=self.zimage_conn_id,
             store=ArtifactStore(self.output_path or default_output_path()),
             on_nsfw=self.on_nsfw,
         )
