@@ -441,3 +441,15 @@ def test_stop_is_clean_and_runs_as_a_process() -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+def test_the_vendored_schema_copy_matches_the_shared_seed():
+    """The copy only stands in when shared/ is absent; it must never drift from the spec."""
+    from tests.runware_server.schema import SEED_COPY, SHARED_SEEDS
+
+    shared = sorted(SHARED_SEEDS.glob("003_*.txt"))
+    if not shared:
+        pytest.skip(f"no shared seeds at {SHARED_SEEDS}")
+    (copy,) = sorted(SEED_COPY.glob("003_*.txt"))
+    assert copy.name == shared[0].name
+    assert copy.read_bytes() == shared[0].read_bytes()

@@ -36,17 +36,19 @@ UNSUPPORTED_PARAMETER = "unsupportedParameter"
 INVALID_PARAMETER = "invalidParameter"
 
 
+SHARED_SEEDS = Path(__file__).resolve().parents[3] / "shared" / "seeds"
+SEED_COPY = Path(__file__).resolve().parent / "seed_copy"
+
+
 def seeds_dir() -> Path:
-    """The repo layout puts shared/seeds two levels above the checkout; CI copies may move it."""
-    candidate = Path(__file__).resolve().parents[3] / "shared" / "seeds"
-    if candidate.is_dir():
-        return candidate
+    """ZIMAGE_SEEDS_DIR, else the shared seeds beside the checkout (the spec), else the vendored copy of
+    the OpenAPI seed, so a clone without shared/ still validates requests."""
     env = os.environ.get("ZIMAGE_SEEDS_DIR")
     if env:
         return Path(env)
-    raise FileNotFoundError(
-        f"Runware seed schema not found at {candidate}; set ZIMAGE_SEEDS_DIR to the seeds directory"
-    )
+    if any(SHARED_SEEDS.glob("003_*.txt")):
+        return SHARED_SEEDS
+    return SEED_COPY
 
 
 @lru_cache(maxsize=4)
