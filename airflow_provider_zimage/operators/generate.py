@@ -97,7 +97,8 @@ class ZImageGenerateOperator(BaseOperator):
     :param timeout: seconds to wait for Runware before the task fails (retries reattach, never resubmit).
     :param delivery: "polling" (getResponse) or "webhook": Runware POSTs results to the webhook plugin
         on the API server (connection extras `webhook_base_url` and `webhook_secret`, or
-        `[zimage] webhook_secret`), and the wait wakes when one arrives. See the README, "Webhooks and direct uploads".
+        `[zimage] webhook_secret`), and the wait wakes when one arrives. See the README, "Webhooks and
+        direct uploads".
     :param webhook_grace_period: with delivery="webhook", seconds after submitting before getResponse
         polling starts as well, so a lost webhook costs this much latency and never an image.
     :param webhook_check_interval: with delivery="webhook", seconds between two looks at the task's
