@@ -20,14 +20,18 @@ $(STAMP): $(PY) pyproject.toml requirements-cpu.txt constraints-cpu.txt
 install: $(STAMP)
 
 lint: install
-	$(VENV)/bin/ruff check airflow_provider_zimage tests dags bench
-	$(VENV)/bin/ruff format --check airflow_provider_zimage tests dags bench
+	$(VENV)/bin/ruff check airflow_provider_zimage tests dags bench scripts
+	$(VENV)/bin/ruff format --check airflow_provider_zimage tests dags bench scripts
 
 test: install lint
 	$(PY) -m pytest -q -n 2 --timeout=600
 
+# A real Airflow deployment (scheduler, dag-processor, triggerer, api-server) on loopback; ~7 minutes on
+# 2 cores. Writes its figures to tests/e2e/results.json (or $$E2E_RESULTS) and prints the table of
+# docs/reliability.md; `python -m tests.e2e.report --write` copies it there.
 e2e: install
-	$(PY) -m pytest -q -m e2e tests/e2e --timeout=3000 -p no:randomly
+	$(PY) -m pytest -q -m e2e tests/e2e --timeout=3000 -p no:randomly -rs
+	$(PY) -m tests.e2e.report
 
 # Runs dags/zimage_quickstart and dags/zimage_content_pipeline in a throwaway Airflow under .demo/:
 # RUNWARE_API_KEY=... for the Runware API, ZIMAGE_MODEL_PATH=... for local weights, neither for a tiny
