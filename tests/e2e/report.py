@@ -1,0 +1,98 @@
+"""Turn the e2e figures (results.json) into the Markdown table of docs/reliability.md.
+
+    python -m tests.e2e.report [results.json]            # print the table
+    python -m tests.e2e.report [results.json] --write    # replace it in docs/reliability.md
+
+The table sits between two HTML comments in the document, so a re-run updates figures and leaves the
+prose alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_RESULTS = HERE / "results.json"
+DOC = HERE.parents[1] / "docs" / "reliability.md"
+START = "<!-- e2e-results:start -->"
+END = "<!-- e2e-results:end -->"
+
+
+def results_path() -> Path:
+    """`$E2E_RESULTS` when set (CI keeps it as an artifact), else tests/e2e/results.json."""
+    return Path(os.environ.get("E2E_RESULTS") or DEFAULT_RESULTS)
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [
+        "| # | Scenario | Load | Faults injected | Images expected | Stored (sha256 verified) "
+        "| Duplicate submissions | Wall time |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for s in sorted(results.get("scenarios", []), key=lambda s: str(s["number"])):
+        if s.get("skipped"):
+            rows.append(
+                f"| {s['number']} | {s['title']} | {s['load']} | {s['faults']} | - | - | - | "
+                f"skipped: {s['skipped']} |"
+            )
+            continue
+        rows.append(
+            f"| {s['number']} | {s['title']} | {s['load']} | {s['faults']} | {s['expected']} | "
+            f"{s['stored']} | {s['duplicate_submissions']} | {s['wall_s']:.0f} s |"
+        )
+    env = results.get("environment", {})
+    total = results.get("total_wall_s")
+    foot = [
+        "",
+        f"Measured {env.get('date', '?')} on {env.get('cpus', '?')} CPU cores, "
+        f"{env.get('memory_gib', '?')} GiB, Airflow {env.get('airflow', '?')}, "
+        f"Python {env.get('python', '?')}, "
+        f"SQLite + LocalExecutor (parallelism {env.get('parallelism', '?')}); deployment start "
+        f"{env.get('startup_s', '?')} s; whole e2e run {total if total is not None else '?'} s.",
+    ]
+    return "\n".join(rows + foot)
+
+
+def details(results: dict[str, Any]) -> str:
+    """One line of secondary figures per scenario (retries, conflicts, faults counted by the server)."""
+    lines = []
+    for s in sorted(results.get("scenarios", []), key=lambda s: str(s["number"])):
+        extra = s.get("details") or {}
+        if extra:
+            parts = ", ".join(f"{k}: {json.dumps(v, sort_keys=True)}" for k, v in extra.items())
+            lines.append(f"- **{s['number']}. {s['title']}**: {parts}")
+    return "\n".join(lines)
+
+
+def render(results: dict[str, Any]) -> str:
+    return f"{START}\n{table(results)}\n\nPer-scenario details:\n\n{details(results)}\n{END}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("results", nargs="?", type=Path, default=None)
+    parser.add_argument("--write", action="store_true", help=f"update the table in {DOC}")
+    args = parser.parse_args(argv)
+    results = json.loads((args.results or results_path()).read_text())
+    block = render(results)
+    if not args.write:
+        print(block)
+        return 0
+    text = DOC.read_text()
+    if START not in text or END not in text:
+        print(f"{DOC} has no {START} ... {END} block", file=sys.stderr)
+        return 1
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    DOC.write_text(head + block + tail)
+    print(f"updated {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
