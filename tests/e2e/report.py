@@ -18,7 +18,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RESULTS = HERE / "results.json"
-DOC = HERE.parents[1] / "docs" / "reliability.md"
+DOC = HERE.parents[1] / "README.md"
 START = "<!-- e2e-results:start -->"
 END = "<!-- e2e-results:end -->"
 
