@@ -23,8 +23,10 @@ lint: install
 	$(VENV)/bin/ruff check airflow_provider_zimage tests dags bench scripts
 	$(VENV)/bin/ruff format --check airflow_provider_zimage tests dags bench scripts
 
+# The unit suite on both cores, then the e2e suite alone (its Airflow deployment needs both cores).
 test: install lint
 	$(PY) -m pytest -q -n 2 --timeout=600
+	$(PY) -m pytest -q -m e2e tests/e2e --timeout=3000 -p no:randomly
 
 # A real Airflow deployment (scheduler, dag-processor, triggerer, api-server) on loopback; ~7 minutes on
 # 2 cores. Writes its figures to tests/e2e/results.json (or $$E2E_RESULTS) and prints the table of
