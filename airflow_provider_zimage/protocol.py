@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -20,6 +21,7 @@ from airflow_provider_zimage.exceptions import (
     ZImageAuthError,
     ZImageInsufficientCreditsError,
     ZImagePermanentError,
+    ZImageTimeout,
     ZImageTransientError,
 )
 from airflow_provider_zimage.models import ApiErrorDetail, ImageInferenceRequest, ImageResult
@@ -302,6 +304,20 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
     return text
+
+
+def poll_waits(task_uuid: str, timeout: float, initial: float = 1.0, cap: float = 10.0) -> Iterator[float]:
+    """The waits of an in-process poll loop: 0 (poll at once), then the wait before each next poll.
+
+    Raises ZImageTimeout instead of yielding a wait that would end past `timeout`, so the sync and the
+    async loop share the deadline rule and only differ in how they sleep.
+    """
+    deadline = time.monotonic() + timeout
+    yield 0.0
+    for delay in poll_delays(initial, cap):
+        if time.monotonic() + delay > deadline:
+            raise ZImageTimeout(f"task {task_uuid} did not finish within {timeout:g}s")
+        yield delay
 
 
 def poll_delays(initial: float = 1.0, cap: float = 10.0, factor: float = 1.5) -> Iterator[float]:

@@ -47,6 +47,25 @@ def run_dag(name: str, source: str, *, logical_date: Any = None, **params: Any) 
     return dag.test(logical_date=logical_date, run_after=logical_date)
 
 
+class FakeTI:
+    """The parts of a task instance the operator reads when a test calls `execute()` directly: its
+    identity (where the ledger and artifacts live) and `xcom_push` (recorded for assertions)."""
+
+    def __init__(
+        self,
+        run_id: str = "manual__behaviour",
+        *,
+        dag_id: str = "behaviour",
+        task_id: str = "generate",
+        map_index: int = -1,
+    ) -> None:
+        self.run_id, self.dag_id, self.task_id, self.map_index = run_id, dag_id, task_id, map_index
+        self.xcom: dict[str, Any] = {}
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.xcom[key] = value
+
+
 def task_states(run: Any) -> dict[str, str]:
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session

@@ -56,7 +56,7 @@ def test_mapped_prompts_run_on_the_local_backend_with_the_same_manifest(local_co
 
 def test_the_same_request_on_the_local_backend_gives_the_same_bytes(local_conn, output_dir, tmp_path):
     from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
-    from tests.test_operator_behaviour import FakeTI
+    from tests.dagtest import FakeTI
 
     def once(out: str) -> list[dict]:
         op = ZImageGenerateOperator(
@@ -79,7 +79,7 @@ def test_refusals_of_the_local_backend_fail_the_task_naming_the_parameter(local_
     from airflow.sdk.exceptions import AirflowFailException
 
     from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
-    from tests.test_operator_behaviour import FakeTI
+    from tests.dagtest import FakeTI
 
     op = ZImageGenerateOperator(
         task_id="generate",
@@ -100,7 +100,7 @@ def test_switching_local_weights_generates_again_instead_of_reusing(
     import shutil
 
     from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
-    from tests.test_operator_behaviour import FakeTI
+    from tests.dagtest import FakeTI
 
     other = tmp_path / "other-weights"
     shutil.copytree(local_conn, other)

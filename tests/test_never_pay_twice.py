@@ -20,7 +20,7 @@ import pytest
 from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.models import ImageInferenceRequest
 from airflow_provider_zimage.triggers.task import ZImageTaskTrigger
-from tests.dagtest import run_dag, task_states
+from tests.dagtest import FakeTI, run_dag, task_states
 from tests.test_operator_dag import MAPPED_DAG, check_stored, manifests
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -119,14 +119,9 @@ op.execute({"ti": TI()})
 """
 
 
-class FakeTI:
-    dag_id, task_id, map_index = "killed", "generate", 0
-
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
-
-    def xcom_push(self, key, value):
-        pass
+def killed_ti(run_id: str) -> FakeTI:
+    """The task instance the killed child ran as (see KILLED_WORKER)."""
+    return FakeTI(run_id, dag_id="killed", map_index=0)
 
 
 @pytest.mark.parametrize("die_in", ["submit", "get_response"], ids=["after-POST", "while-waiting"])
@@ -153,7 +148,7 @@ def test_a_worker_killed_after_submitting_is_reattached_on_retry(zimage_conn, ou
         output_path=output_dir,
         poll_interval=0.05,
     )
-    images = retry.execute({"ti": FakeTI(run_id)})
+    images = retry.execute({"ti": killed_ti(run_id)})
     assert len(images) == 1
     one_submission_each(zimage_conn, 1)
     assert Path(images[0]["uri"].removeprefix("file://")).exists()
@@ -244,7 +239,7 @@ def test_expired_results_are_retryable_and_the_retry_pays_for_a_new_generation(
             poll_interval=0.3,
             deferrable=deferrable,
         )
-        context = {"ti": FakeTI(f"manual__expired_{deferrable}")}
+        context = {"ti": killed_ti(f"manual__expired_{deferrable}")}
         try:
             return op.execute(context)
         except TaskDeferred as deferred:

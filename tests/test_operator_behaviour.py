@@ -11,20 +11,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_provider_zimage.operators.generate import LINK_XCOM_KEY, ZImageGenerateOperator
-from tests.dagtest import run_dag, task_states
-
-RUN = "manual__behaviour"
-
-
-class FakeTI:
-    dag_id, task_id, map_index = "behaviour", "generate", -1
-
-    def __init__(self, run_id: str = RUN) -> None:
-        self.run_id = run_id
-        self.xcom: dict[str, object] = {}
-
-    def xcom_push(self, key, value):
-        self.xcom[key] = value
+from tests.dagtest import FakeTI, run_dag, task_states
 
 
 def generate(output_dir, **kwargs) -> ZImageGenerateOperator:

@@ -22,42 +22,13 @@ from airflow_provider_zimage.models import ImageInferenceRequest
 from airflow_provider_zimage.triggers.task import ZImageTaskTrigger
 from airflow_provider_zimage.webhooks.tokens import webhook_token
 from tests.conftest import zimage_connection_json
-from tests.dagtest import run_dag, task_states
+from tests.dagtest import FakeTI, run_dag, task_states
 from tests.runware_server.server import RunwareTestServer
+from tests.test_operator_dag import MAPPED_DAG
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
 SECRET = "wh-secret-7f3a9c1e5b"
-
-WEBHOOK_DAG = """
-import json
-from pathlib import Path
-
-import pendulum
-from airflow.sdk import DAG, task
-
-from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
-
-with DAG(PARAMS["dag_id"], schedule=None, start_date=pendulum.datetime(2026, 1, 1), catchup=False):
-    images = ZImageGenerateOperator.partial(
-        task_id="generate",
-        width=256,
-        height=256,
-        output_path=PARAMS["output"],
-        deferrable=True,
-        delivery="webhook",
-        poll_interval=0.05,
-        max_poll_interval=0.2,
-        **PARAMS["op_kwargs"],
-    ).expand(prompt=PARAMS["prompts"])
-
-    @task
-    def collect(entries):
-        flat = [e for per_task in entries for e in per_task]
-        Path(PARAMS["output"].removeprefix("file://"), "collected.json").write_text(json.dumps(flat))
-
-    collect(images.output)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +81,9 @@ def webhooks(runware_server, api_server, tmp_path, monkeypatch) -> WebhookSetup:
 
 
 def run_webhook_dag(dag_id: str, output: str, prompts: list[str], **op_kwargs):
-    return run_dag(dag_id, WEBHOOK_DAG, dag_id=dag_id, output=output, prompts=prompts, op_kwargs=op_kwargs)
+    """The mapped DAG of the polling tests, deferred and with delivery="webhook"."""
+    op_kwargs = {"deferrable": True, "delivery": "webhook", **op_kwargs}
+    return run_dag(dag_id, MAPPED_DAG, dag_id=dag_id, output=output, prompts=prompts, op_kwargs=op_kwargs)
 
 
 def request(prompt: str = "a webhook", **kw) -> ImageInferenceRequest:
@@ -192,20 +165,10 @@ def test_webhook_delivery_without_deferring_waits_on_the_inbox_in_the_worker(web
         delivery="webhook",
         webhook_grace_period=30,
     )
-    images = op.execute({"ti": FakeTI("manual__in_process")})
+    images = op.execute({"ti": FakeTI("manual__in_process", dag_id="webhooks", map_index=0)})
     assert len(images) == 1
     assert webhooks.server.stats["get_response_polls"] == 0
     assert webhooks.server.stats["webhook_deliveries"] == 1
-
-
-class FakeTI:
-    dag_id, task_id, map_index = "webhooks", "generate", 0
-
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
-
-    def xcom_push(self, key, value):
-        pass
 
 
 @pytest.mark.parametrize(
@@ -223,7 +186,7 @@ def test_a_webhook_misconfiguration_fails_before_paying(webhooks, output_dir, mo
         task_id="generate", prompt="misconfigured", output_path=output_dir, delivery="webhook"
     )
     with pytest.raises(AirflowFailException, match=named):
-        op.execute({"ti": FakeTI("manual__misconfigured")})
+        op.execute({"ti": FakeTI("manual__misconfigured", dag_id="webhooks", map_index=0)})
     assert webhooks.server.total_accepted == 0
 
 
@@ -407,7 +370,7 @@ def test_a_task_failure_pushed_by_webhook_fails_the_task_without_polling(webhook
         webhook_grace_period=30,
     )
     with pytest.raises(AirflowFailException, match="taskFailed"):
-        op.execute({"ti": FakeTI("manual__failed_by_webhook")})
+        op.execute({"ti": FakeTI("manual__failed_by_webhook", dag_id="webhooks", map_index=0)})
     assert webhooks.server.stats["get_response_polls"] == 0
     assert webhooks.stored() == []
 

@@ -27,7 +27,6 @@ from airflow_provider_zimage.exceptions import (
     ZImageAPIError,
     ZImageError,
     ZImageTaskFailed,
-    ZImageTimeout,
     ZImageTransientError,
 )
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
@@ -313,14 +312,10 @@ class ZImageHook(BaseHook):
     ) -> TaskStatus:
         """Poll in-process until the task finishes; the non-deferrable twin of `ZImageTaskTrigger`."""
         status = TaskStatus(task_uuid, expected_results)
-        deadline = time.monotonic() + timeout
-        for delay in protocol.poll_delays(poll_interval, max_poll_interval):
-            self.get_response(task_uuid, status)
-            if status.finished:
+        for wait in protocol.poll_waits(task_uuid, timeout, poll_interval, max_poll_interval):
+            time.sleep(wait)
+            if self.get_response(task_uuid, status).finished:
                 return status
-            if time.monotonic() + delay > deadline:
-                raise ZImageTimeout(f"task {task_uuid} did not finish within {timeout:g}s")
-            time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def download(self, result: ImageResult) -> bytes:
@@ -391,14 +386,10 @@ class ZImageHook(BaseHook):
         max_poll_interval: float = 10.0,
     ) -> TaskStatus:
         status = TaskStatus(task_uuid, expected_results)
-        deadline = time.monotonic() + timeout
-        for delay in protocol.poll_delays(poll_interval, max_poll_interval):
-            await self.aget_response(task_uuid, status)
-            if status.finished:
+        for wait in protocol.poll_waits(task_uuid, timeout, poll_interval, max_poll_interval):
+            await asyncio.sleep(wait)
+            if (await self.aget_response(task_uuid, status)).finished:
                 return status
-            if time.monotonic() + delay > deadline:
-                raise ZImageTimeout(f"task {task_uuid} did not finish within {timeout:g}s")
-            await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def adownload(self, result: ImageResult) -> bytes:
