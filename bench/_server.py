@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @contextmanager
 def server_process(*args: str) -> Iterator[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.runware_server", *args],
+        [sys.executable, "-m", "airflow_provider_zimage.testing.runware_server", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", type=int, default=5, help="tasks per mode and delay, run concurrently")
     args = parser.parse_args(argv)
 
-    from tests.runware_server.server import RunwareTestServer
+    from airflow_provider_zimage.testing.runware_server.server import RunwareTestServer
 
     inbox = f"file://{tempfile.mkdtemp(prefix='zimage-inbox-')}"
     with RunwareTestServer() as runware:

@@ -25,10 +25,10 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.runware_server.server import RunwareTestServer  # noqa: E402
+from airflow_provider_zimage.testing.runware_server.server import RunwareTestServer  # noqa: E402
 
 # Fixtures of the local servers: runware_server, runware_server_factory, moto_s3_server, s3_bucket.
-pytest_plugins = ["tests.runware_server.fixtures", "tests.s3_server"]
+pytest_plugins = ["airflow_provider_zimage.testing.runware_server.fixtures", "tests.s3_server"]
 
 # Retries in tests wait milliseconds, not seconds: the behaviour is the same, the suite stays fast.
 FAST_RETRY_EXTRA = {"max_retries": 6, "backoff_base": 0.01, "backoff_max": 0.05, "timeout": 10}

@@ -28,7 +28,7 @@ from airflow_provider_zimage.models import (
     ImageInferenceRequest,
     ImageResult,
 )
-from tests.runware_server.schema import seeds_dir
+from airflow_provider_zimage.testing.runware_server.schema import seeds_dir
 
 SEEDS = seeds_dir()
 pytestmark = pytest.mark.skipif(

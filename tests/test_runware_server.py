@@ -23,7 +23,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.runware_server import (
+from airflow_provider_zimage.testing.runware_server import (
     TWINFLOW,
     Z_IMAGE,
     Z_IMAGE_TURBO,
@@ -423,7 +423,15 @@ def test_stop_is_clean_and_runs_as_a_process() -> None:
     assert set(threading.enumerate()) <= before
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.runware_server", "--port", "0", "--api-key", "k2"],
+        [
+            sys.executable,
+            "-m",
+            "airflow_provider_zimage.testing.runware_server",
+            "--port",
+            "0",
+            "--api-key",
+            "k2",
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
@@ -445,7 +453,7 @@ def test_stop_is_clean_and_runs_as_a_process() -> None:
 
 def test_the_vendored_schema_copy_matches_the_shared_seed():
     """The copy only stands in when shared/ is absent; it must never drift from the spec."""
-    from tests.runware_server.schema import SEED_COPY, SHARED_SEEDS
+    from airflow_provider_zimage.testing.runware_server.schema import SEED_COPY, SHARED_SEEDS
 
     shared = sorted(SHARED_SEEDS.glob("003_*.txt"))
     if not shared:

@@ -113,7 +113,7 @@ def test_upload_to_storage_refuses_what_one_upload_url_cannot_carry(kwargs, name
 
 def test_a_user_upload_endpoint_is_sent_as_given(zimage_conn, output_dir):
     from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
-    from tests.runware_server import HTTPSink
+    from airflow_provider_zimage.testing.runware_server import HTTPSink
 
     with HTTPSink() as sink:
         endpoint = f"{sink.url}/bucket/image.jpg?signature=abc123"

@@ -19,11 +19,11 @@ import pytest
 from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.inbox import WebhookInbox
 from airflow_provider_zimage.models import ImageInferenceRequest
+from airflow_provider_zimage.testing.runware_server.server import RunwareTestServer
 from airflow_provider_zimage.triggers.task import ZImageTaskTrigger
 from airflow_provider_zimage.webhooks.tokens import webhook_token
 from tests.conftest import zimage_connection_json
 from tests.dagtest import FakeTI, run_dag, task_states
-from tests.runware_server.server import RunwareTestServer
 from tests.test_operator_dag import MAPPED_DAG
 
 pytestmark = pytest.mark.usefixtures("airflow_db")

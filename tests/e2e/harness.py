@@ -3,9 +3,10 @@
 What `airflow standalone` runs, started one by one so a scenario can kill and restart each of them:
 `airflow api-server`, `scheduler`, `dag-processor` and `triggerer`, with SQLite and the LocalExecutor
 (standalone forces both for a laptop), the simple auth manager, a fresh AIRFLOW_HOME in a temp dir,
-plus the Runware test server (`python -m tests.runware_server`) as its own process. The test process
-never imports Airflow's ORM: it talks to the deployment only through the public REST API (JWT from
-`POST /auth/token`), the Runware server's control API and the files the deployment writes.
+plus the Runware test server (`python -m airflow_provider_zimage.testing.runware_server`) as its own
+process. The test process never imports Airflow's ORM: it talks to the deployment only through the
+public REST API (JWT from `POST /auth/token`), the Runware server's control API and the files
+the deployment writes.
 
 Process hygiene, because a leaked scheduler keeps burning the CI machine's two cores:
 - every component starts in its own session (`start_new_session`), so its whole process group (the
@@ -300,7 +301,7 @@ class Deployment:
         argv = [
             sys.executable,
             "-m",
-            "tests.runware_server",
+            "airflow_provider_zimage.testing.runware_server",
             "--port",
             "0",
             "--api-key",

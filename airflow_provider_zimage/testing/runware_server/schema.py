@@ -36,7 +36,7 @@ UNSUPPORTED_PARAMETER = "unsupportedParameter"
 INVALID_PARAMETER = "invalidParameter"
 
 
-SHARED_SEEDS = Path(__file__).resolve().parents[3] / "shared" / "seeds"
+SHARED_SEEDS = Path(__file__).resolve().parents[4] / "shared" / "seeds"
 SEED_COPY = Path(__file__).resolve().parent / "seed_copy"
 
 

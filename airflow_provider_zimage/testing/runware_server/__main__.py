@@ -1,4 +1,6 @@
-"""`python -m tests.runware_server --port N`: the same server in its own process, for the e2e harness.
+"""`python -m airflow_provider_zimage.testing.runware_server --port N`: the server in its own process.
+
+For the e2e harness and for users whose DAG tests run Airflow in other processes.
 
 Prints the API base URL on the first line of stdout (and to --url-file when given) once it accepts
 connections, then serves until SIGINT/SIGTERM.
@@ -16,7 +18,9 @@ from .server import DEFAULT_API_KEY, RunwareTestServer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.runware_server", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m airflow_provider_zimage.testing.runware_server", description=__doc__
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--api-key", default=DEFAULT_API_KEY, help="'' disables the key check")

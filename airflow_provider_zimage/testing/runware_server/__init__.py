@@ -11,8 +11,8 @@ counters: `accepted_submissions(task_uuid)` says how many times a task was paid 
         ...
         assert server.accepted_submissions(task_uuid) == 1
 
-Other processes: `python -m tests.runware_server --port N` and the control API under /_control/
-(GET stats, GET/POST/DELETE faults, POST config, POST reset; no auth).
+Other processes: `python -m airflow_provider_zimage.testing.runware_server --port N`, and the control
+API under /_control/ (GET stats, GET/POST/DELETE faults, POST config, POST reset; no auth).
 
 Prompt markers script a single task: `__fail__` (or `__fail:someCode__`) ends it with status error,
 `__nsfw__` sets NSFWContent, `__delay:2.5__` makes its results take 2.5 s.

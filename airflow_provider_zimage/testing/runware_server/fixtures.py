@@ -1,4 +1,4 @@
-"""Pytest fixtures; tests/conftest.py imports them (`from tests.runware_server.fixtures import *`).
+"""Pytest fixtures of the test server; tests/conftest.py loads them as a pytest plugin.
 
 Function scope on purpose: a server starts in milliseconds, and a fresh one per test means counters
 and faults can never leak from one test into the next.
