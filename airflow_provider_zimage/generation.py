@@ -15,14 +15,14 @@ from typing import Any, Literal
 
 from airflow_provider_zimage.exceptions import ZImageTaskFailed
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
-from airflow_provider_zimage.state import LedgerStore, Submission, job_fingerprint
-from airflow_provider_zimage.storage import ArtifactStore
+from airflow_provider_zimage.outcomes import Outcome
+from airflow_provider_zimage.state import Ledger, LedgerStore, Submission, job_fingerprint
+from airflow_provider_zimage.storage import ArtifactStore, normalize_format
 
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 NsfwPolicy = Literal["fail", "skip", "keep"]
-_EXTENSIONS = {"JPG": "jpg", "JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,9 @@ class GenerationJob:
         self.store = store
         self.on_nsfw = on_nsfw
         self.fingerprint = job_fingerprint(request.fingerprint(), backend=backend, origin=origin)
+        # What 0.1.0 wrote for the same request: found, never paid for again, after an upgrade.
+        legacy = (job_fingerprint(f, backend=backend, origin=origin) for f in request.legacy_fingerprints())
+        self.legacy_fingerprints = [fp for fp in legacy if fp != self.fingerprint]
         self.directory = store.task_dir(ref.dag_id, ref.run_id, ref.task_id, ref.map_index)
         self.ledgers = LedgerStore(self.directory)
 
@@ -78,7 +81,7 @@ class GenerationJob:
     def reusable_images(self) -> list[dict[str, Any]] | None:
         """The images of an earlier run of this exact request, if every file is still there and intact."""
         manifest = self.store.read_manifest(self.directory)
-        if not manifest or manifest.get("fingerprint") != self.fingerprint:
+        if not manifest or manifest.get("fingerprint") not in (self.fingerprint, *self.legacy_fingerprints):
             return None
         images = manifest.get("images") or []
         if not all(self.store.verify(image) for image in images):
@@ -88,9 +91,11 @@ class GenerationJob:
             return None
         return images
 
-    def _ledger(self) -> Any:
+    def _ledger(self) -> Ledger:
         r = self.ref
-        return self.ledgers.load(dag_id=r.dag_id, task_id=r.task_id, run_id=r.run_id, map_index=r.map_index)
+        ledger = self.ledgers.load(dag_id=r.dag_id, task_id=r.task_id, run_id=r.run_id, map_index=r.map_index)
+        ledger.adopt(self.fingerprint, self.legacy_fingerprints)
+        return ledger
 
     def next_submission(self) -> Submission:
         """The recorded submission to reattach to, or a new generation to submit."""
@@ -122,6 +127,11 @@ class GenerationJob:
     def request_for(self, submission: Submission) -> ImageInferenceRequest:
         return self.request.model_copy(update={"task_uuid": submission.task_uuid})
 
+    def settle(self, task_uuid: str, outcome: Outcome) -> None:
+        """Apply what an answer means to the ledger: only REGENERATE touches it (see `outcomes`)."""
+        if outcome.new_generation:
+            self.mark_failed(task_uuid, outcome.message)
+
     def mark_failed(self, task_uuid: str, reason: str) -> None:
         """A task Runware failed gets a new generation (a new taskUUID) on the next try."""
         ledger = self._ledger()
@@ -141,17 +151,13 @@ class GenerationJob:
     ) -> list[dict[str, Any]]:
         """Fetch, verify and store every image, write the manifest last, and return the XCom entries."""
         kept = apply_nsfw_policy(results, self.on_nsfw)
-        output_format = (self.request.output_format or "JPG").upper()
-        size = (
-            (self.request.width, self.request.height) if self.request.width and self.request.height else None
-        )
         images = []
         for result in kept:
-            data = fetch(result)
-            name = f"{result.image_uuid}.{_EXTENSIONS.get(output_format, output_format.lower())}"
-            artifact = self.store.write_image(
-                self.directory, name, data, expected_format=output_format, expected_size=size
-            )
+            # The bytes say what they are: a paid image is stored under its real format (the name gets
+            # its extension from the decoded bytes), whatever the caller expected (a sensor does not
+            # know the request); a mismatch with the request is reported, not a reason to lose it.
+            artifact = self.store.write_image(self.directory, str(result.image_uuid), fetch(result))
+            self._report_mismatch(result, artifact.format, artifact.width, artifact.height)
             images.append(manifest_entry(artifact.to_dict(), result, model=self.request.model))
         self.write_manifest(images, task_uuid=task_uuid, skipped=len(results) - len(kept))
         if task_uuid is not None:
@@ -161,6 +167,18 @@ class GenerationJob:
                 ledger.record(submission, "stored")
                 self.ledgers.save(ledger)
         return images
+
+    def _report_mismatch(self, result: ImageResult, fmt: str, width: int, height: int) -> None:
+        asked = self.request.output_format
+        if asked is not None and normalize_format(asked) != fmt:
+            log.warning(
+                "Image %s is %s although %s was requested; stored as %s", result.image_uuid, fmt, asked, fmt
+            )
+        size = (self.request.width, self.request.height)
+        if all(size) and size != (width, height):
+            log.warning(
+                "Image %s is %dx%d although %dx%d was requested", result.image_uuid, width, height, *size
+            )
 
     def write_manifest(self, images: list[dict[str, Any]], *, task_uuid: str | None, skipped: int = 0) -> Any:
         total = round(sum(i["cost"] or 0.0 for i in images), 6)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import uuid
@@ -93,6 +94,12 @@ class ModelSpec:
     cfg_scale_max: float
     price_per_megapixel: float
     requires_size: bool = False
+    # Runware's prices are not linear in pixels: small images cost a per-image minimum, and Z-Image's
+    # examples cost more with more steps. The estimate is the largest of the three, so every price the
+    # seeds show is covered (tests/test_pricing.py walks them).
+    price_floor: float = 0.0
+    price_per_megapixel_step: float = 0.0
+    pricing_steps: int = 50
     default_width: int = _DEFAULT_SIZE
     default_height: int = _DEFAULT_SIZE
     default_steps: int | None = None
@@ -121,6 +128,11 @@ CATALOG: dict[str, ModelSpec] = {
             cfg_scale_max=20.0,
             # $0.0045 per 1024x1024 image.
             price_per_megapixel=0.0045 / (_DEFAULT_SIZE * _DEFAULT_SIZE / _MEGAPIXEL),
+            # Page 001's examples: 1024x768 at 36 steps $0.0045, at 32 steps $0.0038, 1344x768 at 32
+            # steps $0.0051: the highest rate per megapixel-step, rounded up. Runware's default steps
+            # are not documented; 28 (the model card's lower bound) covers the $0.0045 list price.
+            price_per_megapixel_step=0.00016,
+            pricing_steps=28,
             # Page 000 marks width and height as required; sending 1024x1024 when absent is what the
             # price above assumes.
             requires_size=True,
@@ -136,6 +148,12 @@ CATALOG: dict[str, ModelSpec] = {
             cfg_scale_max=20.0,
             # "about $0.0034 per megapixel" (512x512 $0.0013, 1024x1024 $0.0032): the upper figure.
             price_per_megapixel=0.0034,
+            # 512x512 and every 4-step example on page 002 cost $0.0013 whatever the size: a per-image
+            # minimum. The 4-step 1024x768 rate per megapixel-step, rounded up, covers more steps; 8
+            # (the Turbo's documented step count) stands in when steps are left to Runware.
+            price_floor=0.0013,
+            price_per_megapixel_step=0.00042,
+            pricing_steps=8,
             local_default_steps=8,
             local_guidance_scale=0.0,
         ),
@@ -148,6 +166,10 @@ CATALOG: dict[str, ModelSpec] = {
             cfg_scale_max=50.0,
             # The page's 1024x768 examples cost $0.0006 to $0.0013: the upper figure, per megapixel.
             price_per_megapixel=0.0013 / (1024 * 768 / _MEGAPIXEL),
+            # Page 004: $0.0006 to $0.0013 per 4-step image; the upper figure is also the floor.
+            price_floor=0.0013,
+            price_per_megapixel_step=0.00042,
+            pricing_steps=4,
             requires_size=True,
             default_steps=4,
             default_cfg_scale=0.0,
@@ -179,10 +201,19 @@ def resolve_model(name: str) -> ModelSpec:
 
 
 def estimate_cost(request: ImageInferenceRequest) -> float:
-    """Upper estimate in USD of all results of `request`, for budgets checked before anything is paid."""
+    """Upper bound in USD of all results of `request`, for budgets checked before anything is paid.
+
+    Rounded up, never down: a budget is only a promise if no request the seeds price gets past it.
+    """
     spec = request.spec
-    pixels = (request.width or spec.default_width) * (request.height or spec.default_height)
-    return round(spec.price_per_megapixel * pixels / _MEGAPIXEL * (request.number_results or 1), 6)
+    megapixels = (request.width or spec.default_width) * (request.height or spec.default_height) / _MEGAPIXEL
+    steps = request.steps or spec.default_steps or spec.pricing_steps
+    per_image = max(
+        spec.price_floor,
+        spec.price_per_megapixel * megapixels,
+        spec.price_per_megapixel_step * megapixels * steps,
+    )
+    return math.ceil(per_image * (request.number_results or 1) * 1e6 - 1e-6) / 1e6
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,14 +311,20 @@ SCHEDULERS: tuple[str, ...] = (
     "UniPC 3M Karras", "UniPC 3M Uniform", "UniPC Karras", "UniPC Uniform", "UniPC Uniform Beta",
     "UniPC Uniform Exponential", "UniPC Uniform Karras",
 )  # fmt: skip
-_SCHEDULER_TEXT = "one of the 75 Runware scheduler names (see models.SCHEDULERS)"
+_SCHEDULER_TEXT = f"a Runware scheduler name ({len(SCHEDULERS)} in models.SCHEDULERS)"
 
 
 def _check_scheduler(value: str) -> str | None:
+    """Name the closest valid schedulers: a typo'd name is the usual mistake, and 75 names help nobody."""
     if value in SCHEDULERS:
         return None
-    close = difflib.get_close_matches(value, SCHEDULERS, n=1)
-    return f"must be {_SCHEDULER_TEXT}" + (f"; did you mean {close[0]!r}?" if close else "")
+    by_lower = {name.lower(): name for name in SCHEDULERS}
+    if value.lower() in by_lower:
+        return f"must be spelled {by_lower[value.lower()]!r} (scheduler names are case-sensitive)"
+    close = [by_lower[c] for c in difflib.get_close_matches(value.lower(), by_lower, n=3, cutoff=0.5)]
+    if not close:
+        close = ["Default", "FlowMatchEulerDiscreteScheduler", "Euler"]
+    return f"must be {_SCHEDULER_TEXT}; the closest are " + ", ".join(repr(c) for c in close)
 
 
 Uuid4 = Annotated[str, _Rule(_check_uuid4, "a UUID v4 string")]
@@ -453,7 +490,59 @@ class Ultralytics(_WireModel):
 
 
 # Left out of the fingerprint: they change how the result is delivered, not which image is made.
-_DELIVERY_PARAMETERS = frozenset({"taskUUID", "webhookURL", "uploadEndpoint", "deliveryMethod"})
+# Fields that change how the bytes travel or what the answer reports, never which picture is made.
+_DELIVERY_PARAMETERS = frozenset(
+    {"taskUUID", "webhookURL", "uploadEndpoint", "deliveryMethod", "outputType", "includeCost", "ttl"}
+)
+# What 0.1.0 left out of its fingerprint: its manifests and ledgers are still found after an upgrade.
+_LEGACY_DELIVERY_PARAMETERS = frozenset({"taskUUID", "webhookURL", "uploadEndpoint", "deliveryMethod"})
+# Documented defaults (seed 003's schema): spelling one out makes the same picture as leaving it unset.
+_WIRE_DEFAULTS: dict[str, Any] = {
+    "numberResults": 1,
+    "outputFormat": "JPG",
+    "outputQuality": 95,
+    "acceleration": "none",
+    "safety": {"checkContent": False, "mode": "none"},
+    "acceleratorOptions": {
+        "cacheMaxConsecutiveSteps": 3,
+        "fbCache": False,
+        "fbCacheThreshold": 0.25,
+        "teaCache": False,
+        "teaCacheDistance": 0.5,
+        "dbCache": False,
+        "dbCacheThreshold": 0.25,
+        "dbCacheSkipInterval": 5,
+    },
+    "ultralytics": {
+        "CFGScale": 8,
+        "confidence": 0.9,
+        "maskBlur": 5,
+        "maskPadding": 5,
+        "steps": 20,
+        "strength": 0.3,
+    },
+}
+_ITEM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": {"weight": 1, "transformer": "both"},
+    "controlNet": {"weight": 1, "controlMode": "balanced"},
+}
+
+
+def _without_defaults(value: Any, defaults: Any) -> Any:
+    """Drop every key whose value is its documented default, recursively; an emptied object goes too."""
+    if not isinstance(value, dict) or not isinstance(defaults, dict):
+        return value
+    kept = {}
+    for key, item in value.items():
+        default = defaults.get(key, _NO_DEFAULT)
+        item = _without_defaults(item, default)
+        if item == default or item == {}:
+            continue
+        kept[key] = item
+    return kept
+
+
+_NO_DEFAULT = object()
 
 
 class ImageInferenceRequest(_WireModel):
@@ -627,10 +716,34 @@ class ImageInferenceRequest(_WireModel):
         return _dump(self)
 
     def fingerprint(self) -> str:
-        """Identify what image this request makes, so a retried or re-run task never pays for it twice."""
+        """Identify the picture this request makes, so a retried or re-run task never pays for it twice.
+
+        Only what changes the picture counts: delivery fields are left out, and a documented default
+        spelled out (`outputFormat="JPG"`, `numberResults=1`, the model's size) equals leaving it unset.
+        """
+        spec = self.spec
         wire = {k: v for k, v in self.to_wire().items() if k not in _DELIVERY_PARAMETERS}
-        canonical = json.dumps(wire, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        defaults = {**_WIRE_DEFAULTS, "width": spec.default_width, "height": spec.default_height}
+        if spec.default_steps is not None:
+            defaults["steps"] = spec.default_steps
+        if spec.default_cfg_scale is not None:
+            defaults["CFGScale"] = spec.default_cfg_scale
+        if (self.inputs is not None and self.inputs.seed_image) or self.strength is not None:
+            defaults["strength"] = 0.8
+        wire = _without_defaults(wire, defaults)
+        for key, item_defaults in _ITEM_DEFAULTS.items():
+            if key in wire:
+                wire[key] = [_without_defaults(item, item_defaults) for item in wire[key]]
+        return _digest(wire)
+
+    def legacy_fingerprints(self) -> list[str]:
+        """The fingerprints earlier releases computed for this request (0.1.0: every field but four)."""
+        return [_digest({k: v for k, v in self.to_wire().items() if k not in _LEGACY_DELIVERY_PARAMETERS})]
+
+
+def _digest(wire: dict[str, Any]) -> str:
+    canonical = json.dumps(wire, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _dump(value: Any) -> Any:

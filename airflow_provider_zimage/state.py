@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -62,6 +63,9 @@ class Submission:
     expected_results: int = 1
     updated_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     reason: str | None = None
+    # Epoch seconds of the first accepted submission: waits are measured from here, so a retry that
+    # reattaches does not get a fresh timeout (None in ledgers written by 0.1.0).
+    submitted_at: float | None = None
 
 
 @dataclass
@@ -81,6 +85,20 @@ class Ledger:
 
     def current(self, fingerprint: str) -> Submission | None:
         return self.submissions.get(fingerprint)
+
+    def adopt(self, fingerprint: str, legacy: list[str]) -> None:
+        """File a submission recorded under an earlier release's fingerprint under today's one.
+
+        Upgrading must not pay again: the taskUUID recorded by 0.1.0 is kept, only its key changes.
+        """
+        if fingerprint in self.submissions:
+            return
+        for old in legacy:
+            previous = self.submissions.pop(old, None)
+            if previous is not None:
+                previous.fingerprint = fingerprint
+                self.submissions[fingerprint] = previous
+                return
 
     def new_submission(self, fingerprint: str, expected_results: int, *, fresh: bool = False) -> Submission:
         """The submission to make now: the recorded one when it can be reattached, else a new generation.
@@ -105,6 +123,8 @@ class Ledger:
         submission.status = status
         submission.reason = reason
         submission.updated_at = datetime.now(timezone.utc).isoformat()
+        if status == "submitted" and submission.submitted_at is None:
+            submission.submitted_at = time.time()
         self.submissions[submission.fingerprint] = submission
 
     def to_dict(self) -> dict[str, Any]:

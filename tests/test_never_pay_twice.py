@@ -180,7 +180,7 @@ async def test_a_restarted_triggerer_resumes_from_the_serialized_trigger(zimage_
     events = [event async for event in revived.run()]
     assert len(events) == 1
     payload = events[0].payload
-    assert payload["status"] == "success" and payload["task_uuid"] == req.task_uuid
+    assert payload["outcome"] == "store" and payload["task_uuid"] == req.task_uuid
     assert len(payload["results"]) == 1
     assert zimage_conn.accepted_submissions(req.task_uuid) == 1
 
@@ -193,7 +193,7 @@ async def test_a_trigger_past_its_deadline_reports_timeout_as_retryable(zimage_c
     await ZImageHook().asubmit([req])
     trigger = ZImageTaskTrigger(task_uuid=req.task_uuid, deadline=time.time() + 0.3, poll_interval=0.05)
     events = [event async for event in trigger.run()]
-    assert [e.payload["status"] for e in events] == ["timeout"]
+    assert [e.payload["outcome"] for e in events] == ["retry"]
     assert events[0].payload["retryable"] is True
 
 
@@ -207,7 +207,7 @@ async def test_a_trigger_tolerates_a_bounded_run_of_transient_errors(zimage_conn
         task_uuid=req.task_uuid, deadline=time.time() + 30, poll_interval=0.01, max_consecutive_errors=2
     )
     events = [event async for event in trigger.run()]
-    assert events[0].payload["status"] == "error" and events[0].payload["retryable"] is True
+    assert events[0].payload["outcome"] == "retry" and events[0].payload["retryable"] is True
     assert zimage_conn.accepted_submissions(req.task_uuid) == 1
 
 

@@ -320,7 +320,7 @@ async def test_partial_webhooks_and_polls_merge_into_one_set_of_results(webhooks
     )
     events = [event async for event in trigger.run()]
     payload = events[0].payload
-    assert payload["status"] == "success"
+    assert payload["outcome"] == "store"
     image_uuids = [r["imageUUID"] for r in payload["results"]]
     assert sorted(image_uuids) == sorted(r.image_uuid for r in polled.results)  # no duplicate
     assert server.stats["get_response_polls"] - polls_before >= 1  # the second image came by polling
@@ -397,7 +397,7 @@ async def test_an_inbox_on_s3_carries_webhooks_from_the_api_server_to_the_trigge
         poll_after=time.time() + 30,
     )
     events = [event async for event in trigger.run()]  # S3 calls from inside the running loop
-    assert events[0].payload["status"] == "success"
+    assert events[0].payload["outcome"] == "store"
     assert webhooks.server.stats["get_response_polls"] == 0
     await asyncio.to_thread(WebhookInbox(inbox).discard, req.task_uuid)
     assert moto_s3_server.list_keys(s3_bucket) == []

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from airflow.sdk.bases.hook import BaseHook
@@ -25,7 +27,9 @@ from airflow.sdk.bases.hook import BaseHook
 from airflow_provider_zimage import protocol
 from airflow_provider_zimage.exceptions import (
     ZImageAPIError,
+    ZImageAuthError,
     ZImageError,
+    ZImagePermanentError,
     ZImageTaskFailed,
     ZImageTransientError,
 )
@@ -57,9 +61,21 @@ class ConnectionSettings:
     dtype: str = "auto"
     cpu_offload: bool = False
 
+    # Set when the connection's host had no scheme and https:// was assumed: said in transport errors.
+    assumed_scheme: bool = False
+
     @property
     def secrets(self) -> tuple[str | None, ...]:
         return (self.api_key, self.webhook_secret)
+
+    @property
+    def scheme_hint(self) -> str:
+        if not self.assumed_scheme:
+            return ""
+        return (
+            "; the connection host has no scheme, so https:// was assumed: write http://... if the "
+            "server speaks plain HTTP"
+        )
 
     @classmethod
     def from_connection(cls, conn: Any) -> ConnectionSettings:
@@ -78,8 +94,12 @@ class ConnectionSettings:
             base_delay=num("backoff_base", RetryPolicy.base_delay),
             max_delay=num("backoff_max", RetryPolicy.max_delay),
         )
+        base_url = _base_url(conn, extra)
         return cls(
-            base_url=_base_url(conn, extra),
+            base_url=base_url,
+            assumed_scheme=bool((conn.host or "").strip())
+            and "://" not in conn.host
+            and not extra.get("base_url"),
             api_key=conn.password or extra.get("api_key") or None,
             timeout=num("timeout", 60.0),
             connect_timeout=num("connect_timeout", 10.0),
@@ -119,6 +139,25 @@ _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple,
 )
 
 _LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=100)
+_loop_users: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
+
+
+@contextlib.asynccontextmanager
+async def loop_clients() -> AsyncIterator[None]:
+    """Hold this loop's shared AsyncClients open while in use; the last user out closes them.
+
+    Triggers of one loop share connection pools; a loop that ends (a test, `asyncio.run` on a worker)
+    must not leave sockets behind, and a triggerer with no Z-Image triggers left holds none open.
+    """
+    loop = asyncio.get_running_loop()
+    _loop_users[loop] = _loop_users.get(loop, 0) + 1
+    try:
+        yield
+    finally:
+        _loop_users[loop] -= 1
+        if _loop_users[loop] == 0:
+            for client in _async_clients.pop(loop, {}).values():
+                await client.aclose()
 
 
 class ZImageHook(BaseHook):
@@ -143,6 +182,7 @@ class ZImageHook(BaseHook):
         super().__init__()
         self.zimage_conn_id = zimage_conn_id
         self._retry_override = retry_policy
+        self._explicit_settings = settings
         self._settings = settings
         self._client: httpx.Client | None = None
 
@@ -184,8 +224,10 @@ class ZImageHook(BaseHook):
 
     def _auth_headers(self, settings: ConnectionSettings) -> dict[str, str]:
         if not settings.api_key:
-            raise ZImageError(
-                f"connection {self.zimage_conn_id!r} has no API key: set its password to your Runware API key"
+            # Permanent: no retry can conjure a key, and every try would fail the same way.
+            raise ZImageAuthError(
+                f"connection {self.zimage_conn_id!r} has no API key: set its password to your Runware "
+                "API key (Admin > Connections, or AIRFLOW_CONN_" + self.zimage_conn_id.upper() + ")"
             )
         return {"Authorization": f"Bearer {settings.api_key}", "Accept": "application/json"}
 
@@ -201,6 +243,17 @@ class ZImageHook(BaseHook):
             self._client.close()
             self._client = None
 
+    def __enter__(self) -> ZImageHook:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def reload(self) -> None:
+        """Forget the cached connection, so the next call reads it again (a key rotated in Airflow)."""
+        self.__dict__.pop("settings", None)
+        self._settings = self._explicit_settings
+
     def _post(self, payload: list[dict[str, Any]], parse: Any = protocol.parse_response) -> RunwareResponse:
         settings = self.settings
         headers = self._auth_headers(settings)
@@ -210,7 +263,7 @@ class ZImageHook(BaseHook):
                 resp = self.get_conn().post(settings.base_url, json=payload, headers=headers)
                 return parse(resp.status_code, resp.content, resp.headers)
             except Exception as exc:
-                delay = self._retry_delay(settings, attempt, exc, payload)
+                delay = self._retry_delay(settings, attempt, exc, payload, settings.base_url)
             time.sleep(delay)
             attempt += 1
 
@@ -238,17 +291,22 @@ class ZImageHook(BaseHook):
                 resp = await client.post(settings.base_url, json=payload, headers=headers)
                 return parse(resp.status_code, resp.content, resp.headers)
             except Exception as exc:
-                delay = self._retry_delay(settings, attempt, exc, payload)
+                delay = self._retry_delay(settings, attempt, exc, payload, settings.base_url)
             await asyncio.sleep(delay)
             attempt += 1
 
     # -- shared by both paths ----------------------------------------------------------------------
 
     def _retry_delay(
-        self, settings: ConnectionSettings, attempt: int, exc: Exception, payload: list[dict[str, Any]]
+        self,
+        settings: ConnectionSettings,
+        attempt: int,
+        exc: Exception,
+        payload: list[dict[str, Any]],
+        url: str,
     ) -> float:
         """Return how long to wait before retrying `exc`, or raise it (secrets removed) when it is final."""
-        error = classify_exception(exc)
+        error = classify_exception(exc, url, settings)
         delay = settings.retry.next_delay(attempt, error)
         task = payload[0].get("taskType") if payload else "?"
         if delay is None:
@@ -325,15 +383,21 @@ class ZImageHook(BaseHook):
             return inline
         url = _require_url(result)
         settings = self.settings
+        hosts = allowed_image_hosts(settings)
         attempt = 0
         while True:
             try:
                 # No Authorization header: image URLs are public and may live on another host.
-                resp = self.get_conn().get(url, follow_redirects=True)
+                target = check_image_url(url, hosts)
+                for _ in range(_MAX_REDIRECTS + 1):
+                    resp = self.get_conn().get(target)
+                    if not resp.is_redirect:
+                        break
+                    target = check_image_url(str(resp.next_request.url), hosts)  # type: ignore[union-attr]
                 _raise_for_download(resp)
                 return resp.content
             except Exception as exc:
-                delay = self._retry_delay(settings, attempt, exc, [{"taskType": "download"}])
+                delay = self._retry_delay(settings, attempt, exc, [{"taskType": "download"}], url)
             time.sleep(delay)
             attempt += 1
 
@@ -399,26 +463,46 @@ class ZImageHook(BaseHook):
         url = _require_url(result)
         settings = await self.asettings()
         client = await self.get_async_conn()
+        hosts = allowed_image_hosts(settings)
         attempt = 0
         while True:
             try:
-                resp = await client.get(url, follow_redirects=True)
+                target = check_image_url(url, hosts)
+                for _ in range(_MAX_REDIRECTS + 1):
+                    resp = await client.get(target)
+                    if not resp.is_redirect:
+                        break
+                    target = check_image_url(str(resp.next_request.url), hosts)  # type: ignore[union-attr]
                 _raise_for_download(resp)
                 return resp.content
             except Exception as exc:
-                delay = self._retry_delay(settings, attempt, exc, [{"taskType": "download"}])
+                delay = self._retry_delay(settings, attempt, exc, [{"taskType": "download"}], url)
             await asyncio.sleep(delay)
             attempt += 1
 
 
-def classify_exception(exc: Exception) -> Exception:
+def classify_exception(
+    exc: Exception, url: str = "", settings: ConnectionSettings | None = None
+) -> Exception:
     """Transport failures are transient: the request may or may not have landed, and a re-send is safe
-    because the taskUUID makes it idempotent (a landed one answers `conflictTaskUUID`)."""
+    because the taskUUID makes it idempotent (a landed one answers `conflictTaskUUID`).
+
+    The message names the URL tried (without its query, which may hold a credential), so a connection
+    pointing at the wrong place says where it pointed."""
+    where = f" at {without_query(url)}" if url else ""
+    hint = settings.scheme_hint if settings is not None else ""
     if isinstance(exc, httpx.TimeoutException):
-        return ZImageTransientError(f"Runware request timed out ({type(exc).__name__})")
+        return ZImageTransientError(f"Runware request{where} timed out ({type(exc).__name__}){hint}")
     if isinstance(exc, httpx.TransportError):
-        return ZImageTransientError(f"connection to Runware failed ({type(exc).__name__})")
+        detail = protocol.redact(str(exc), settings.secrets if settings else ())
+        return ZImageTransientError(
+            f"connection to Runware{where} failed ({type(exc).__name__}: {detail or 'no detail'}){hint}"
+        )
     return exc
+
+
+def without_query(url: str) -> str:
+    return url.split("?", 1)[0]
 
 
 def _expected(request: ImageInferenceRequest) -> int:
@@ -451,6 +535,43 @@ def _require_url(result: ImageResult) -> str:
     if not result.image_url:
         raise ZImageTaskFailed(f"result {result.image_uuid} carries no image (no URL, base64 or data URI)")
     return result.image_url
+
+
+# Runware serves result images from this host; a connection's own host (a proxy, the test server, a
+# local executor) serves them too. Anything else must be named in `[zimage] allowed_image_hosts`.
+RUNWARE_IMAGE_HOSTS = frozenset({"im.runware.ai"})
+_MAX_REDIRECTS = 5
+
+
+def allowed_image_hosts(settings: ConnectionSettings) -> frozenset[str]:
+    """Where a worker may fetch image bytes: a webhook item or a poll answer names the URL, and must not
+    be able to make a worker fetch an internal address (cloud metadata, an admin port)."""
+    hosts = set(RUNWARE_IMAGE_HOSTS)
+    own = urlsplit(settings.base_url).hostname
+    if own:
+        hosts.add(own.lower())
+    configured = _conf_value("zimage", "allowed_image_hosts") or ""
+    hosts |= {h.strip().lower() for h in configured.split(",") if h.strip()}
+    return frozenset(hosts)
+
+
+def check_image_url(url: str, hosts: frozenset[str]) -> str:
+    """The URL if its host is allowed; refused (permanently: a retry would fetch the same URL) if not."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or host not in hosts:
+        raise ZImagePermanentError(
+            f"refusing to download an image from {parts.scheme}://{host or '?'}: only "
+            + ", ".join(sorted(hosts))
+            + " are allowed (add hosts to [zimage] allowed_image_hosts)"
+        )
+    return url
+
+
+def _conf_value(section: str, key: str) -> str | None:
+    from airflow_provider_zimage.storage import _conf_get
+
+    return _conf_get(section, key)
 
 
 def _raise_for_download(resp: httpx.Response) -> None:

@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from airflow.sdk import BaseOperator, BaseOperatorLink, conf
@@ -25,16 +25,17 @@ from airflow_provider_zimage import protocol
 from airflow_provider_zimage.exceptions import (
     ZImageError,
     ZImagePermanentError,
-    ZImageTimeout,
     ZImageValidationError,
 )
 from airflow_provider_zimage.generation import GenerationJob, NsfwPolicy, TaskInstanceRef
 from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
 from airflow_provider_zimage.inbox import WebhookInbox, default_inbox_path
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult, estimate_cost
+from airflow_provider_zimage.outcomes import Action, TaskWait, timed_out
 from airflow_provider_zimage.storage import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
 from airflow_provider_zimage.uploads import S3_PROTOCOLS, presign_put, store_uploaded, upload_target
+from airflow_provider_zimage.waiting import end_try, stored_later, wait_in_process
 from airflow_provider_zimage.webhooks.tokens import configured_secret, webhook_url, without_query
 
 if TYPE_CHECKING:
@@ -44,8 +45,6 @@ if TYPE_CHECKING:
 Backend = Literal["runware", "local"]
 Delivery = Literal["polling", "webhook"]
 LINK_XCOM_KEY = "zimage_image_link"
-# getResponse codes meaning "the results are gone", not "the request was wrong".
-LOST_RESULT_CODES = frozenset({"taskExpired", "taskNotFound"})
 
 
 def _rendered_number(value: Any, kind: type[int] | type[float]) -> Any:
@@ -90,6 +89,9 @@ class ZImageGenerateOperator(BaseOperator):
     :param backend: "runware" or "local"; None takes the connection's `backend` extra (default runware).
     :param deferrable: wait in the triggerer instead of holding a worker slot.
     :param wait_for_completion: False submits and returns the taskUUID (pair with `ZImageTaskSensor`).
+    :param defer_after: with deferrable=True, seconds to poll on the worker before deferring (0 defers
+        after one look). Images ready sooner never defer, which keeps sub-second Turbo images out of
+        Airflow's deferral race and saves a scheduler round trip.
     :param output_path: ObjectStoragePath URL for images and manifests; `[zimage] output_path` if unset.
     :param force: regenerate even when this task instance already stored images for the same request.
     :param max_cost_usd: refuse, before submitting, a request whose catalog estimate exceeds this.
@@ -165,6 +167,7 @@ class ZImageGenerateOperator(BaseOperator):
         cpu_offload: bool | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         wait_for_completion: bool = True,
+        defer_after: float = 5.0,
         poll_interval: float = 1.0,
         max_poll_interval: float = 10.0,
         timeout: float = 3600.0,
@@ -214,6 +217,9 @@ class ZImageGenerateOperator(BaseOperator):
         self.cpu_offload = cpu_offload
         self.deferrable = deferrable
         self.wait_for_completion = wait_for_completion
+        if defer_after < 0:
+            raise ValueError(f"defer_after must be >= 0 seconds (got {defer_after})")
+        self.defer_after = defer_after
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
         self.timeout = timeout
@@ -323,7 +329,7 @@ class ZImageGenerateOperator(BaseOperator):
         try:
             request = self.build_request()
         except ZImageValidationError as exc:
-            raise AirflowFailException(f"invalid Z-Image request: {exc}") from None
+            raise AirflowFailException(str(exc)) from None
         settings = self._settings()
         backend = self.backend or settings.backend
         if backend not in ("runware", "local"):
@@ -359,38 +365,46 @@ class ZImageGenerateOperator(BaseOperator):
         if not self.wait_for_completion:
             return submission.task_uuid
 
-        trigger = self._trigger(submission.task_uuid, job.expected_results)
-        if self.deferrable:
-            self.defer(
-                trigger=trigger,
-                method_name="execute_complete",
-                timeout=timedelta(seconds=self.timeout + 60),
-            )
+        # Measured from the first accepted submission: a retry that reattaches gets what is left.
+        deadline = (submission.submitted_at or time.time()) + self.timeout
+        wait = TaskWait(submission.task_uuid, job.expected_results)
         if self.delivery == "webhook":
-            # Not deferred: the worker waits the way the triggerer would, on the inbox first.
-            return self.execute_complete(context, asyncio.run(_first_event(trigger)))
-
-        try:
-            status = hook.wait_for_task(
-                submission.task_uuid,
-                job.expected_results,
-                timeout=self.timeout,
+            # The worker waits the way the triggerer would, on the inbox first (no polling before the
+            # grace period); deferrable, only for `defer_after` seconds.
+            limit = self.defer_after if self.deferrable else None
+            event = asyncio.run(_first_event(self._trigger(wait, deadline), limit))
+            if event is not None:
+                return self.execute_complete(context, event)
+            self._defer(wait, deadline)
+        # Look before deferring, and keep looking for `defer_after` seconds: a Turbo image is ready in
+        # about a second, and a trigger that fires that fast meets Airflow's deferral race.
+        until = min(deadline, time.time() + self.defer_after) if self.deferrable else deadline
+        with hook:
+            outcome = wait_in_process(
+                hook,
+                wait,
+                until=until,
                 poll_interval=self.poll_interval,
                 max_poll_interval=self.max_poll_interval,
             )
-        except ZImageTimeout as exc:
-            raise AirflowException(f"{exc}; a retry reattaches to the same Runware task") from None
-        except ZImagePermanentError as exc:
-            raise AirflowFailException(str(exc)) from None
-        except ZImageError as exc:
-            raise AirflowException(str(exc)) from None
-        if status.failed:
-            errors = [e.model_dump(by_alias=True) for e in status.errors]
-            self._fail_task(job, submission.task_uuid, errors, str(status.errors[0].message))
-        return self._store(context, job, status.results, hook, submission.task_uuid)
+            if outcome.action is Action.STORE:
+                return self._store(context, job, wait.status.results, hook, submission.task_uuid)
+        if outcome.action is Action.WAIT and self.deferrable and time.time() < deadline:
+            self._defer(wait, deadline)
+        if outcome.action is Action.WAIT:
+            outcome = timed_out(wait.status)
+        end_try(job, submission.task_uuid, outcome)
+
+    def _defer(self, wait: TaskWait, deadline: float) -> None:
+        self.log.info("Task %s not ready after %gs: deferring", wait.task_uuid, self.defer_after)
+        self.defer(
+            trigger=self._trigger(wait, deadline),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=max(0.0, deadline - time.time()) + 60),
+        )
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        """Resume after the trigger: validate the event before trusting it, then store."""
+        """Resume after the trigger: validate the event before trusting it, then act on its outcome."""
         try:
             parsed = TaskEvent.model_validate(event)
         except Exception as exc:
@@ -400,33 +414,21 @@ class ZImageGenerateOperator(BaseOperator):
         expected = job.next_submission().task_uuid
         if parsed.task_uuid != expected:
             raise AirflowException(f"event for task {parsed.task_uuid} does not match this task's {expected}")
-        if parsed.status == "error":
-            if parsed.retryable:
-                raise AirflowException(f"{parsed.message}; a retry reattaches to the same Runware task")
-            self._fail_task(job, parsed.task_uuid, parsed.errors, parsed.message)
-        if parsed.status == "timeout":
-            raise AirflowException(f"{parsed.message}; a retry reattaches to the same Runware task")
-        results = [ImageResult.from_wire(r) for r in parsed.results]
-        images = self._store(context, job, results, ZImageHook(self.zimage_conn_id), parsed.task_uuid)
         self._discard_inbox(parsed.task_uuid)
-        return images
-
-    def _fail_task(
-        self, job: GenerationJob, task_uuid: str, errors: list[dict[str, Any]], message: str
-    ) -> NoReturn:
-        """A task Runware failed moves the ledger to a new generation, so the next try pays for a new one.
-
-        Results that expired (or a task Runware forgot) are retryable: nothing is wrong with the request,
-        and Airflow's retry regenerates them. Any other task failure is final until someone clears it.
-        """
-        job.mark_failed(task_uuid, message)
-        self._discard_inbox(task_uuid)
-        if any(e.get("code") in LOST_RESULT_CODES for e in errors):
-            raise AirflowException(
-                f"Runware no longer has the results of task {task_uuid} ({message}); "
-                "a retry generates them again under a new taskUUID"
-            )
-        raise AirflowFailException(f"Runware task {task_uuid} failed: {message}")
+        outcome = parsed.to_outcome()
+        with ZImageHook(self.zimage_conn_id) as hook:
+            results = [ImageResult.from_wire(r) for r in parsed.results]
+            if outcome.action is Action.STORE and parsed.refetch:
+                # The event left the image bytes out (they do not belong in the metadata DB): ask
+                # again, which is free, and read the answer the same way as any other.
+                wait = TaskWait(parsed.task_uuid, job.expected_results)
+                outcome = wait_in_process(hook, wait, until=time.time())
+                results = wait.status.results
+            if outcome.action is Action.STORE:
+                return self._store(context, job, results, hook, parsed.task_uuid)
+        if outcome.action is Action.WAIT:
+            outcome = timed_out(TaskWait(parsed.task_uuid, job.expected_results).status)
+        end_try(job, parsed.task_uuid, outcome)
 
     # -- delivery -----------------------------------------------------------------------------------
 
@@ -495,14 +497,14 @@ class ZImageGenerateOperator(BaseOperator):
             )
         return settings.webhook_base_url, secret
 
-    def _trigger(self, task_uuid: str, expected_results: int) -> ZImageTaskTrigger:
+    def _trigger(self, wait: TaskWait, deadline: float) -> ZImageTaskTrigger:
         webhook = self.delivery == "webhook"
         now = time.time()
         return ZImageTaskTrigger(
-            task_uuid=task_uuid,
+            task_uuid=wait.task_uuid,
             zimage_conn_id=self.zimage_conn_id,
-            expected_results=expected_results,
-            deadline=now + self.timeout,
+            expected_results=wait.status.expected_results,
+            deadline=deadline,
             poll_interval=self.poll_interval,
             max_poll_interval=self.max_poll_interval,
             webhook_inbox=str(default_inbox_path()) if webhook else None,
@@ -533,6 +535,8 @@ class ZImageGenerateOperator(BaseOperator):
                 images = job.store_results(results, hook.download, task_uuid=task_uuid)
         except ZImagePermanentError as exc:
             raise AirflowFailException(str(exc)) from None
+        except ZImageError as exc:
+            raise AirflowException(stored_later(task_uuid, exc)) from None
         return self._finish(context, images)
 
     def _run_local(self, job: GenerationJob, settings: ConnectionSettings) -> list[dict[str, Any]]:
@@ -585,7 +589,17 @@ def _query_values(url: str) -> list[str]:
     return [value for _, value in parse_qsl(urlsplit(url).query) if len(value) >= 8]
 
 
-async def _first_event(trigger: ZImageTaskTrigger) -> dict[str, Any]:
-    async for event in trigger.run():
-        return event.payload
-    raise AirflowException(f"{type(trigger).__name__} ended without an event")
+async def _first_event(trigger: ZImageTaskTrigger, limit: float | None = None) -> dict[str, Any] | None:
+    """Run the trigger on the worker: its first event, or None when `limit` seconds pass first."""
+
+    async def first() -> dict[str, Any]:
+        async for event in trigger.run():
+            return event.payload
+        raise AirflowException(f"{type(trigger).__name__} ended without an event")
+
+    if limit is None:
+        return await first()
+    try:
+        return await asyncio.wait_for(first(), limit)
+    except asyncio.TimeoutError:
+        return None

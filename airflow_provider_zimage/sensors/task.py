@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from airflow_provider_zimage.exceptions import ZImagePermanentError, ZImageTransientError
+from airflow_provider_zimage.exceptions import ZImageError, ZImagePermanentError
 from airflow_provider_zimage.generation import GenerationJob, NsfwPolicy, TaskInstanceRef
 from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
-from airflow_provider_zimage.protocol import TaskStatus
+from airflow_provider_zimage.outcomes import Action, TaskWait
 from airflow_provider_zimage.storage import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
+from airflow_provider_zimage.waiting import end_try, stored_later, wait_in_process
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -33,7 +34,8 @@ class ZImageTaskSensor(BaseSensorOperator):
     :param task_uuid: the Runware taskUUID (templated, e.g. `{{ ti.xcom_pull('submit') }}`).
     :param expected_results: numberResults of that task.
     :param model: recorded in the manifest (the sensor does not see the request).
-    :param output_format: the task's outputFormat, checked against the stored bytes.
+    :param output_format: the task's outputFormat, if known: only compared with what arrives (a
+        mismatch is logged). Files are named and recorded by the format the bytes actually have.
     """
 
     template_fields: Sequence[str] = ("task_uuid", "output_path", "zimage_conn_id")
@@ -45,7 +47,7 @@ class ZImageTaskSensor(BaseSensorOperator):
         zimage_conn_id: str = ZImageHook.default_conn_name,
         expected_results: int = 1,
         model: str = "runware:z-image@turbo",
-        output_format: str = "JPG",
+        output_format: str | None = None,
         output_path: str | None = None,
         on_nsfw: NsfwPolicy = "fail",
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
@@ -103,20 +105,19 @@ class ZImageTaskSensor(BaseSensorOperator):
         )
 
     def poke(self, context: Context) -> PokeReturnValue:
-        hook = ZImageHook(self.zimage_conn_id)
-        try:
-            status = hook.get_response(self.task_uuid, TaskStatus(self.task_uuid, self.expected_results))
-        except ZImageTransientError as exc:
-            self.log.warning("getResponse failed, trying again at the next poke: %s", exc)
-            return PokeReturnValue(is_done=False)
-        except ZImagePermanentError as exc:
-            raise AirflowFailException(str(exc)) from None
-        if status.failed:
-            raise AirflowFailException(f"Runware task {self.task_uuid} failed: {status.errors[0].message}")
-        if not status.complete:
-            self.log.info("%d/%d result(s) in", len(status.results), self.expected_results)
-            return PokeReturnValue(is_done=False)
-        return PokeReturnValue(is_done=True, xcom_value=self._store(context, status.results, hook))
+        # Poke mode keeps the wait between pokes (partial results, failed polls in a row); reschedule
+        # mode starts each poke afresh, bounded by the sensor's timeout instead.
+        wait = self._wait = getattr(self, "_wait", None) or TaskWait(self.task_uuid, self.expected_results)
+        with ZImageHook(self.zimage_conn_id) as hook:
+            outcome = wait_in_process(hook, wait, until=time.time())
+            if outcome.action is Action.WAIT:
+                self.log.info("Task %s: %s", self.task_uuid, outcome.message or "not finished")
+                return PokeReturnValue(is_done=False)
+            if outcome.action is Action.STORE:
+                return PokeReturnValue(
+                    is_done=True, xcom_value=self._store(context, wait.status.results, hook)
+                )
+        end_try(self._job(context), self.task_uuid, outcome)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         try:
@@ -125,14 +126,20 @@ class ZImageTaskSensor(BaseSensorOperator):
             raise AirflowException(f"malformed event from ZImageTaskTrigger: {exc}") from None
         if parsed.task_uuid != self.task_uuid:
             raise AirflowException(f"event for task {parsed.task_uuid} does not match {self.task_uuid}")
-        if parsed.status != "success":
-            exc_type = AirflowException if parsed.retryable else AirflowFailException
-            raise exc_type(parsed.message)
+        outcome = parsed.to_outcome()
+        if outcome.action is not Action.STORE:
+            end_try(self._job(context), self.task_uuid, outcome)
+        if parsed.refetch:
+            # Image bytes stay out of trigger events: ask again (free) and read it the same way.
+            return self.poke(context).xcom_value
         results = [ImageResult.from_wire(r) for r in parsed.results]
-        return self._store(context, results, ZImageHook(self.zimage_conn_id))
+        with ZImageHook(self.zimage_conn_id) as hook:
+            return self._store(context, results, hook)
 
     def _store(self, context: Context, results: list[ImageResult], hook: ZImageHook) -> list[dict[str, Any]]:
         try:
             return self._job(context).store_results(results, hook.download, task_uuid=self.task_uuid)
         except ZImagePermanentError as exc:
             raise AirflowFailException(str(exc)) from None
+        except ZImageError as exc:
+            raise AirflowException(stored_later(self.task_uuid, exc)) from None

@@ -13,6 +13,7 @@ import asyncio
 import weakref
 from typing import Any
 
+from airflow_provider_zimage.exceptions import ZImageAuthError, ZImagePermanentError
 from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.protocol import RunwareResponse
 
@@ -31,6 +32,10 @@ class BatchPoller:
         self._pending: dict[str, list[asyncio.Future[RunwareResponse]]] = {}
         self._flush: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
+
+    def reload(self) -> None:
+        """Read the connection again on the next poll (a key rotated while tasks wait)."""
+        self.hook.reload()
 
     async def poll(self, task_uuid: str) -> RunwareResponse:
         """The answer of the next batched poll that includes `task_uuid` (errors are raised to all)."""
@@ -53,16 +58,31 @@ class BatchPoller:
     async def _send(self, chunk: dict[str, list[asyncio.Future[RunwareResponse]]]) -> None:
         try:
             response = await self.hook.aget_responses(list(chunk))
-        except Exception as exc:
-            for futures in chunk.values():
-                for future in futures:
-                    if not future.done():  # a cancelled trigger no longer waits
-                        future.set_exception(exc)
+        except ZImagePermanentError as exc:
+            if len(chunk) > 1 and not isinstance(exc, ZImageAuthError):
+                # One bad task can make Runware refuse the whole batch (a 400): ask for each task on
+                # its own, so only the task the refusal is about hears it.
+                await asyncio.gather(*(self._send({uuid: futures}) for uuid, futures in chunk.items()))
+                return
+            _settle(chunk, exc)
             return
-        for futures in chunk.values():
-            for future in futures:
-                if not future.done():
-                    future.set_result(response)
+        except Exception as exc:
+            _settle(chunk, exc)
+            return
+        _settle(chunk, response)
+
+
+def _settle(
+    chunk: dict[str, list[asyncio.Future[RunwareResponse]]], answer: RunwareResponse | BaseException
+) -> None:
+    for futures in chunk.values():
+        for future in futures:
+            if future.done():  # a cancelled trigger no longer waits
+                continue
+            if isinstance(answer, BaseException):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
 
 
 def batch_poller(zimage_conn_id: str) -> BatchPoller:

@@ -14,6 +14,7 @@ answers merge into one `TaskStatus`, deduplicated by imageUUID, so any mix of th
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -22,42 +23,74 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from pydantic import BaseModel, ConfigDict
 
 from airflow_provider_zimage import protocol
-from airflow_provider_zimage.exceptions import ZImageError, ZImageTransientError
-from airflow_provider_zimage.hooks.runware import ZImageHook
+from airflow_provider_zimage.exceptions import ZImageAuthError
+from airflow_provider_zimage.hooks.runware import ZImageHook, loop_clients
 from airflow_provider_zimage.inbox import WebhookInbox
-from airflow_provider_zimage.protocol import RunwareResponse, TaskStatus
+from airflow_provider_zimage.models import ApiErrorDetail, ImageResult
+from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, Outcome, TaskWait, timed_out
+from airflow_provider_zimage.protocol import RunwareResponse
 from airflow_provider_zimage.triggers.polling import batch_poller
 
-EventStatus = Literal["success", "error", "timeout"]
+# A trigger event lands in the metadata DB: it carries ids and URLs, never image bytes, and past this
+# size not even the URLs (the worker then asks getResponse again, which is free).
+MAX_EVENT_BYTES = 64 * 1024
+_INLINE_IMAGE_KEYS = ("imageBase64Data", "imageDataURI")
 
 
 class TaskEvent(BaseModel):
     """The one event a `ZImageTaskTrigger` yields; operators validate it before trusting it.
 
-    `retryable` tells the operator whether Airflow's retries may help (transient errors exhausted,
-    deadline passed) or the task must fail for good (Runware refused or failed the task).
+    `outcome` is a row of the table in `outcomes` (store, retry, fail, regenerate); the worker applies
+    it to the ledger, so the triggerer never decides about money on its own. `results` holds the
+    results without inline image data; `refetch` says some were left out and must be polled again.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    status: EventStatus
+    outcome: Literal["store", "retry", "fail", "regenerate"]
     task_uuid: str
     results: list[dict[str, Any]] = []
+    refetch: bool = False
     errors: list[dict[str, Any]] = []
     message: str = ""
     retryable: bool = False
+
+    def to_outcome(self) -> Outcome:
+        errors = tuple(ApiErrorDetail.model_validate(e) for e in self.errors)
+        return Outcome(Action(self.outcome), self.message, self.retryable, errors)
+
+    @classmethod
+    def build(cls, task_uuid: str, outcome: Outcome, results: list[ImageResult]) -> TaskEvent:
+        wire = [r.model_dump(by_alias=True, exclude_none=True) for r in results]
+        slim = [{k: v for k, v in r.items() if k not in _INLINE_IMAGE_KEYS} for r in wire]
+        refetch = slim != wire
+        if len(json.dumps(slim)) > MAX_EVENT_BYTES:
+            slim, refetch = [], True
+        return cls(
+            outcome=outcome.action.value,
+            task_uuid=task_uuid,
+            results=slim if outcome.action is Action.STORE else [],
+            refetch=refetch and outcome.action is Action.STORE,
+            errors=[e.model_dump(by_alias=True, exclude_none=True) for e in outcome.errors],
+            message=outcome.message,
+            retryable=outcome.retryable,
+        )
 
 
 class ZImageTaskTrigger(BaseTrigger):
     """Polls `getResponse` for one taskUUID until its results are all in, it fails, or the deadline passes.
 
+    What each answer means is `outcomes.TaskWait`'s decision, the same one the in-process wait and the
+    sensor make; this class only decides when to look.
+
     :param task_uuid: the Runware task to wait for.
     :param zimage_conn_id: connection holding the API key.
     :param expected_results: numberResults of the task; partial results accumulate until all are in.
-    :param deadline: epoch seconds after which a `timeout` event is sent.
+    :param deadline: epoch seconds after which the wait ends with a retryable outcome (anchored by the
+        operator to the first submission, so a restarted triggerer or a retry never extends it).
     :param poll_interval: first wait between polls; grows by 1.5x up to `max_poll_interval`.
-    :param max_consecutive_errors: transient failures in a row (each already retried by the hook)
-        tolerated before giving up with a retryable `error` event.
+    :param max_consecutive_errors: failed polls in a row (each already retried by the hook) tolerated
+        before the try ends; the next try reattaches.
     :param webhook_inbox: URI of the webhook inbox to watch; None for polling only.
     :param poll_after: epoch seconds before which `getResponse` is not called (the webhook grace
         period); 0 polls at once.
@@ -73,7 +106,7 @@ class ZImageTaskTrigger(BaseTrigger):
         deadline: float,
         poll_interval: float = 1.0,
         max_poll_interval: float = 10.0,
-        max_consecutive_errors: int = 5,
+        max_consecutive_errors: int = MAX_CONSECUTIVE_ERRORS,
         webhook_inbox: str | None = None,
         poll_after: float = 0.0,
         inbox_interval: float = 0.25,
@@ -107,63 +140,50 @@ class ZImageTaskTrigger(BaseTrigger):
             },
         )
 
-    def _event(self, status: EventStatus, state: TaskStatus, **kwargs: Any) -> TriggerEvent:
-        event = TaskEvent(
-            status=status,
-            task_uuid=self.task_uuid,
-            results=[r.model_dump(by_alias=True, exclude_none=True) for r in state.results],
-            errors=[e.model_dump(by_alias=True, exclude_none=True) for e in state.errors],
-            **kwargs,
-        )
-        return TriggerEvent(event.model_dump())
+    def _event(self, wait: TaskWait, outcome: Outcome) -> TriggerEvent:
+        return TriggerEvent(TaskEvent.build(self.task_uuid, outcome, wait.status.results).model_dump())
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         poller = batch_poller(self.zimage_conn_id)
-        state = TaskStatus(self.task_uuid, self.expected_results)
+        wait = TaskWait(
+            self.task_uuid, self.expected_results, max_consecutive_errors=self.max_consecutive_errors
+        )
         delays = protocol.poll_delays(self.poll_interval, self.max_poll_interval)
         watch = _InboxWatch(self.webhook_inbox, self.task_uuid, self.log) if self.webhook_inbox else None
         next_poll = self.poll_after
-        errors_in_a_row = 0
-        while True:
-            if watch is not None:
-                state.merge(await watch.check())
-            if not state.finished and time.time() >= next_poll:
-                try:
-                    # Shared with every trigger of this loop: one POST polls up to 100 tasks.
-                    state.merge(await poller.poll(self.task_uuid))
-                    errors_in_a_row = 0
-                except ZImageTransientError as exc:
-                    errors_in_a_row += 1
-                    self.log.warning(
-                        "getResponse for %s failed (%d in a row): %s", self.task_uuid, errors_in_a_row, exc
-                    )
-                    if errors_in_a_row >= self.max_consecutive_errors:
-                        yield self._event("error", state, message=str(exc), retryable=True)
-                        return
-                except ZImageError as exc:
-                    yield self._event("error", state, message=str(exc), retryable=False)
+        reloaded = False
+        async with loop_clients():
+            while True:
+                outcome = wait.results_in([await watch.check()]) if watch is not None else None
+                if (outcome is None or not outcome.done) and time.time() >= next_poll:
+                    try:
+                        # Shared with every trigger of this loop: one POST polls up to 100 tasks.
+                        outcome = wait.answer(await poller.poll(self.task_uuid))
+                    except ZImageAuthError as exc:
+                        if not reloaded:
+                            # A key rotated in Airflow while tasks wait: read the connection again
+                            # once, instead of failing every waiting task until a triggerer restart.
+                            self.log.warning("getResponse refused (%s): reading the connection again", exc)
+                            poller.reload()
+                            reloaded = True
+                            continue
+                        outcome = wait.error(exc)
+                    except Exception as exc:
+                        outcome = wait.error(exc)
+                        if not outcome.done:
+                            self.log.warning("getResponse for %s failed: %s", self.task_uuid, outcome.message)
+                    next_poll = time.time() + next(delays)
+                if outcome is not None and outcome.done:
+                    yield self._event(wait, outcome)
                     return
-                next_poll = time.time() + next(delays)
-            if state.failed:
-                yield self._event("error", state, message=protocol.describe(state.errors[0]))
-                return
-            if state.complete:
-                yield self._event("success", state)
-                return
-            remaining = self.deadline - time.time()
-            if remaining <= 0:
-                yield self._event(
-                    "timeout",
-                    state,
-                    message=f"task {self.task_uuid} unfinished at the deadline "
-                    f"({len(state.results)}/{self.expected_results} results)",
-                    retryable=True,
-                )
-                return
-            wait = next_poll - time.time()
-            if watch is not None:
-                wait = min(wait, self.inbox_interval)
-            await asyncio.sleep(max(0.0, min(wait, remaining)))
+                remaining = self.deadline - time.time()
+                if remaining <= 0:
+                    yield self._event(wait, timed_out(wait.status))
+                    return
+                pause = next_poll - time.time()
+                if watch is not None:
+                    pause = min(pause, self.inbox_interval)
+                await asyncio.sleep(max(0.0, min(pause, remaining)))
 
 
 class _InboxWatch:

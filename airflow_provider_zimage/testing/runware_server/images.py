@@ -29,11 +29,15 @@ PRICE_PER_MEGAPIXEL: dict[str, float] = {
 }
 
 
+# Page 002 bills $0.0013 for a 512x512 Turbo image, above its per-megapixel rate: a per-image minimum.
+MIN_PRICE: dict[str, float] = {Z_IMAGE_TURBO: 0.0013}
+
+
 def image_cost(model: str, width: int, height: int, prices: dict[str, float] | None = None) -> float:
-    """Cost of one image; deterministic so tests can compare it with the client's estimate."""
+    """Cost of one image as the seeds bill it; deterministic so tests can compare it with the estimate."""
     table = prices or PRICE_PER_MEGAPIXEL
     per_mp = table.get(model, PRICE_PER_MEGAPIXEL[Z_IMAGE_TURBO])
-    return round(per_mp * width * height / 1e6, 6)
+    return round(max(MIN_PRICE.get(model, 0.0) if prices is None else 0.0, per_mp * width * height / 1e6), 6)
 
 
 def _digest(prompt: str, seed: int) -> bytes:
