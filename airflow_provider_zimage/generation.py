@@ -16,6 +16,7 @@ from typing import Any, Literal
 from airflow_provider_zimage.exceptions import ZImageTaskFailed
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
 from airflow_provider_zimage.outcomes import Outcome
+from airflow_provider_zimage.redaction import redact_urls
 from airflow_provider_zimage.state import Ledger, LedgerStore, Submission, job_fingerprint
 from airflow_provider_zimage.storage import ArtifactStore, normalize_format
 
@@ -245,7 +246,7 @@ def public_request(request: ImageInferenceRequest) -> dict[str, Any]:
     wire = request.to_wire()
     for key in ("webhookURL", "uploadEndpoint"):
         if key in wire:
-            wire[key] = str(wire[key]).split("?", 1)[0] + ("?<redacted>" if "?" in str(wire[key]) else "")
+            wire[key] = redact_urls(str(wire[key]))
     inputs = wire.get("inputs")
     if isinstance(inputs, dict):
         for key, value in list(inputs.items()):

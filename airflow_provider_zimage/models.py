@@ -36,6 +36,7 @@ from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 from typing_extensions import Self
 
 from airflow_provider_zimage.exceptions import ZImageValidationError
+from airflow_provider_zimage.redaction import redact_urls
 
 __all__ = [
     "CATALOG",
@@ -759,26 +760,14 @@ def _dump(value: Any) -> Any:
 # From pydantic's errors to ZImageValidationError
 # --------------------------------------------------------------------------------------------------
 
-_URL_SECRET = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)(?:[^\s/?#@'\"]*@)?([^\s?#'\"]*)(\?[^\s#'\"]*)?")
 _MAX_SHOWN = 80
-
-
-def _redact(text: str) -> str:
-    """Webhook and presigned upload URLs carry their credentials in the query string or the userinfo."""
-
-    def scrub(match: re.Match[str]) -> str:
-        userinfo = "<redacted>@" if "@" in match.group(0).split("?")[0] else ""
-        query = "?<redacted>" if match.group(3) else ""
-        return f"{match.group(1)}{userinfo}{match.group(2)}{query}"
-
-    return _URL_SECRET.sub(scrub, text)
 
 
 def _safe_value(value: Any) -> Any:
     """The offending value, fit to be logged: URL secrets removed, prompts and image data cut short."""
     if value is None or isinstance(value, (bool, int, float)):
         return value
-    text = _redact(value if isinstance(value, str) else json.dumps(value, default=str))
+    text = redact_urls(value if isinstance(value, str) else json.dumps(value, default=str))
     return text if len(text) <= _MAX_SHOWN else f"{text[: _MAX_SHOWN - 20]}... ({len(text)} characters)"
 
 

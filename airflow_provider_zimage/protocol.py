@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -25,6 +25,7 @@ from airflow_provider_zimage.exceptions import (
     ZImageTransientError,
 )
 from airflow_provider_zimage.models import ApiErrorDetail, ImageInferenceRequest, ImageResult
+from airflow_provider_zimage.redaction import redact  # noqa: F401  (part of the protocol's API)
 
 DEFAULT_BASE_URL = "https://api.runware.ai/v1"
 
@@ -296,14 +297,6 @@ class RetryPolicy:
         if not isinstance(error, ZImageTransientError) or attempt >= self.max_retries:
             return None
         return self.delay(attempt, error)
-
-
-def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """Remove secrets from text bound for logs or exceptions (servers sometimes echo what they got)."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
 
 
 def poll_waits(task_uuid: str, timeout: float, initial: float = 1.0, cap: float = 10.0) -> Iterator[float]:

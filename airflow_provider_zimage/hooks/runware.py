@@ -40,6 +40,7 @@ from airflow_provider_zimage.protocol import (
     TaskStatus,
     ZImageConflictError,
 )
+from airflow_provider_zimage.redaction import redact, without_query
 
 log = logging.getLogger(__name__)
 
@@ -311,14 +312,14 @@ class ZImageHook(BaseHook):
         task = payload[0].get("taskType") if payload else "?"
         if delay is None:
             if isinstance(error, ZImageAPIError):
-                error.args = (protocol.redact(str(error), settings.secrets),)
+                error.args = (redact(str(error), settings.secrets),)
                 raise error from None
             raise exc
         log.warning(
             "Runware %s attempt %d failed (%s); retrying in %.2fs",
             task,
             attempt + 1,
-            protocol.redact(str(error), settings.secrets),
+            redact(str(error), settings.secrets),
             delay,
         )
         return delay
@@ -406,7 +407,7 @@ class ZImageHook(BaseHook):
         try:
             status = self.get_response(str(uuid.uuid4()))
         except ZImageError as exc:
-            return False, protocol.redact(str(exc), self.settings.secrets)
+            return False, redact(str(exc), self.settings.secrets)
         if any(e.code == protocol.TASK_NOT_FOUND for e in status.errors):
             return True, "Connection to Runware works and the API key is accepted."
         return True, "Connection to Runware works."
@@ -494,15 +495,11 @@ def classify_exception(
     if isinstance(exc, httpx.TimeoutException):
         return ZImageTransientError(f"Runware request{where} timed out ({type(exc).__name__}){hint}")
     if isinstance(exc, httpx.TransportError):
-        detail = protocol.redact(str(exc), settings.secrets if settings else ())
+        detail = redact(str(exc), settings.secrets if settings else ())
         return ZImageTransientError(
             f"connection to Runware{where} failed ({type(exc).__name__}: {detail or 'no detail'}){hint}"
         )
     return exc
-
-
-def without_query(url: str) -> str:
-    return url.split("?", 1)[0]
 
 
 def _expected(request: ImageInferenceRequest) -> int:

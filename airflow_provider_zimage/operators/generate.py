@@ -16,12 +16,11 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from airflow.sdk import BaseOperator, BaseOperatorLink, conf
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from airflow_provider_zimage import protocol
 from airflow_provider_zimage.exceptions import (
     ZImageError,
     ZImagePermanentError,
@@ -32,11 +31,12 @@ from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
 from airflow_provider_zimage.inbox import WebhookInbox, default_inbox_path
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult, estimate_cost
 from airflow_provider_zimage.outcomes import Action, TaskWait, timed_out
+from airflow_provider_zimage.redaction import query_secrets, redact, without_query
 from airflow_provider_zimage.storage import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
 from airflow_provider_zimage.uploads import S3_PROTOCOLS, presign_put, store_uploaded, upload_target
 from airflow_provider_zimage.waiting import end_try, stored_later, wait_in_process
-from airflow_provider_zimage.webhooks.tokens import configured_secret, webhook_url, without_query
+from airflow_provider_zimage.webhooks.tokens import configured_secret, webhook_url
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -457,13 +457,13 @@ class ZImageGenerateOperator(BaseOperator):
             credentials: list[str] = []
             if base_url is not None and secret is not None:
                 url = webhook_url(base_url, request.task_uuid, secret, self.zimage_conn_id)
-                credentials += _query_values(url)
+                credentials += query_secrets(url)
                 update["webhook_url"] = url
                 self.log.info("Runware will POST the results to %s", without_query(url))
             if self.upload_to_storage:
                 target = upload_target(job, request.task_uuid)
                 url = presign_put(target, self.timeout + 900)
-                credentials += _query_values(url)
+                credentials += query_secrets(url)
                 update["upload_endpoint"] = url
                 self.log.info("Runware will upload the image to %s (presigned PUT)", target)
             for credential in credentials:
@@ -471,7 +471,7 @@ class ZImageGenerateOperator(BaseOperator):
             try:
                 return hook.submit([request.model_copy(update=update)])
             except ZImageError as exc:
-                exc.args = (protocol.redact(str(exc), credentials),)
+                exc.args = (redact(str(exc), credentials),)
                 raise
 
         return send
@@ -582,11 +582,6 @@ class ZImageGenerateOperator(BaseOperator):
         total = round(sum(i.get("cost") or 0.0 for i in images), 6)
         for outlet in outlets:
             context["outlet_events"][outlet].extra = {"images": images, "total_cost": total}
-
-
-def _query_values(url: str) -> list[str]:
-    """The values a token or a presigned signature hides in; each is masked on its own wherever it shows."""
-    return [value for _, value in parse_qsl(urlsplit(url).query) if len(value) >= 8]
 
 
 async def _first_event(trigger: ZImageTaskTrigger, limit: float | None = None) -> dict[str, Any] | None:

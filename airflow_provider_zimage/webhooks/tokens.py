@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode
+
+from airflow_provider_zimage.redaction import without_query  # noqa: F401  (importable from here too)
 
 ROUTE_PREFIX = "/zimage"
 """Where the plugin's app is mounted on the Airflow API server."""
@@ -64,9 +66,3 @@ def webhook_url(base_url: str, task_uuid: str, secret: str, conn_id: str = DEFAU
     if conn_id != DEFAULT_CONN_ID:
         query["conn_id"] = conn_id
     return f"{base_url.rstrip('/')}{ROUTE_PREFIX}/webhooks/{task_uuid}?{urlencode(query)}"
-
-
-def without_query(url: str) -> str:
-    """A URL fit for a log line: tokens and presigned signatures live in the query string."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
