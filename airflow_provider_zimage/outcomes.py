@@ -19,16 +19,18 @@ The rule that protects money: only an error Runware reports *for this taskUUID* 
 new generation (a new taskUUID, paid again). Our request failing never does; the next try reattaches to
 the same taskUUID and pays nothing.
 
-Sans-IO: nothing here sleeps, polls or touches storage; `TaskWait` only counts.
+Sans-IO: nothing here sleeps, polls or touches storage; `TaskWait` only counts (and logs).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from airflow_provider_zimage.exceptions import (
+    ZImageAuthError,
     ZImageError,
     ZImagePermanentError,
     ZImageTimeout,
@@ -43,6 +45,8 @@ from airflow_provider_zimage.protocol import (
     TaskStatus,
     describe,
 )
+
+log = logging.getLogger(__name__)
 
 # getResponse codes meaning "the results are gone", not "the request was wrong".
 LOST_RESULT_CODES = frozenset({TASK_NOT_FOUND, "taskExpired"})
@@ -143,6 +147,7 @@ class TaskWait:
         self.status = TaskStatus(task_uuid, expected_results)
         self.max_consecutive_errors = max_consecutive_errors
         self.errors_in_a_row = 0
+        self._reloaded = False
 
     @property
     def task_uuid(self) -> str:
@@ -150,6 +155,7 @@ class TaskWait:
 
     def answer(self, response: RunwareResponse) -> Outcome:
         self.errors_in_a_row = 0
+        self._reloaded = False
         self.status.merge(response)
         return for_status(self.status)
 
@@ -159,12 +165,27 @@ class TaskWait:
             self.status.merge(response)
         return for_status(self.status)
 
+    def reload_connection(self, error: BaseException) -> bool:
+        """True the first time the poll is refused for auth: read the connection again and retry.
+
+        A key rotated in Airflow while tasks wait must not fail every one of them (or need a triggerer
+        restart); a second refusal is the answer.
+        """
+        if not isinstance(error, ZImageAuthError) or self._reloaded:
+            return False
+        log.warning("getResponse for %s refused (%s): reading the connection again", self.task_uuid, error)
+        self._reloaded = True
+        return True
+
     def error(self, error: BaseException) -> Outcome:
         outcome = for_error(error)
         if outcome.action is not Action.RETRY:
             return outcome
         self.errors_in_a_row += 1
         if self.errors_in_a_row < self.max_consecutive_errors:
+            log.warning(
+                "getResponse for %s failed (%d in a row): %s", self.task_uuid, self.errors_in_a_row, error
+            )
             return Outcome(Action.WAIT, f"{error} ({self.errors_in_a_row} in a row)")
         return Outcome(
             Action.RETRY,

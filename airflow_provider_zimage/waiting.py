@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, NoReturn
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_provider_zimage import protocol
-from airflow_provider_zimage.exceptions import ZImageAuthError
 from airflow_provider_zimage.outcomes import Action, Outcome, TaskWait
 
 if TYPE_CHECKING:
@@ -41,21 +40,14 @@ def wait_in_process(
     image) is stored without waiting, and the caller decides what a WAIT at its deadline means.
     """
     delays = protocol.poll_delays(poll_interval, max_poll_interval)
-    reloaded = False
     while True:
         try:
             outcome = wait.answer(hook.get_response(wait.task_uuid))
-        except ZImageAuthError as exc:
-            if not reloaded:
-                log.warning("getResponse refused (%s): reading the connection again", exc)
+        except Exception as exc:
+            if wait.reload_connection(exc):
                 hook.reload()
-                reloaded = True
                 continue
             outcome = wait.error(exc)
-        except Exception as exc:
-            outcome = wait.error(exc)
-            if not outcome.done:
-                log.warning("getResponse for %s failed: %s", wait.task_uuid, outcome.message)
         if outcome.done:
             return outcome
         if outcome.message and wait.status.results:

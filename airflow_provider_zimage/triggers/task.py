@@ -23,7 +23,6 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from pydantic import BaseModel, ConfigDict
 
 from airflow_provider_zimage import protocol
-from airflow_provider_zimage.exceptions import ZImageAuthError
 from airflow_provider_zimage.hooks.runware import ZImageHook, loop_clients
 from airflow_provider_zimage.inbox import WebhookInbox
 from airflow_provider_zimage.models import ApiErrorDetail, ImageResult
@@ -151,7 +150,6 @@ class ZImageTaskTrigger(BaseTrigger):
         delays = protocol.poll_delays(self.poll_interval, self.max_poll_interval)
         watch = _InboxWatch(self.webhook_inbox, self.task_uuid, self.log) if self.webhook_inbox else None
         next_poll = self.poll_after
-        reloaded = False
         async with loop_clients():
             while True:
                 outcome = wait.results_in([await watch.check()]) if watch is not None else None
@@ -159,19 +157,11 @@ class ZImageTaskTrigger(BaseTrigger):
                     try:
                         # Shared with every trigger of this loop: one POST polls up to 100 tasks.
                         outcome = wait.answer(await poller.poll(self.task_uuid))
-                    except ZImageAuthError as exc:
-                        if not reloaded:
-                            # A key rotated in Airflow while tasks wait: read the connection again
-                            # once, instead of failing every waiting task until a triggerer restart.
-                            self.log.warning("getResponse refused (%s): reading the connection again", exc)
+                    except Exception as exc:
+                        if wait.reload_connection(exc):
                             poller.reload()
-                            reloaded = True
                             continue
                         outcome = wait.error(exc)
-                    except Exception as exc:
-                        outcome = wait.error(exc)
-                        if not outcome.done:
-                            self.log.warning("getResponse for %s failed: %s", self.task_uuid, outcome.message)
                     next_poll = time.time() + next(delays)
                 if outcome is not None and outcome.done:
                     yield self._event(wait, outcome)
