@@ -18,6 +18,8 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = os.path.join(_home, "dags")
 os.environ["AIRFLOW__ZIMAGE__OUTPUT_PATH"] = f"file://{_home}/zimage-artifacts"
 os.environ.pop("AIRFLOW_CONN_ZIMAGE_DEFAULT", None)
+# Triggers run in the test process here, where Airflow's deferral race cannot happen: no hold.
+os.environ["AIRFLOW__ZIMAGE__DEFERRAL_SETTLE_SECONDS"] = "0"
 os.environ.pop("RUNWARE_API_KEY", None)
 
 from collections.abc import Iterator  # noqa: E402

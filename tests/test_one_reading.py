@@ -353,3 +353,16 @@ def test_a_batch_refused_as_a_whole_is_asked_again_task_by_task(zimage_conn):
 
     answers = asyncio.run(poll_all())
     assert all(answer.results for answer in answers)
+
+
+def test_a_deferred_trigger_holds_a_fast_answer_for_the_settle_time(zimage_conn, output_dir, monkeypatch):
+    """Airflow 3.3 fails a task whose trigger fires before the scheduler saw the deferral: hold it."""
+    monkeypatch.setenv("AIRFLOW__ZIMAGE__DEFERRAL_SETTLE_SECONDS", "0.8")
+    zimage_conn.configure(delay=0.05)
+    op = generate(output_dir, deferrable=True, defer_after=0)
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({"ti": FakeTI("manual__settle")})
+    started = time.monotonic()
+    (event,) = asyncio.run(_events(deferred.value.trigger))
+    assert event.payload["outcome"] == "store"
+    assert time.monotonic() - started >= 0.5

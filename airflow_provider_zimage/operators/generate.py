@@ -43,6 +43,18 @@ if TYPE_CHECKING:
     from airflow.sdk.types import TaskInstanceKey
 
 Backend = Literal["runware", "local"]
+# Seconds a deferred task's trigger holds an answer before sending it (see `_trigger`).
+DEFAULT_DEFERRAL_SETTLE_S = 3.0
+
+
+def deferral_settle_seconds() -> float:
+    """`[zimage] deferral_settle_seconds`: how long a deferred trigger holds a fast answer."""
+    from airflow_provider_zimage.storage import _conf_get
+
+    value = _conf_get("zimage", "deferral_settle_seconds")
+    return DEFAULT_DEFERRAL_SETTLE_S if value is None else max(0.0, float(value))
+
+
 Delivery = Literal["polling", "webhook"]
 LINK_XCOM_KEY = "zimage_image_link"
 
@@ -398,7 +410,7 @@ class ZImageGenerateOperator(BaseOperator):
     def _defer(self, wait: TaskWait, deadline: float) -> None:
         self.log.info("Task %s not ready after %gs: deferring", wait.task_uuid, self.defer_after)
         self.defer(
-            trigger=self._trigger(wait, deadline),
+            trigger=self._trigger(wait, deadline, deferred=True),
             method_name="execute_complete",
             timeout=timedelta(seconds=max(0.0, deadline - time.time()) + 60),
         )
@@ -497,7 +509,7 @@ class ZImageGenerateOperator(BaseOperator):
             )
         return settings.webhook_base_url, secret
 
-    def _trigger(self, wait: TaskWait, deadline: float) -> ZImageTaskTrigger:
+    def _trigger(self, wait: TaskWait, deadline: float, *, deferred: bool = False) -> ZImageTaskTrigger:
         webhook = self.delivery == "webhook"
         now = time.time()
         return ZImageTaskTrigger(
@@ -510,6 +522,9 @@ class ZImageGenerateOperator(BaseOperator):
             webhook_inbox=str(default_inbox_path()) if webhook else None,
             poll_after=now + self.webhook_grace_period if webhook else 0.0,
             inbox_interval=self.webhook_check_interval,
+            # Deferred, an answer is held a few seconds: a trigger that fires before the scheduler
+            # has seen the deferral fails the task (Airflow 3.3's race). On a worker, no such race.
+            not_before=now + deferral_settle_seconds() if deferred else 0.0,
         )
 
     def _discard_inbox(self, task_uuid: str) -> None:

@@ -19,6 +19,7 @@ from airflow_provider_zimage.exceptions import ZImageError, ZImagePermanentError
 from airflow_provider_zimage.generation import GenerationJob, NsfwPolicy, TaskInstanceRef
 from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
+from airflow_provider_zimage.operators.generate import deferral_settle_seconds
 from airflow_provider_zimage.outcomes import Action, TaskWait
 from airflow_provider_zimage.storage import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
@@ -91,6 +92,10 @@ class ZImageTaskSensor(BaseSensorOperator):
             return images
         if not self.deferrable:
             return super().execute(context)
+        # Look once before deferring: a task that is already done needs no trigger.
+        looked = self.poke(context)
+        if looked.is_done:
+            return looked.xcom_value
         self.defer(
             trigger=ZImageTaskTrigger(
                 task_uuid=self.task_uuid,
@@ -99,6 +104,7 @@ class ZImageTaskSensor(BaseSensorOperator):
                 deadline=time.time() + float(self.timeout),
                 poll_interval=float(self.poke_interval),
                 max_poll_interval=self.max_poll_interval,
+                not_before=time.time() + deferral_settle_seconds(),
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=float(self.timeout) + 60),

@@ -94,6 +94,9 @@ class ZImageTaskTrigger(BaseTrigger):
     :param poll_after: epoch seconds before which `getResponse` is not called (the webhook grace
         period); 0 polls at once.
     :param inbox_interval: seconds between two looks at the inbox.
+    :param not_before: epoch seconds before which no event is sent (the answer is kept until then).
+        Airflow 3.3 fails a deferred task whose trigger fires before the scheduler has processed the
+        deferral (apache/airflow#66374, #71580); the operator sets it a few seconds after deferring.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class ZImageTaskTrigger(BaseTrigger):
         webhook_inbox: str | None = None,
         poll_after: float = 0.0,
         inbox_interval: float = 0.25,
+        not_before: float = 0.0,
     ) -> None:
         super().__init__()
         self.task_uuid = task_uuid
@@ -121,6 +125,7 @@ class ZImageTaskTrigger(BaseTrigger):
         self.webhook_inbox = webhook_inbox
         self.poll_after = poll_after
         self.inbox_interval = inbox_interval
+        self.not_before = not_before
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -136,6 +141,7 @@ class ZImageTaskTrigger(BaseTrigger):
                 "webhook_inbox": self.webhook_inbox,
                 "poll_after": self.poll_after,
                 "inbox_interval": self.inbox_interval,
+                "not_before": self.not_before,
             },
         )
 
@@ -164,6 +170,7 @@ class ZImageTaskTrigger(BaseTrigger):
                         outcome = wait.error(exc)
                     next_poll = time.time() + next(delays)
                 if outcome is not None and outcome.done:
+                    await asyncio.sleep(max(0.0, self.not_before - time.time()))
                     yield self._event(wait, outcome)
                     return
                 remaining = self.deadline - time.time()

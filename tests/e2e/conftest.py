@@ -14,6 +14,7 @@ import pytest
 from tests.e2e import dags
 from tests.e2e.harness import Deployment, DeploymentConfig
 from tests.e2e.settings import (
+    FAST_IMAGES,
     FAULT_IMAGES,
     LOAD_IMAGES,
     PARALLELISM,
@@ -36,7 +37,11 @@ def results() -> Iterator[Results]:
 def deployment(request: pytest.FixtureRequest, results: Results) -> Iterator[Deployment]:
     """The deployment for this module: all scenario DAGs parsed, every component healthy."""
     sources = dags.all_dags(
-        load=LOAD_IMAGES, triggerer=TRIGGERER_TASKS, faults=FAULT_IMAGES, webhook=WEBHOOK_IMAGES
+        load=LOAD_IMAGES,
+        triggerer=TRIGGERER_TASKS,
+        faults=FAULT_IMAGES,
+        webhook=WEBHOOK_IMAGES,
+        fast=FAST_IMAGES,
     )
     if (why := webhook_support()) is not None:
         sources.pop(dags.WEBHOOK)  # its DAG file would not even import

@@ -35,11 +35,12 @@ FAULTS = "e2e_faults"
 WEBHOOK = "e2e_webhook"
 INVALID = "e2e_invalid"
 SECRETS = "e2e_secret_paths"
+FAST = "e2e_fast_no_retries"
 
 WEBHOOK_GRACE_S = 15.0
 
 _MAPPED = """
-with DAG({dag_id!r}, schedule=None, start_date=START, catchup=False, default_args=RETRYING):
+with DAG({dag_id!r}, schedule=None, start_date=START, catchup=False, default_args={default_args}):
     images = ZImageGenerateOperator.partial(
         task_id="generate",
         model="runware:z-image@turbo",
@@ -61,13 +62,24 @@ with DAG({dag_id!r}, schedule=None, start_date=START, catchup=False, default_arg
 
 
 def mapped_dag(
-    dag_id: str, count: int, prompt: str, *, spread: tuple[float, float] | None = None, **op_kwargs: object
+    dag_id: str,
+    count: int,
+    prompt: str,
+    *,
+    spread: tuple[float, float] | None = None,
+    default_args: str = "RETRYING",
+    **op_kwargs: object,
 ) -> str:
     """`count` mapped tasks; `spread=(first, step)` gives task i a generation time of first + i*step
     seconds (the test server's `__delay:S__` prompt marker), so results arrive over a period."""
     suffix = "" if spread is None else f" __delay:{{{spread[0]} + i * {spread[1]}}}__"
     return _MAPPED.format(
-        dag_id=dag_id, count=count, prompt=prompt, suffix=suffix, op_kwargs=json.dumps(op_kwargs)
+        dag_id=dag_id,
+        count=count,
+        prompt=prompt,
+        suffix=suffix,
+        op_kwargs=json.dumps(op_kwargs),
+        default_args=default_args,
     )
 
 
@@ -127,7 +139,7 @@ with DAG({dag_id!r}, schedule=None, start_date=START, catchup=False,
 """
 
 
-def all_dags(*, load: int, triggerer: int, faults: int, webhook: int) -> dict[str, str]:
+def all_dags(*, load: int, triggerer: int, faults: int, webhook: int, fast: int = 50) -> dict[str, str]:
     """file name -> source of every scenario DAG, sized as requested."""
     sources = {
         LOAD: mapped_dag(LOAD, load, "e2e load, product photo"),
@@ -155,5 +167,10 @@ def all_dags(*, load: int, triggerer: int, faults: int, webhook: int) -> dict[st
             dag_id=INVALID, cases=json.dumps({k: v for k, (v, _) in INVALID_CASES.items()})
         ),
         SECRETS: _SECRETS.format(dag_id=SECRETS),
+        # Turbo-fast images (0.3 s to ~8 s), `retries=0`: the ones ready within `defer_after` never
+        # defer, the others defer and their triggers fire soon after. No retry may hide a lost try.
+        FAST: mapped_dag(
+            FAST, fast, "e2e fast turbo", spread=(0.3, 7.5 / max(fast, 1)), default_args='{"retries": 0}'
+        ),
     }
     return {name: HEADER + textwrap.dedent(source) for name, source in sources.items()}

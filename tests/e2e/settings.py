@@ -3,7 +3,8 @@
 Sizes and timings come from the environment so a slow CI machine can be given a smaller load without
 editing code; the defaults are the issue's (200 mapped images, 50 deferred during the triggerer kill).
 
-- E2E_LOAD_IMAGES (200), E2E_TRIGGERER_TASKS (50), E2E_FAULT_IMAGES (40), E2E_WEBHOOK_IMAGES (30)
+- E2E_LOAD_IMAGES (200), E2E_TRIGGERER_TASKS (50), E2E_FAULT_IMAGES (40), E2E_WEBHOOK_IMAGES (30),
+  E2E_FAST_IMAGES (50)
 - E2E_PARALLELISM (16): LocalExecutor worker processes
 - E2E_RUNWARE_DELAY (10): seconds the test server takes per image. Not zero on purpose: Airflow 3.3.2
   fails a deferred task whose trigger fires before the scheduler processed the executor event of the
@@ -41,6 +42,7 @@ LOAD_IMAGES = env_int("E2E_LOAD_IMAGES", 200)
 TRIGGERER_TASKS = env_int("E2E_TRIGGERER_TASKS", 50)
 FAULT_IMAGES = env_int("E2E_FAULT_IMAGES", 40)
 WEBHOOK_IMAGES = env_int("E2E_WEBHOOK_IMAGES", 30)
+FAST_IMAGES = env_int("E2E_FAST_IMAGES", 50)
 PARALLELISM = env_int("E2E_PARALLELISM", 16)
 RUNWARE_DELAY = env_float("E2E_RUNWARE_DELAY", 10.0)
 TRIGGERER_DELAY = env_float("E2E_TRIGGERER_DELAY", 60.0)

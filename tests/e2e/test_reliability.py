@@ -32,6 +32,7 @@ from tests.e2e.checks import (
 )
 from tests.e2e.harness import Deployment, E2EError, wait_until
 from tests.e2e.settings import (
+    FAST_IMAGES,
     FAULT_IMAGES,
     LOAD_IMAGES,
     RUNWARE_DELAY,
@@ -333,6 +334,27 @@ def test_4_thirty_percent_of_runware_responses_fail(deployment: Deployment, resu
             faults_injected=injected,
             api_responses=out.stats["requests"],
             fault_share=round(sum(injected.values()) / out.stats["requests"], 3),
+        )
+    )
+
+
+# -- 4b. fast images, no retries ---------------------------------------------------------------------------
+
+
+def test_4b_fast_images_with_no_retries_all_stored(deployment: Deployment, results: Results) -> None:
+    """Sub-second to 8-second images, `retries=0`: the fast ones never defer (`defer_after`), the others'
+    triggers hold their answer until the scheduler has seen the deferral. No retry hides a lost try."""
+    fresh_server(deployment, delay=0.3)
+    out = run_dag(deployment, dags.FAST, timeout=600, prefix="fast")
+    out.assert_all_stored_once(FAST_IMAGES)
+    assert all(int(ti["try_number"]) == 1 for ti in out.tis if ti["task_id"] == "generate")
+    results.record(
+        out.row(
+            "4b",
+            "Turbo-fast images (0.3-8 s), retries=0",
+            f"{FAST_IMAGES} mapped tasks, deferrable",
+            "none; Airflow's deferral race is the hazard",
+            FAST_IMAGES,
         )
     )
 
