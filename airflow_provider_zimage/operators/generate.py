@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 Backend = Literal["runware", "local"]
 # Seconds a deferred task's trigger holds an answer before sending it (see `_trigger`).
-DEFAULT_DEFERRAL_SETTLE_S = 3.0
+DEFAULT_DEFERRAL_SETTLE_S = 10.0
 
 
 def deferral_settle_seconds() -> float:
