@@ -536,7 +536,7 @@ class ZImageGenerateOperator(BaseOperator):
         return self._finish(context, images)
 
     def _run_local(self, job: GenerationJob, settings: ConnectionSettings) -> list[dict[str, Any]]:
-        from airflow_provider_zimage.hooks.local import (
+        from airflow_provider_zimage.local import (
             LocalBackendUnavailable,
             LocalGenerationError,
             LocalZImageExecutor,
