@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from airflow_provider_zimage.executor.config import ExecutorConfig
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     from airflow_provider_zimage.executor.server import ExecutorServer
 
     asyncio.run(ExecutorServer(config).serve())
+    if any(t.name.startswith("zimage-") and t.is_alive() for t in threading.enumerate()):
+        logging.shutdown()
+        os._exit(0)  # a pipeline call still running would abort the interpreter's exit
     return 0
 
 

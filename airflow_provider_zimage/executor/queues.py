@@ -83,6 +83,10 @@ class DeviceQueue:
             self._units.clear()
             self._cond.notify_all()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning(
+                "The pipeline call on %s did not end within %.0fs; exiting anyway", self.device, timeout
+            )
         return left
 
     def _take(self) -> list[WorkUnit] | None:

@@ -167,7 +167,9 @@ class ExecutorServer:
             await asyncio.sleep(0.05)
         while self._background and time.monotonic() < deadline + 5:  # uploads and webhooks in flight
             await asyncio.sleep(0.05)
-        left = sum(len(q.stop(timeout=1.0)) for q in self._queues)
+        # A pipeline call cannot be interrupted: wait for the running one (seconds on a GPU), so its
+        # images are recorded and the process exits cleanly.
+        left = sum(len(q.stop(timeout=300.0)) for q in self._queues)
         if left:
             if self.tasks.persistent:
                 log.warning(
@@ -263,8 +265,7 @@ class ExecutorServer:
         errors, accepted = await self._validate(work)
         if errors:
             return _errors(400, errors)
-        for record, plan in accepted:
-            self._accept(record, plan)
+        self._accept([(record, plan, plan.seeds) for record, plan in accepted])
         return await self._respond(work)
 
     async def _validate(self, work: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
@@ -336,12 +337,16 @@ class ExecutorServer:
             accepted.append((record, plan))
         return errors, accepted
 
-    def _accept(self, record: TaskRecord, plan: Plan, seeds: Sequence[int] | None = None) -> None:
-        self.tasks.add(record)
+    def _accept(self, accepted: Sequence[tuple[TaskRecord, Plan, Sequence[int]]]) -> None:
+        """Record the tasks, then enqueue all their images in one step on the least busy device, so
+        the device thread sees them together and batches the compatible ones."""
         queue = min(self._queues, key=lambda q: q.depth)
-        todo = plan.seeds if seeds is None else seeds
-        queue.put([WorkUnit(record.task_uuid, plan, seed) for seed in todo])
-        log.info("Accepted task %s: %d image(s) on %s", record.task_uuid, len(todo), queue.device)
+        units = []
+        for record, plan, seeds in accepted:
+            self.tasks.add(record)
+            units += [WorkUnit(record.task_uuid, plan, seed) for seed in seeds]
+            log.info("Accepted task %s: %d image(s) on %s", record.task_uuid, len(seeds), queue.device)
+        queue.put(units)
 
     def _resume(self, record: TaskRecord) -> None:
         """A task a previous process accepted and did not finish: make the images it still owes."""
@@ -357,7 +362,7 @@ class ExecutorServer:
             self._finish(record)
             return
         done = record.seeds_done()
-        self._accept(record, plan, [s for s in plan.seeds if s not in done])
+        self._accept([(record, plan, [s for s in plan.seeds if s not in done])])
 
     async def _respond(self, work: list[dict[str, Any]]) -> Response:
         data: list[dict[str, Any]] = []
