@@ -399,3 +399,24 @@ def test_unknown_model_or_dead_executor_fail_naming_the_cause(executor, output_d
     )
     with pytest.raises(AirflowFailException, match="does not serve runware:z-image@0"):
         op.execute({"ti": FakeTI(run_id=f"manual__{uuid.uuid4().hex}")})
+
+
+def test_gpu_check_tiny_path_runs_and_batches(tmp_path):
+    """`bench/gpu_check.sh --tiny`, the CPU path of the GPU check, end to end (CI)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--tiny", "--runs", "1", "--work-dir", str(tmp_path)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable, **ONE_THREAD},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["mode"] == "tiny" and report["batched"] is True
+    assert report["seconds_per_image_batch1"] > 0 and report["images_per_minute_batch4"] > 0
