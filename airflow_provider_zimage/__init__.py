@@ -93,10 +93,7 @@ def get_provider_info() -> dict[str, Any]:
         "hooks": [
             {
                 "integration-name": _INTEGRATION,
-                "python-modules": [
-                    "airflow_provider_zimage.hooks.runware",
-                    "airflow_provider_zimage.hooks.local",
-                ],
+                "python-modules": ["airflow_provider_zimage.hooks.runware"],
             }
         ],
         "operators": [
@@ -142,6 +139,15 @@ def get_provider_info() -> dict[str, Any]:
                         "type": "string",
                         "sensitive": True,
                         "example": None,
+                        "default": None,
+                    },
+                    "local_input_roots": {
+                        "description": "Comma-separated folders the local backend may read seed_image / "
+                        "mask_image files from (default: output_path when it is a local folder, and the "
+                        "DAGs folder).",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "/data/zimage-inputs,/opt/airflow/dags",
                         "default": None,
                     },
                     "webhook_inbox": {

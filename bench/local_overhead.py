@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import torch
 
-    from airflow_provider_zimage.hooks import local
+    from airflow_provider_zimage import local
     from airflow_provider_zimage.models import ImageInferenceRequest
     from airflow_provider_zimage.testing.tiny_model import build_tiny_zimage
 

@@ -11,8 +11,9 @@ passed as AIRFLOW_CONN_ZIMAGE_DEFAULT, does):
   cost (about $0.003 per 1024x1024 image; 7 images). RUNWARE_BASE_URL overrides the API URL.
 * ZIMAGE_MODEL_PATH set: diffusers on this machine with those weights (a diffusers folder or a Hugging
   Face id), on the GPU if there is one.
-* Neither: diffusers on the CPU with the tiny model, built on first use. Its weights are random, so the
-  pictures are coloured noise: it proves the pipeline, not the model.
+* Neither: a `zimage-executor` on loopback serving the tiny model (built on first use) on the CPU; the
+  DAGs submit to it and defer, exactly as they would to Runware, and it is stopped at the end. Its
+  weights are random, so the pictures are coloured noise: it proves the pipeline, not the model.
 
 ZIMAGE_IMAGE_SIZE overrides the image side (default 256 for the tiny model, 1024 otherwise).
 
@@ -95,15 +96,15 @@ def choose_backend(env: Mapping[str, str], tiny_model_dir: Path) -> Backend:
         )
     return Backend(
         name="tiny",
-        connection={
-            "conn_type": "zimage",
-            "extra": {"backend": "local", "model_path": str(tiny_model_dir), "device": "cpu"},
-        },
+        # host and token are filled in once the executor is listening (see main)
+        connection={"conn_type": "zimage", "extra": {"backend": "executor"}},
         image_size=_size(env, 256),
         output_label="tiny-random-weights",
-        notice="Backend: diffusers on the CPU with a TINY Z-Image model whose weights are RANDOM, built "
-        f"offline in {tiny_model_dir}.\nThe images will be coloured noise: they prove that the pipeline "
-        "works (DAG -> operator -> storage -> manifest -> contact sheet), not what Z-Image draws.\n"
+        notice="Backend: a zimage-executor started on 127.0.0.1 for this demo, serving a TINY Z-Image "
+        f"model whose weights are RANDOM (built offline in {tiny_model_dir}) on the CPU; the DAGs submit "
+        "to it and defer (deferrable=True), as they would to Runware.\nThe images will be coloured "
+        "noise: they prove that the pipeline works (DAG -> operator -> storage -> manifest -> contact "
+        "sheet), not what Z-Image draws.\n"
         "For real pictures: RUNWARE_API_KEY=<your key> make demo, or ZIMAGE_MODEL_PATH=<Z-Image-Turbo "
         "weights> make demo on a GPU.",
     )
@@ -180,12 +181,35 @@ def main() -> int:
     os.environ.update(env)
     banner(backend.notice + f"\nImage size: {backend.image_size}x{backend.image_size}")
 
+    executor = None
     if backend.needs_tiny_model:
+        from airflow_provider_zimage.executor.process import ExecutorProcess
         from airflow_provider_zimage.testing.tiny_model import build_tiny_zimage, is_built
 
         if not is_built(DEMO_DIR / "tiny-zimage"):
             print("Building the tiny random-weight Z-Image model (once)...", flush=True)
         build_tiny_zimage(DEMO_DIR / "tiny-zimage")
+        executor = ExecutorProcess(
+            {"runware:z-image@turbo": str(DEMO_DIR / "tiny-zimage")},
+            DEMO_DIR / "executor",
+            "--devices",
+            "cpu",
+        ).start()
+        print(f"Started zimage-executor (pid {executor.process.pid}) at {executor.url}", flush=True)
+        env["AIRFLOW_CONN_ZIMAGE_DEFAULT"] = json.dumps(executor.connection())
+        env["AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE"] = "True"
+        os.environ.update(env)
+    try:
+        return _run(backend, env, home, output, started, executor)
+    finally:
+        if executor is not None:
+            code = executor.stop()
+            print(f"Stopped zimage-executor (exit code {code}); its log: {executor.log_path}", flush=True)
+
+
+def _run(
+    backend: Backend, env: dict[str, str], home: Path, output: Path, started: float, executor: Any
+) -> int:
 
     print(f"AIRFLOW_HOME={home}\nDAGS_FOLDER={DAGS_FOLDER}\nOutput: {output}", flush=True)
     print("Preparing the metadata database (airflow db migrate)...", flush=True)
@@ -213,6 +237,12 @@ def main() -> int:
         f"Contact sheet:     {found['contact sheet']}",
         f"Gallery:           {found['gallery']}",
     ]
+    if executor is not None:
+        health = executor.health()
+        lines.append(
+            f"Every image was made by the zimage-executor at {executor.url}: it loaded the model "
+            f"{health['loads']} time(s) for all tasks; the tasks deferred while it worked."
+        )
     if backend.needs_tiny_model:
         lines.append(
             "These images come from RANDOM weights (noise, by design). An API key (RUNWARE_API_KEY=...) or "

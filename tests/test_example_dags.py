@@ -340,7 +340,7 @@ def demo_module() -> Any:
 @pytest.mark.parametrize(
     ("env", "backend", "size", "settings"),
     [
-        ({}, "tiny", 256, {"backend": "local", "model_path": "<tiny>", "api_key": None}),
+        ({}, "tiny", 256, {"backend": "executor", "model_path": None, "api_key": None}),
         (
             {"ZIMAGE_MODEL_PATH": "/models/z-image-turbo"},
             "local",

@@ -27,9 +27,9 @@ pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
 
+from airflow_provider_zimage import local  # noqa: E402
 from airflow_provider_zimage.exceptions import ZImageValidationError  # noqa: E402
-from airflow_provider_zimage.hooks import local  # noqa: E402
-from airflow_provider_zimage.hooks.local import (  # noqa: E402
+from airflow_provider_zimage.local import (  # noqa: E402
     SUPPORTED_SCHEDULERS,
     LocalBackendUnavailable,
     LocalGenerationError,
@@ -190,7 +190,8 @@ def test_image_to_image_from_base64(executor, seed_image):
     assert executor.generate(request)[0].data == image.data
 
 
-def test_image_to_image_accepts_data_uri_and_file(executor, seed_image, tmp_path):
+def test_image_to_image_accepts_data_uri_and_file(tiny_model, seed_image, tmp_path):
+    executor = LocalZImageExecutor(tiny_model, local_files_only=True, input_roots=[tmp_path])
     b64 = png_b64(seed_image)
     from_b64 = executor.generate(make_request(inputs={"seedImage": b64}))[0].data
     data_uri = f"data:image/png;base64,{b64}"
@@ -198,6 +199,39 @@ def test_image_to_image_accepts_data_uri_and_file(executor, seed_image, tmp_path
     path = tmp_path / "seed.png"
     seed_image.save(path)
     assert executor.generate(make_request(inputs={"seedImage": f"file://{path}"}))[0].data == from_b64
+
+
+@pytest.mark.parametrize("form", ["file-url", "dot-dot"])
+def test_files_outside_the_allowed_roots_are_refused_naming_the_parameter(
+    unloadable_executor, seed_image, tmp_path, form
+):
+    """A request is data: a path in it must not read any file the worker can see (issue 10)."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    outside = tmp_path / "private.png"
+    seed_image.save(outside)
+    reference = {
+        "file-url": f"file://{outside}",
+        "dot-dot": f"file://{allowed}/../private.png",
+    }[form]
+    executor = LocalZImageExecutor(unloadable_executor.model_path, input_roots=[allowed])
+    loads = local.load_count()
+    with pytest.raises(ZImageValidationError) as caught:
+        executor.validate(make_request(inputs={"seedImage": reference}))
+    assert caught.value.parameters == ["inputs.seedImage"]
+    assert "local_input_roots" in str(caught.value) and str(allowed) in str(caught.value)
+    assert local.load_count() == loads
+
+
+def test_default_input_roots_are_the_output_path_and_the_dags_folder(monkeypatch, tmp_path):
+    from airflow_provider_zimage.local.images import default_input_roots
+
+    monkeypatch.setenv("AIRFLOW__ZIMAGE__OUTPUT_PATH", f"file://{tmp_path}/out")
+    monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(tmp_path / "dags"))
+    monkeypatch.delenv("AIRFLOW__ZIMAGE__LOCAL_INPUT_ROOTS", raising=False)
+    assert default_input_roots() == [f"{tmp_path}/out", str(tmp_path / "dags")]
+    monkeypatch.setenv("AIRFLOW__ZIMAGE__LOCAL_INPUT_ROOTS", f"{tmp_path}/a, {tmp_path}/b")
+    assert default_input_roots() == [f"{tmp_path}/a", f"{tmp_path}/b"]
 
 
 def test_image_to_image_keeps_seed_image_size_when_none_requested(executor, seed_image):
@@ -397,7 +431,7 @@ def test_fp16_is_refused_unless_forced():
 def test_module_imports_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None\n"
-        "from airflow_provider_zimage.hooks import local\n"
+        "from airflow_provider_zimage import local\n"
         "from airflow_provider_zimage.models import ImageInferenceRequest\n"
         "ex = local.LocalZImageExecutor('/nowhere')\n"
         "req = ImageInferenceRequest.build(model='turbo', positivePrompt='a cat', width=128, height=128)\n"

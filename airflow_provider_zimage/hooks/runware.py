@@ -54,7 +54,7 @@ class ConnectionSettings:
     timeout: float = 60.0
     connect_timeout: float = 10.0
     retry: RetryPolicy = RetryPolicy()
-    backend: str = "runware"
+    backend: str = "runware"  # "runware", "local" (in-process diffusers) or "executor" (zimage-executor)
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_base_url: str | None = None
     model_path: str | None = None
@@ -401,6 +401,24 @@ class ZImageHook(BaseHook):
                 delay = self._retry_delay(settings, attempt, exc, [{"taskType": "download"}], url)
             time.sleep(delay)
             attempt += 1
+
+    def executor_health(self) -> dict[str, Any]:
+        """`GET /health` of a zimage-executor (`backend: executor`): its models and the weights they use.
+
+        The base URL ends in `/v1`; the health route sits beside it. One attempt: the caller decides.
+        """
+        base = self.settings.base_url.rstrip("/")
+        url = (base[: -len("/v1")] if base.endswith("/v1") else base) + "/health"
+        try:
+            resp = self.get_conn().get(url, headers=self._auth_headers(self.settings))
+        except httpx.HTTPError as exc:
+            raise classify_exception(exc) from None
+        if resp.status_code >= 400:
+            raise protocol.error_for_status(resp.status_code, None, resp.headers)
+        body = resp.json()
+        if not isinstance(body, dict):
+            raise ZImageTransientError(f"{url} did not answer a JSON object")
+        return body
 
     def test_connection(self) -> tuple[bool, str]:
         """Checks the key for free: getResponse of an unknown task is `taskNotFound` with a valid key."""

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
     from airflow.sdk.types import TaskInstanceKey
 
-Backend = Literal["runware", "local"]
+Backend = Literal["runware", "local", "executor"]
 # Seconds a deferred task's trigger holds an answer before sending it (see `_trigger`).
 DEFAULT_DEFERRAL_SETTLE_S = 10.0
 
@@ -98,7 +98,8 @@ class ZImageGenerateOperator(BaseOperator):
 
     :param prompt: positivePrompt, 2-3000 characters. Templated; `.expand(prompt=[...])` maps over prompts.
     :param model: AIR id or alias (`z-image`, `z-image-turbo`, `twinflow`). Templated.
-    :param backend: "runware" or "local"; None takes the connection's `backend` extra (default runware).
+    :param backend: "runware", "local" (diffusers in the task process) or "executor" (a zimage-executor
+        service, the connection's host); None takes the connection's `backend` extra (default runware).
     :param deferrable: wait in the triggerer instead of holding a worker slot.
     :param wait_for_completion: False submits and returns the taskUUID (pair with `ZImageTaskSensor`).
     :param defer_after: with deferrable=True, seconds to poll on the worker before deferring (0 defers
@@ -324,6 +325,8 @@ class ZImageGenerateOperator(BaseOperator):
         store = ArtifactStore(self.output_path or default_output_path())
         if backend == "local":
             origin = self._local_model_source(settings or self._settings()) or request.spec.hf_repo
+        elif backend == "executor":
+            origin = self._executor_origin(request)
         else:
             origin = self.zimage_conn_id
         return GenerationJob(
@@ -335,6 +338,21 @@ class ZImageGenerateOperator(BaseOperator):
             on_nsfw=self.on_nsfw,
         )
 
+    def _executor_origin(self, request: ImageInferenceRequest) -> str:
+        """The connection and the weights the executor reports: other weights are another picture."""
+        try:
+            health = ZImageHook(self.zimage_conn_id).executor_health()
+        except ZImageError as exc:
+            raise AirflowException(f"the executor of connection {self.zimage_conn_id!r}: {exc}") from None
+        weights = {m.get("model"): m.get("weights") for m in health.get("models") or []}
+        air = request.spec.air
+        if air not in weights:
+            raise AirflowFailException(
+                f"model: the executor of connection {self.zimage_conn_id!r} does not serve {air} "
+                f"(it serves {', '.join(map(str, weights)) or 'nothing'})"
+            )
+        return f"{self.zimage_conn_id}|{weights[air]}"
+
     # -- execution ----------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> Any:
@@ -344,8 +362,8 @@ class ZImageGenerateOperator(BaseOperator):
             raise AirflowFailException(str(exc)) from None
         settings = self._settings()
         backend = self.backend or settings.backend
-        if backend not in ("runware", "local"):
-            raise AirflowFailException(f"backend must be 'runware' or 'local' (got {backend!r})")
+        if backend not in ("runware", "local", "executor"):
+            raise AirflowFailException(f"backend must be 'runware', 'local' or 'executor' (got {backend!r})")
         job = self._job(context, request, backend, settings)
 
         if not self.force and (images := job.reusable_images()) is not None:
@@ -359,7 +377,7 @@ class ZImageGenerateOperator(BaseOperator):
         if backend == "local":
             return self._finish(context, self._run_local(job, settings))
 
-        estimate = estimate_cost(request)
+        estimate = estimate_cost(request) if backend == "runware" else 0.0  # an executor costs nothing
         self.log.info("Estimated cost: $%.4f for %d image(s)", estimate, job.expected_results)
         if self.max_cost_usd is not None and estimate > self.max_cost_usd:
             raise AirflowFailException(
@@ -422,7 +440,8 @@ class ZImageGenerateOperator(BaseOperator):
         except Exception as exc:
             raise AirflowException(f"malformed event from ZImageTaskTrigger: {exc}") from None
         request = self.build_request()
-        job = self._job(context, request, "runware")
+        backend = "executor" if (self.backend or self._settings().backend) == "executor" else "runware"
+        job = self._job(context, request, backend)
         expected = job.next_submission().task_uuid
         if parsed.task_uuid != expected:
             raise AirflowException(f"event for task {parsed.task_uuid} does not match this task's {expected}")
@@ -555,7 +574,7 @@ class ZImageGenerateOperator(BaseOperator):
         return self._finish(context, images)
 
     def _run_local(self, job: GenerationJob, settings: ConnectionSettings) -> list[dict[str, Any]]:
-        from airflow_provider_zimage.hooks.local import (
+        from airflow_provider_zimage.local import (
             LocalBackendUnavailable,
             LocalGenerationError,
             LocalZImageExecutor,

@@ -1,0 +1,67 @@
+"""What one executor process serves, parsed once from the command line."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["ExecutorConfig", "weights_id"]
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """:param models: AIR id -> weights (a diffusers folder or a Hugging Face id), loaded once each.
+    :param devices: torch devices, one queue and one pipeline per model on each.
+    :param token: the bearer token every `/v1` request must carry (the connection's password).
+    :param max_batch: images denoised together in one pipeline call, at most.
+    :param output_dir: where task records and images are kept so they survive a restart; None keeps them
+        in memory only (a restart forgets every task: clients get `taskNotFound` and generate again).
+    :param result_ttl: seconds a finished task and its images are kept (a request's `ttl` shortens the
+        image URLs' lifetime, never lengthens it past this).
+    :param drain_timeout: seconds SIGTERM waits for queued work to finish before the process exits.
+    :param input_roots: folders `seedImage`/`maskImage` file paths may point into (default: none).
+    :param public_url: the base URL clients reach this executor at (image URLs are built on it).
+    """
+
+    models: dict[str, str]
+    token: str = field(repr=False)
+    devices: tuple[str, ...] = ("auto",)
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_batch: int = 4
+    output_dir: Path | None = None
+    result_ttl: float = 24 * 3600.0
+    drain_timeout: float = 60.0
+    dtype: str = "auto"
+    local_files_only: bool = True
+    preload: bool = True
+    input_roots: tuple[str, ...] = ()
+    public_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("--model: serve at least one model (AIR=PATH_OR_HF_ID)")
+        if len(self.token) < 16:
+            raise ValueError("--token-file: the token must be at least 16 characters")
+        if self.max_batch < 1:
+            raise ValueError(f"--max-batch must be >= 1 (got {self.max_batch})")
+
+
+def weights_id(source: str) -> str:
+    """What the fingerprint of a task's images records about the weights: the source and a digest.
+
+    For a folder: every file's relative path and size plus the contents of its JSON configs, so other
+    weights under the same path give another id without reading 20 GB. For a Hugging Face id: the id.
+    """
+    path = Path(source)
+    if not path.is_dir():
+        return source
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path).as_posix()
+        digest.update(f"{relative}\0{file.stat().st_size}\0".encode())
+        if file.suffix == ".json":
+            digest.update(file.read_bytes())
+    return f"{os.path.abspath(source)}@{digest.hexdigest()[:16]}"

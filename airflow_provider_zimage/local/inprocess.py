@@ -1,0 +1,307 @@
+"""`LocalZImageExecutor`: plan, denoise and encode Z-Image requests in this process with diffusers.
+
+The in-process backend of the operator (`backend="local"`, for `dag.test()` and one-off use) and the
+engine of the executor service (`airflow_provider_zimage.executor`), which keeps one of these per model
+and device and feeds it batches. Every image is generated with its own `torch.Generator` seeded
+`seed + i`, so any single result is reproducible from the seed recorded in it, whatever `numberResults`
+was and whichever images it shared a pipeline call with.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_zimage.exceptions import ZImageValidationError
+from airflow_provider_zimage.local.images import encode_image
+from airflow_provider_zimage.local.pipelines import (
+    PipelineCache,
+    device_lock,
+    import_runtime,
+    normalise_dtype,
+    resolve_device,
+)
+from airflow_provider_zimage.local.planning import PipelineKind, Plan, model_spec, plan_request
+from airflow_provider_zimage.local.refusals import issue
+from airflow_provider_zimage.local.results import GeneratedImage, LocalGenerationError
+from airflow_provider_zimage.local.schedulers import adapt_scheduler
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from airflow_provider_zimage.models import ImageInferenceRequest, ModelSpec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LocalZImageExecutor", "Unit"]
+
+PROGRESS_LINES = 10
+Unit = tuple[Plan, int]  # one image: the plan it belongs to and its seed
+
+
+class LocalZImageExecutor:
+    """Generate Z-Image images in this process with diffusers.
+
+    :param model_path: a Hugging Face repo id or a local diffusers folder; when None, the catalog's
+        `hf_repo` of the request's model (`Tongyi-MAI/Z-Image-Turbo`, `Tongyi-MAI/Z-Image`).
+    :param device: "auto" (cuda, then mps, then cpu) or a torch device string ("cuda:1").
+    :param dtype: "auto" (bfloat16 on GPU, float32 on CPU), "bfloat16", "float32" or "float16".
+        float16 overflows inside Z-Image (NaN, black images) and is refused unless `allow_fp16`.
+    :param cpu_offload: keep weights in CPU memory and move one model at a time to the GPU
+        (`enable_model_cpu_offload`): slower, but fits 16-24 GB GPUs.
+    :param local_files_only: never touch the Hugging Face hub (weights must be in the cache or folder).
+    :param lora_paths: where LoRAs named by Runware AIR ids (`civitai:123@4`) live locally: a file, a folder
+        or `hf:owner/repo`. Requests may also name `file:/path/lora.safetensors` or `hf:owner/repo` directly.
+    :param max_models_per_device: checkpoints kept per device; loading another evicts the oldest, because
+        two Z-Image checkpoints (~20 GB each) do not fit most GPUs.
+    :param from_pretrained_kwargs: passed to `from_pretrained` (revision, cache_dir, token...).
+    :param input_roots: folders `seedImage`/`maskImage` file paths may point into; None reads
+        `[zimage] local_input_roots` (default: the output path and the DAGs folder).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        cpu_offload: bool = False,
+        local_files_only: bool = False,
+        allow_fp16: bool = False,
+        lora_paths: Mapping[str, str] | None = None,
+        max_models_per_device: int = 1,
+        from_pretrained_kwargs: Mapping[str, Any] | None = None,
+        input_roots: Sequence[str | os.PathLike[str]] | None = None,
+    ) -> None:
+        self.model_path = os.fspath(model_path) if model_path is not None else None
+        self.device = device or "auto"
+        self.dtype = normalise_dtype(dtype or "auto", allow_fp16)
+        self.cpu_offload = cpu_offload
+        self.local_files_only = local_files_only
+        self.lora_paths = dict(lora_paths or {})
+        self.max_models_per_device = max(1, max_models_per_device)
+        self.from_pretrained_kwargs = dict(from_pretrained_kwargs or {})
+        self._input_roots = None if input_roots is None else [os.fspath(r) for r in input_roots]
+        self._cache = PipelineCache(
+            cpu_offload=cpu_offload,
+            local_files_only=local_files_only,
+            max_models_per_device=max_models_per_device,
+            from_pretrained_kwargs=self.from_pretrained_kwargs,
+        )
+        self._resolved: tuple[str, str] | None = None
+
+    # -- public API --------------------------------------------------------------------------------
+
+    @property
+    def input_roots(self) -> list[str]:
+        if self._input_roots is None:
+            from airflow_provider_zimage.local.images import default_input_roots
+
+            self._input_roots = default_input_roots()
+        return self._input_roots
+
+    def validate(self, request: ImageInferenceRequest) -> None:
+        """Raise `ZImageValidationError` if this backend cannot honour `request` (loads nothing)."""
+        self.plan(request)
+
+    def plan(self, request: ImageInferenceRequest, *, delivery_supported: bool = False) -> Plan:
+        """The validated plan of `request` (image inputs decoded); loads nothing."""
+        return plan_request(
+            request,
+            lora_paths=self.lora_paths,
+            input_roots=self.input_roots,
+            delivery_supported=delivery_supported,
+        )
+
+    _plan = plan  # the name tests and benches used before the split
+
+    def generate(self, request: ImageInferenceRequest) -> list[GeneratedImage]:
+        """Run `request` and return `numberResults` encoded images with Runware-shaped result items.
+
+        One pipeline call per image, in seed order: the in-process backend has nothing to batch with.
+        """
+        plan = self.plan(request)
+        started = time.perf_counter()
+        images = []
+        for seed in plan.seeds:
+            images += self.generate_batch([(plan, seed)])
+        log.info(
+            "Generated %d image(s) %dx%d in %.2fs (task %s)",
+            len(images),
+            plan.width,
+            plan.height,
+            time.perf_counter() - started,
+            plan.task_uuid,
+        )
+        return images
+
+    def generate_batch(self, units: Sequence[Unit]) -> list[GeneratedImage]:
+        """Denoise `units` (plans sharing one `batch_key`, or a single unit) in ONE pipeline call.
+
+        Each image gets its own generator, so its bytes depend on its seed alone.
+        """
+        plan = units[0][0]
+        torch = import_runtime()
+        device, dtype = self._resolve(torch)
+        started = time.perf_counter()
+        with device_lock(device):
+            waited = time.perf_counter() - started
+            if waited > 1.0:
+                log.info("Waited %.1fs for %s (another caller of this process was using it)", waited, device)
+            pipe = self._cache.pipeline(self.source(plan.spec), plan.kind, device, dtype)
+            arrays = self._run(pipe, units, device, dtype)
+        # Encoding needs no GPU: done outside the lock so the next call can start denoising.
+        return [self._encode(p, seed, array) for (p, seed), array in zip(units, arrays, strict=True)]
+
+    def pipeline(self, model: str = "runware:z-image@turbo", kind: PipelineKind = "text-to-image") -> Any:
+        """The cached pipeline this executor would use (loaded if needed): warm-up, benchmarks, tests."""
+        spec = model_spec(model)
+        torch = import_runtime()
+        device, dtype = self._resolve(torch)
+        with device_lock(device):
+            return self._cache.pipeline(self.source(spec), kind, device, dtype)
+
+    @property
+    def resolved_device(self) -> str:
+        """The concrete device ("cuda:0", "mps", "cpu") after resolving "auto"."""
+        return self._resolve(import_runtime())[0]
+
+    @property
+    def resolved_dtype(self) -> str:
+        return self._resolve(import_runtime())[1]
+
+    def source(self, spec: ModelSpec) -> str:
+        """Where the weights of `spec` come from: the configured path, else the catalog's HF repo."""
+        return self.model_path or str(spec.hf_repo)
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def _resolve(self, torch: Any) -> tuple[str, str]:
+        if self._resolved is None:
+            device = resolve_device(torch, self.device)
+            dtype = self.dtype
+            if dtype == "auto":
+                dtype = "float32" if device == "cpu" else "bfloat16"
+            self._resolved = (device, dtype)
+        return self._resolved
+
+    def _run(self, pipe: Any, units: Sequence[Unit], device: str, dtype: str) -> list[np.ndarray]:
+        import numpy as np
+        import torch
+
+        plan = units[0][0]
+        seeds = [seed for _, seed in units]
+        base_scheduler = pipe.scheduler
+        generator_device = "cpu" if device in ("cpu", "mps") else device  # MPS generators are unreliable
+        cuda = device.startswith("cuda")
+        log.info(
+            "%s: %d image(s) %dx%d in one call, %d steps, guidance %g, scheduler %s, %d LoRA(s), %s %s",
+            plan.kind,
+            len(units),
+            plan.width,
+            plan.height,
+            plan.steps,
+            plan.guidance_scale,
+            plan.scheduler_name,
+            len(plan.loras),
+            device,
+            dtype,
+        )
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        adapters = self._apply_loras(pipe, plan)
+        try:
+            generators = [torch.Generator(generator_device).manual_seed(seed) for seed in seeds]
+            pipe.scheduler = adapt_scheduler(plan.scheduler, base_scheduler.config, generators[0])
+            kwargs = plan.pipeline_kwargs()
+            if len(units) > 1:
+                kwargs["prompt"] = [p.prompt for p, _ in units]
+                if plan.negative_prompt is not None:
+                    kwargs["negative_prompt"] = [plan.negative_prompt] * len(units)
+                label = f"batch of {len(units)} (seeds {', '.join(map(str, seeds))})"
+            else:
+                label = f"image (seed {seeds[0]}, task {plan.task_uuid})"
+            started = time.perf_counter()
+            output = pipe(
+                **kwargs,
+                generator=generators if len(units) > 1 else generators[0],
+                output_type="np",
+                callback_on_step_end=_progress(label, started),
+            )
+            images = np.asarray(output.images)
+            log.info("%s done in %.2fs", label, time.perf_counter() - started)
+            arrays = []
+            for (unit_plan, seed), array in zip(units, images, strict=True):
+                nan = bool(np.isnan(array).any())
+                if nan or not array.any():
+                    raise LocalGenerationError(
+                        f"image of seed {seed} (task {unit_plan.task_uuid}) came out "
+                        f"{'NaN' if nan else 'all black'} with dtype {dtype} on {device}. "
+                        "Z-Image overflows in float16: use bfloat16 on GPUs (dtype='auto') or float32 on CPU."
+                    )
+                arrays.append(array)
+        finally:
+            pipe.scheduler = base_scheduler
+            if adapters:
+                # The pipeline is shared by the next caller of this process: leave no adapter behind.
+                pipe.unload_lora_weights()
+            if cuda:
+                log.info("Peak GPU memory: %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
+        return arrays
+
+    def _apply_loras(self, pipe: Any, plan: Plan) -> list[str]:
+        names: list[str] = []
+        try:
+            for index, lora in enumerate(plan.loras):
+                name = f"zimage_lora_{index}"
+                kwargs: dict[str, Any] = {"adapter_name": name, "local_files_only": self.local_files_only}
+                if lora.weight_name:
+                    kwargs["weight_name"] = lora.weight_name
+                try:
+                    pipe.load_lora_weights(lora.source, **kwargs)
+                except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                    raise ZImageValidationError(
+                        f"{lora.parameter}: could not load LoRA {lora.source!r}: {exc}",
+                        [issue(lora.parameter, f"could not be loaded: {exc}", lora.source)],
+                    ) from exc
+                names.append(name)
+            if names:
+                pipe.set_adapters(names, adapter_weights=[lora.weight for lora in plan.loras])
+        except BaseException:
+            if names:
+                pipe.unload_lora_weights()
+            raise
+        return names
+
+    @staticmethod
+    def _encode(plan: Plan, seed: int, array: np.ndarray) -> GeneratedImage:
+        data = encode_image(array, plan.output_format, plan.output_quality)
+        result = {
+            "taskType": "imageInference",
+            "taskUUID": plan.task_uuid,
+            "imageUUID": str(uuid.uuid4()),
+            "seed": seed,
+            "NSFWContent": False,
+            "cost": 0.0,
+            "status": "success",
+        }
+        return GeneratedImage(result=result, data=data, format=plan.output_format)
+
+
+def _progress(label: str, started: float) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+    """A `callback_on_step_end` logging about `PROGRESS_LINES` lines per call, however many steps."""
+
+    def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        total = int(getattr(pipe, "num_timesteps", 0) or 0) or step + 1
+        every = max(1, math.ceil(total / PROGRESS_LINES))
+        done = step + 1
+        if done % every == 0 or done == total:
+            log.info("%s: step %d/%d (%.2fs)", label, done, total, time.perf_counter() - started)
+        return tensors
+
+    return callback

@@ -1,0 +1,337 @@
+"""Request planning: a Runware `imageInference` request -> the validated arguments of one diffusers run.
+
+Built without torch, so a request the local pipelines cannot honour (TwinFlow, ControlNet, ultralytics,
+outpainting, a Runware image UUID, a scheduler with no flow-matching equivalent...) is refused before
+any model is loaded (~20 GB and tens of seconds for Z-Image), with every offending wire parameter named.
+The in-process backend and the executor service plan with this one function; only the service, which
+answers over HTTP, can honour `webhookURL` and `uploadEndpoint` (`delivery_supported=True`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import uuid
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote, urlparse
+
+from PIL import Image
+
+from airflow_provider_zimage.local.images import DEFAULT_QUALITY, load_image
+from airflow_provider_zimage.local.refusals import issue, raise_issues
+from airflow_provider_zimage.local.schedulers import (
+    DEFAULT_SCHEDULER,
+    SUPPORTED_SCHEDULERS,
+    SchedulerChoice,
+    lookup_scheduler,
+)
+
+if TYPE_CHECKING:
+    from airflow_provider_zimage.models import ImageInferenceRequest, ModelSpec
+
+__all__ = ["LoraPlan", "PipelineKind", "Plan", "batch_key", "model_spec", "plan_request"]
+
+PipelineKind = Literal["text-to-image", "image-to-image", "inpainting"]
+SIZE_MULTIPLE = 16  # VAE factor 8 x patch size 2 of the published checkpoints
+MAX_SIDE = 2048  # the API's largest width/height
+DEFAULT_STRENGTH = 0.8  # Runware's default for seedImage and maskImage
+DEFAULT_FORMAT = "JPG"  # Runware's default outputFormat
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    parameter: str
+    source: str
+    weight: float
+    weight_name: str | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: ModelSpec
+    kind: PipelineKind
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    strength: float | None
+    seeds: tuple[int, ...]
+    scheduler_name: str
+    scheduler: SchedulerChoice
+    seed_image: Image.Image | None
+    mask_image: Image.Image | None
+    loras: tuple[LoraPlan, ...]
+    output_format: str
+    output_quality: int
+    task_uuid: str
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Arguments of the diffusers call shared by every image (generator and callback are per call)."""
+        kwargs: dict[str, Any] = {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "height": self.height,
+            "width": self.width,
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+        }
+        if self.seed_image is not None:
+            kwargs["image"] = self.seed_image
+            kwargs["strength"] = self.strength
+        if self.mask_image is not None:
+            kwargs["mask_image"] = self.mask_image
+        return kwargs
+
+
+def batch_key(plan: Plan) -> Hashable | None:
+    """What two plans must share to be denoised in one pipeline call; None when a plan runs alone.
+
+    diffusers takes a list of prompts and one generator per image, so seeds stay per image. Everything
+    else of the call is shared: model, size, steps, guidance, scheduler, LoRAs and the negative prompt.
+    Image inputs and stochastic schedulers (which draw noise from one bound generator) run alone.
+    """
+    if plan.kind != "text-to-image" or plan.scheduler.stochastic:
+        return None
+    return (
+        plan.spec.air,
+        plan.width,
+        plan.height,
+        plan.steps,
+        plan.guidance_scale,
+        plan.scheduler,
+        plan.loras,
+        plan.negative_prompt,
+    )
+
+
+def model_spec(model: str) -> ModelSpec:
+    """The catalog entry of `model`, refused (naming `model`) when diffusers cannot run it."""
+    from airflow_provider_zimage.models import CATALOG, resolve_model
+
+    spec = CATALOG.get(model) or resolve_model(model)
+    if spec.hf_repo is None:
+        raise_issues(
+            [
+                issue(
+                    "model",
+                    f"{spec.air} ({spec.name}) runs only on Runware: it needs a patched transformer that "
+                    "diffusers does not ship; use runware:z-image@turbo locally or the Runware backend",
+                    model,
+                )
+            ]
+        )
+    return spec
+
+
+def plan_request(
+    request: ImageInferenceRequest,
+    *,
+    lora_paths: Mapping[str, str],
+    input_roots: Sequence[str],
+    delivery_supported: bool = False,
+) -> Plan:
+    """Validate `request` for the local pipelines and decode its image inputs; loads no model."""
+    spec = model_spec(request.model)
+    issues = unsupported_features(request, delivery_supported=delivery_supported)
+
+    scheduler_name = getattr(request, "scheduler", None) or "Default"
+    choice = lookup_scheduler(scheduler_name)
+    if choice is None:
+        issues.append(
+            issue(
+                "scheduler",
+                "has no flow-matching equivalent in diffusers for Z-Image; the local backend supports "
+                + ", ".join(SUPPORTED_SCHEDULERS),
+                scheduler_name,
+            )
+        )
+
+    inputs = getattr(request, "inputs", None)
+    seed_ref = getattr(inputs, "seed_image", None) if inputs is not None else None
+    mask_ref = getattr(inputs, "mask_image", None) if inputs is not None else None
+    if mask_ref is not None and seed_ref is None:
+        issues.append(issue("inputs.maskImage", "requires inputs.seedImage (the image to edit)"))
+    for parameter, ref in (("inputs.seedImage", seed_ref), ("inputs.maskImage", mask_ref)):
+        if ref is not None and _UUID.match(ref.strip()):
+            issues.append(
+                issue(
+                    parameter,
+                    "is a Runware image UUID, which only Runware can resolve; pass the image itself "
+                    "(base64, data URI, http(s) URL or file path) to the local backend",
+                    ref,
+                )
+            )
+
+    width, height = getattr(request, "width", None), getattr(request, "height", None)
+    for parameter, value in (("width", width), ("height", height)):
+        if value is not None and (value < SIZE_MULTIPLE or value % SIZE_MULTIPLE):
+            issues.append(issue(parameter, f"must be a positive multiple of {SIZE_MULTIPLE}", value))
+
+    loras = _lora_plans(getattr(request, "lora", None) or [], lora_paths, issues)
+    raise_issues(issues)  # everything cheap is checked before any download or decode
+
+    seed_image = load_image(seed_ref, "inputs.seedImage", "RGB", input_roots) if seed_ref else None
+    mask_image = load_image(mask_ref, "inputs.maskImage", "L", input_roots) if mask_ref else None
+    if seed_image is not None and (width is None or height is None):
+        # Without an explicit size the output keeps the seed image's size, shrunk to the API's largest
+        # side if needed and rounded down to the 16-pixel grid.
+        scale = min(1.0, MAX_SIDE / max(seed_image.size))
+        width, height = (
+            max(SIZE_MULTIPLE, int(side * scale) // SIZE_MULTIPLE * SIZE_MULTIPLE) for side in seed_image.size
+        )
+    width = width or spec.default_width
+    height = height or spec.default_height
+    if seed_image is not None and seed_image.size != (width, height):
+        seed_image = seed_image.resize((width, height), Image.Resampling.LANCZOS)
+    if mask_image is not None and mask_image.size != (width, height):
+        mask_image = mask_image.resize((width, height), Image.Resampling.NEAREST)
+
+    steps = getattr(request, "steps", None) or spec.local_default_steps or 8
+    cfg = getattr(request, "cfg_scale", None)
+    guidance = float(cfg) if cfg is not None else float(spec.local_guidance_scale or 0.0)
+
+    strength: float | None = None
+    kind: PipelineKind = "text-to-image"
+    if seed_image is not None:
+        kind = "inpainting" if mask_image is not None else "image-to-image"
+        raw_strength = getattr(request, "strength", None)
+        strength = float(raw_strength) if raw_strength is not None else DEFAULT_STRENGTH
+        # Same arithmetic as the pipelines' get_timesteps: refuse what they would reject mid-load.
+        if steps - int(max(steps - min(steps * strength, steps), 0)) < 1:
+            raise_issues(
+                [
+                    issue(
+                        "strength",
+                        f"leaves no denoising step with steps={steps} (use a strength above 0)",
+                        strength,
+                    )
+                ]
+            )
+
+    count = getattr(request, "number_results", None) or 1
+    seed = getattr(request, "seed", None)
+    base_seed = int(seed) if seed is not None else secrets.randbelow(2**32)
+    output_format = (getattr(request, "output_format", None) or DEFAULT_FORMAT).upper()
+    if output_format == "JPEG":
+        output_format = "JPG"
+    if output_format not in ("JPG", "PNG", "WEBP"):
+        raise_issues([issue("outputFormat", "must be JPG, PNG or WEBP", output_format)])
+    return Plan(
+        spec=spec,
+        kind=kind,
+        prompt=request.positive_prompt,
+        negative_prompt=getattr(request, "negative_prompt", None),
+        width=int(width),
+        height=int(height),
+        steps=int(steps),
+        guidance_scale=guidance,
+        strength=strength,
+        seeds=tuple(base_seed + i for i in range(count)),
+        scheduler_name=scheduler_name,
+        scheduler=choice or DEFAULT_SCHEDULER,
+        seed_image=seed_image,
+        mask_image=mask_image,
+        loras=tuple(loras),
+        output_format=output_format,
+        output_quality=getattr(request, "output_quality", None) or DEFAULT_QUALITY,
+        task_uuid=str(getattr(request, "task_uuid", None) or uuid.uuid4()),
+    )
+
+
+def _lora_plans(
+    loras: Sequence[Any], lora_paths: Mapping[str, str], issues: list[dict[str, Any]]
+) -> list[LoraPlan]:
+    plans = []
+    for index, lora in enumerate(loras):
+        parameter = f"lora[{index}].model"
+        name = str(lora.model)
+        target = lora_paths.get(name, name)
+        weight = float(lora.weight) if getattr(lora, "weight", None) is not None else 1.0
+        resolved = _resolve_lora(target)
+        if resolved is None:
+            issues.append(
+                issue(
+                    parameter,
+                    "cannot be resolved locally: map this AIR id with lora_paths={...} or name the "
+                    "LoRA as 'file:/path/to/lora.safetensors' or 'hf:owner/repo'",
+                    name,
+                )
+            )
+        elif isinstance(resolved, str):
+            issues.append(issue(parameter, resolved, name))
+        else:
+            plans.append(LoraPlan(parameter, resolved[0], weight, resolved[1]))
+    return plans
+
+
+_DELIVERY_REFUSAL = "is a Runware delivery option; local results are returned directly"
+
+
+def unsupported_features(request: Any, *, delivery_supported: bool = False) -> list[dict[str, Any]]:
+    """Parameters that change what Runware would return and that the local pipelines cannot reproduce."""
+    issues = []
+    refusals = [
+        (
+            "controlNet",
+            "control_net",
+            "needs a Z-Image ControlNet model, which the local backend does not load",
+        ),
+        ("ultralytics", "ultralytics", "(face/hand detailing) is a Runware-side post-process"),
+        ("outpaint", "outpaint", "is not available locally (diffusers has no Z-Image outpainting pipeline)"),
+        ("maskMargin", "mask_margin", "(crop-and-zoom inpainting) is not implemented by the local backend"),
+        (
+            "acceleratorOptions",
+            "accelerator_options",
+            "(step caching) is Runware-side; remove it for local runs",
+        ),
+    ]
+    if not delivery_supported:
+        refusals += [
+            ("webhookURL", "webhook_url", _DELIVERY_REFUSAL),
+            ("uploadEndpoint", "upload_endpoint", _DELIVERY_REFUSAL),
+        ]
+    for wire, attribute, message in refusals:
+        value = getattr(request, attribute, None)
+        if value not in (None, [], {}):
+            issues.append(issue(wire, message, value))
+    acceleration = getattr(request, "acceleration", None)
+    if acceleration not in (None, "none"):
+        issues.append(
+            issue(
+                "acceleration",
+                "is Runware-side caching; the local backend runs every step (use 'none')",
+                acceleration,
+            )
+        )
+    safety = getattr(request, "safety", None)
+    if safety is not None and getattr(safety, "check_content", None):
+        issues.append(
+            issue("safety.checkContent", "needs Runware's NSFW classifier; the local backend has none", True)
+        )
+    return issues
+
+
+def _resolve_lora(target: str) -> tuple[str, str | None] | str | None:
+    """(source for load_lora_weights, weight_name) | problem text | None when it names nothing local."""
+    if target.startswith(("hf:", "huggingface:")):
+        repo = target.split(":", 1)[1].strip("/")
+        parts = repo.split("/")
+        if len(parts) < 2:
+            return "must be hf:owner/repo or hf:owner/repo/file.safetensors"
+        return "/".join(parts[:2]), ("/".join(parts[2:]) or None)
+    path: str | None = None
+    if target.startswith("file:"):
+        path = unquote(urlparse(target).path) if target.startswith("file://") else target[5:]
+    elif os.path.isabs(target) or os.path.exists(target):
+        path = target
+    if path is None:
+        return None
+    if not os.path.exists(path):
+        return f"names a local LoRA that does not exist: {path}"
+    return path, None
