@@ -338,6 +338,7 @@ def test_the_trigger_serializes_to_exactly_its_constructor_arguments():
         "webhook_inbox": "s3://aws_default@bucket/inbox",
         "poll_after": 1_899_999_000.0,
         "inbox_interval": 0.4,
+        "not_before": 1_899_999_010.0,
     }
     classpath, serialized = ZImageTaskTrigger(**kwargs).serialize()
     assert classpath == "airflow_provider_zimage.triggers.task.ZImageTaskTrigger"
