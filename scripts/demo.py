@@ -102,7 +102,8 @@ def choose_backend(env: Mapping[str, str], tiny_model_dir: Path) -> Backend:
         output_label="tiny-random-weights",
         notice="Backend: a zimage-executor started on 127.0.0.1 for this demo, serving a TINY Z-Image "
         f"model whose weights are RANDOM (built offline in {tiny_model_dir}) on the CPU; the DAGs submit "
-        "to it and defer (deferrable=True), as they would to Runware.\nThe images will be coloured "
+        "to it deferrably (deferrable=True), as they would to Runware: images ready within defer_after "
+        "(5 s) are stored without deferring.\nThe images will be coloured "
         "noise: they prove that the pipeline works (DAG -> operator -> storage -> manifest -> contact "
         "sheet), not what Z-Image draws.\n"
         "For real pictures: RUNWARE_API_KEY=<your key> make demo, or ZIMAGE_MODEL_PATH=<Z-Image-Turbo "
@@ -241,7 +242,7 @@ def _run(
         health = executor.health()
         lines.append(
             f"Every image was made by the zimage-executor at {executor.url}: it loaded the model "
-            f"{health['loads']} time(s) for all tasks; the tasks deferred while it worked."
+            f"{health['loads']} time(s) for all tasks (deferrable tasks; none held the model)."
         )
     if backend.needs_tiny_model:
         lines.append(
