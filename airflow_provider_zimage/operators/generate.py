@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -57,6 +57,73 @@ def _rendered_number(value: Any, kind: type[int] | type[float]) -> Any:
         return kind(value.strip())
     except ValueError:
         return value
+
+
+# The operator arguments that make up one image request (the batch operator takes the same keys).
+REQUEST_ARGUMENTS = (
+    "prompt",
+    "model",
+    "negative_prompt",
+    "width",
+    "height",
+    "seed",
+    "steps",
+    "scheduler",
+    "cfg_scale",
+    "strength",
+    "mask_margin",
+    "seed_image",
+    "mask_image",
+    "outpaint",
+    "lora",
+    "control_net",
+    "ultralytics",
+    "number_results",
+    "output_type",
+    "output_format",
+    "output_quality",
+    "safety",
+    "ttl",
+    "include_cost",
+    "acceleration",
+    "accelerator_options",
+    "upload_endpoint",
+)
+
+
+def build_image_request(args: Mapping[str, Any]) -> ImageInferenceRequest:
+    """The validated request from operator-style arguments (`prompt`, `seed_image`, ...), written once for
+    `ZImageGenerateOperator` and every request of `ZImageBatchGenerateOperator`."""
+    inputs = {k: v for k in ("seed_image", "mask_image") if (v := args.get(k))}
+    fields: dict[str, Any] = {
+        "model": args.get("model"),
+        "positive_prompt": args.get("prompt"),
+        "negative_prompt": args.get("negative_prompt"),
+        "width": _rendered_number(args.get("width"), int),
+        "height": _rendered_number(args.get("height"), int),
+        "seed": _rendered_number(args.get("seed"), int),
+        "steps": _rendered_number(args.get("steps"), int),
+        "scheduler": args.get("scheduler"),
+        "cfg_scale": _rendered_number(args.get("cfg_scale"), float),
+        "strength": args.get("strength"),
+        "mask_margin": args.get("mask_margin"),
+        "inputs": inputs or None,
+        "outpaint": args.get("outpaint"),
+        "lora": args.get("lora"),
+        "control_net": args.get("control_net"),
+        "ultralytics": args.get("ultralytics"),
+        "number_results": args.get("number_results"),
+        "output_type": args.get("output_type"),
+        "output_format": args.get("output_format"),
+        "output_quality": args.get("output_quality"),
+        "safety": args.get("safety"),
+        "ttl": args.get("ttl"),
+        "include_cost": args.get("include_cost"),
+        "acceleration": args.get("acceleration"),
+        "accelerator_options": args.get("accelerator_options"),
+        "upload_endpoint": args.get("upload_endpoint"),
+    }
+    return ImageInferenceRequest.build(**{k: v for k, v in fields.items() if v is not None})
 
 
 class ZImageImageLink(BaseOperatorLink):
@@ -256,36 +323,7 @@ class ZImageGenerateOperator(BaseOperator):
 
     def build_request(self) -> ImageInferenceRequest:
         """The validated request; raises ZImageValidationError naming the parameter before any call."""
-        inputs = {k: v for k, v in (("seed_image", self.seed_image), ("mask_image", self.mask_image)) if v}
-        fields: dict[str, Any] = {
-            "model": self.model,
-            "positive_prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "width": _rendered_number(self.width, int),
-            "height": _rendered_number(self.height, int),
-            "seed": _rendered_number(self.seed, int),
-            "steps": _rendered_number(self.steps, int),
-            "scheduler": self.scheduler,
-            "cfg_scale": _rendered_number(self.cfg_scale, float),
-            "strength": self.strength,
-            "mask_margin": self.mask_margin,
-            "inputs": inputs or None,
-            "outpaint": self.outpaint,
-            "lora": self.lora,
-            "control_net": self.control_net,
-            "ultralytics": self.ultralytics,
-            "number_results": self.number_results,
-            "output_type": self.output_type,
-            "output_format": self.output_format,
-            "output_quality": self.output_quality,
-            "safety": self.safety,
-            "ttl": self.ttl,
-            "include_cost": self.include_cost,
-            "acceleration": self.acceleration,
-            "accelerator_options": self.accelerator_options,
-            "upload_endpoint": self.upload_endpoint,
-        }
-        return ImageInferenceRequest.build(**{k: v for k, v in fields.items() if v is not None})
+        return build_image_request({name: getattr(self, name) for name in REQUEST_ARGUMENTS})
 
     def _settings(self) -> ConnectionSettings:
         """The connection's settings; a local run needs no connection at all."""
