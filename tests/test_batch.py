@@ -212,3 +212,61 @@ def test_the_ledger_is_one_versioned_file_in_the_task_folder(zimage_conn, output
     assert data["version"] == 1
     assert {e["status"] for e in data["entries"].values()} == {"stored"}
     assert len({e["task_uuid"] for e in data["entries"].values()}) == 3
+
+
+# -- reuse="content" --------------------------------------------------------------------------------
+
+
+def test_content_reuse_across_runs_and_dags_pays_only_for_changed_rows(zimage_conn, output_dir):
+    day1 = run_try(batch(output_dir, rows(6), reuse="content"), FakeTI("scheduled__day1", dag_id="shop"))
+    assert day1["images"] == 6 and day1["reused"] == 0
+    assert zimage_conn.stats["total_accepted"] == 6
+
+    # The next day, one row changed: only that one is paid.
+    changed = rows(6)
+    changed[4]["prompt"] = "a new product photo"
+    day2 = run_try(batch(output_dir, changed, reuse="content"), FakeTI("scheduled__day2", dag_id="shop"))
+    assert day2["images"] == 6 and day2["reused"] == 5
+    assert zimage_conn.stats["total_accepted"] == 7
+    entries = read_manifest_entries(day2["manifest_uri"])
+    reused = [e for e in entries if "reused_from" in e]
+    assert len(reused) == 5 and all(e["cost"] == 0.0 for e in reused)
+    assert all("/scheduled__day2/" in e["uri"] and "/scheduled__day1/" in e["reused_from"] for e in reused)
+    assert all(Path(e["uri"].removeprefix("file://")).exists() for e in entries)
+    assert day2["total_cost"] == pytest.approx(sum(e["cost"] or 0 for e in entries))
+
+    # Another DAG under the same output_path asking for the same seeded pictures pays nothing.
+    other = run_try(batch(output_dir, rows(6), reuse="content"), FakeTI("manual__x", dag_id="newsletter"))
+    assert other["reused"] == 6
+    assert zimage_conn.stats["total_accepted"] == 7
+
+    # reuse="task" (the default) does not look across runs.
+    plain = run_try(batch(output_dir, rows(6)), FakeTI("scheduled__day3", dag_id="shop"))
+    assert plain["reused"] == 0
+    assert zimage_conn.stats["total_accepted"] == 13
+
+
+def test_content_reuse_ignores_a_deleted_or_corrupted_earlier_file(zimage_conn, output_dir):
+    first = run_try(batch(output_dir, rows(3), reuse="content"), FakeTI("scheduled__a", dag_id="gone"))
+    entries = read_manifest_entries(first["manifest_uri"])
+    Path(entries[0]["uri"].removeprefix("file://")).unlink()
+    Path(entries[1]["uri"].removeprefix("file://")).write_bytes(b"not the picture any more")
+
+    second = run_try(batch(output_dir, rows(3), reuse="content"), FakeTI("scheduled__b", dag_id="gone2"))
+    assert second["images"] == 3 and second["reused"] == 1
+    assert zimage_conn.stats["total_accepted"] == 5
+    again = read_manifest_entries(second["manifest_uri"])
+    assert [("reused_from" in e) for e in sorted(again, key=lambda e: e["index"])] == [False, False, True]
+
+    # The regenerated ones are indexed again: a third run reuses all three.
+    third = run_try(batch(output_dir, rows(3), reuse="content"), FakeTI("scheduled__c", dag_id="gone3"))
+    assert third["reused"] == 3
+    assert zimage_conn.stats["total_accepted"] == 5
+
+
+def test_content_reuse_never_reuses_an_unseeded_request(zimage_conn, output_dir):
+    unseeded = [{"prompt": f"a random picture {i}"} for i in range(2)]
+    run_try(batch(output_dir, unseeded, reuse="content"), FakeTI("manual__r1", dag_id="random"))
+    second = run_try(batch(output_dir, unseeded, reuse="content"), FakeTI("manual__r2", dag_id="random"))
+    assert second["reused"] == 0
+    assert zimage_conn.stats["total_accepted"] == 4

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.sdk import BaseOperator, conf
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from airflow_provider_zimage import protocol
+from airflow_provider_zimage import content_index, protocol
 from airflow_provider_zimage.batch_state import BatchEntry, BatchLedger, BatchLedgerStore
 from airflow_provider_zimage.exceptions import (
     ZImageAuthError,
@@ -86,6 +86,9 @@ class ZImageBatchGenerateOperator(BaseOperator):
         Runware failed; a retry resubmits only those, under a new generation.
     :param download_concurrency: images fetched and stored at once.
     :param defer_after: with deferrable=True, seconds of in-process polling before deferring.
+    :param reuse: "task" reuses what this task instance stored before; "content" also copies a seeded
+        request's image stored before by any run, DAG or task under the same output_path (cost 0,
+        `reused_from`); see `content_index`.
     """
 
     template_fields: Sequence[str] = ("requests", "output_path", "zimage_conn_id", "model")
@@ -111,6 +114,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
         max_in_flight: int = 1000,
         fail_on_partial_error: bool = True,
         download_concurrency: int = 8,
+        reuse: Literal["task", "content"] = "task",
         **kwargs: Any,
     ) -> None:
         defaults = {k: kwargs.pop(k) for k in list(kwargs) if k in REQUEST_ARGUMENTS}
@@ -142,6 +146,9 @@ class ZImageBatchGenerateOperator(BaseOperator):
         self.max_in_flight = max_in_flight
         self.fail_on_partial_error = fail_on_partial_error
         self.download_concurrency = download_concurrency
+        if reuse not in ("task", "content"):
+            raise ValueError(f"reuse must be 'task' or 'content' (got {reuse!r})")
+        self.reuse = reuse
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -262,6 +269,8 @@ class _BatchRun:
                     continue
                 self.log.info("requests[%d]: stored images missing or force=True: generating again", p.index)
                 entry = self.ledger.regenerate(entry)
+            if entry.status == "intent" and self._content_reuse(p, entry):
+                continue
             self.ledger.entries[p.index] = entry
             if entry.status == "failed" or entry.ended_try or entry.status == "stored":
                 continue
@@ -270,6 +279,18 @@ class _BatchRun:
             else:
                 unsent.append(entry)
         return unsent, waiting
+
+    def _content_reuse(self, p: _Prepared, entry: BatchEntry) -> bool:
+        """A seeded picture stored before under this output_path: copied here, nothing sent or paid."""
+        if self.op.reuse != "content" or p.request.seed is None or (self.op.force and self.fresh):
+            return False
+        copies = content_index.reuse(self.store, p.fingerprint, self.directory)
+        if copies is None:
+            return False
+        entry.images = [{**image, "index": p.index} for image in copies]
+        self.ledger.record(entry, "stored")
+        self.reused += 1
+        return True
 
     def go(self) -> Any:
         unsent, waiting = self._plan()
@@ -377,6 +398,12 @@ class _BatchRun:
             try:
                 entry.images = future.result()
                 self.ledger.record(entry, "stored")
+                if self.op.reuse == "content" and self.prepared[entry.index].request.seed is not None:
+                    images = [{k: v for k, v in i.items() if k != "index"} for i in entry.images]
+                    try:
+                        content_index.record(self.store, entry.fingerprint, images)
+                    except ZImageError as exc:  # a lost hint costs a future payment, not this image
+                        self.log.warning("Could not index requests[%d] for reuse: %s", entry.index, exc)
                 self.done_here += 1
             except ZImageTaskFailed as exc:  # NSFW with on_nsfw="fail": Runware made it, we refuse it
                 self.ledger.record(entry, "failed", str(exc))
