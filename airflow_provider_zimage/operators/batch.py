@@ -11,6 +11,7 @@ Orchestration only: requests are built by `operators.generate.build_image_reques
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -247,6 +248,8 @@ class _BatchRun:
         self.done_here = 0
         self.store_errors: dict[int, str] = {}
         self.reused = 0
+        self._local = threading.local()
+        self._hooks: list[ZImageHook] = []
 
     # -- what each request needs ---------------------------------------------------------------------
 
@@ -333,6 +336,8 @@ class _BatchRun:
                 if self.op.deferrable and time.time() >= defer_at and waiting:
                     self._defer(waiting)
                 time.sleep(next(delays))
+            for download_hook in self._hooks:
+                download_hook.close()
         return self._finish()
 
     # -- steps ---------------------------------------------------------------------------------------
@@ -423,25 +428,30 @@ class _BatchRun:
     def _store(self, entry: BatchEntry, wait: TaskWait) -> list[dict[str, Any]]:
         request = self.prepared[entry.index].request
         images = []
-        hook = ZImageHook(self.op.zimage_conn_id)
-        with hook:
-            for result in apply_nsfw_policy(wait.status.results, self.op.on_nsfw):
-                artifact = self.store.write_image(
-                    self.directory, str(result.image_uuid), hook.download(result)
-                )
-                images.append(
-                    {**manifest_entry(artifact.to_dict(), result, model=request.model), "index": entry.index}
-                )
+        hook = getattr(self._local, "hook", None)
+        if hook is None:  # one client per download thread, reused for every image it fetches
+            hook = self._local.hook = ZImageHook(self.op.zimage_conn_id)
+            self._hooks.append(hook)
+        for result in apply_nsfw_policy(wait.status.results, self.op.on_nsfw):
+            artifact = self.store.write_image(self.directory, str(result.image_uuid), hook.download(result))
+            images.append(
+                {**manifest_entry(artifact.to_dict(), result, model=request.model), "index": entry.index}
+            )
         return images
 
     def _timeouts(self, waiting: dict[str, BatchEntry]) -> None:
         now = time.time()
-        for uuid, entry in list(waiting.items()):
-            if entry.submitted_at is not None and now > entry.submitted_at + self.op.timeout:
-                del waiting[uuid]
-                entry.ended_try = True
-                entry.reason = f"unfinished after {self.op.timeout:g}s; a retry reattaches to the same task"
-        self.ledgers.save(self.ledger)
+        late = [
+            uuid
+            for uuid, entry in waiting.items()
+            if entry.submitted_at is not None and now > entry.submitted_at + self.op.timeout
+        ]
+        for uuid in late:
+            entry = waiting.pop(uuid)
+            entry.ended_try = True
+            entry.reason = f"unfinished after {self.op.timeout:g}s; a retry reattaches to the same task"
+        if late:
+            self.ledgers.save(self.ledger)
 
     def _progress(self) -> None:
         entries = self.ledger.entries.values()
