@@ -270,3 +270,33 @@ def test_content_reuse_never_reuses_an_unseeded_request(zimage_conn, output_dir)
     second = run_try(batch(output_dir, unseeded, reuse="content"), FakeTI("manual__r2", dag_id="random"))
     assert second["reused"] == 0
     assert zimage_conn.stats["total_accepted"] == 4
+
+
+def test_a_batch_past_its_timeout_ends_the_try_and_the_retry_reattaches_without_paying(
+    zimage_conn, output_dir
+):
+    zimage_conn.configure(delay=1.0)
+    ti = FakeTI("manual__slow", dag_id="catalogue_slow")
+    with pytest.raises(AirflowException, match=r"3 of 3 request\(s\) failed.*unfinished after 0.2s"):
+        run_try(batch(output_dir, rows(3), timeout=0.2), ti)
+    assert zimage_conn.stats["total_accepted"] == 3
+    summary = run_try(batch(output_dir, rows(3)), ti)  # the retry, with a longer timeout
+    assert summary["images"] == 3
+    one_submission_each(zimage_conn, 3)
+
+
+def test_a_restarted_triggerer_rebuilds_the_batch_trigger_from_its_serialized_form(zimage_conn, output_dir):
+    zimage_conn.configure(delay=0.3)
+    ti = FakeTI("manual__restart", dag_id="catalogue_restart")
+    op = batch(output_dir, rows(5), deferrable=True, defer_after=0)
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({"ti": ti})
+    path, kwargs = deferred.value.trigger.serialize()
+    assert path == "airflow_provider_zimage.triggers.batch.ZImageBatchTrigger"
+    assert len(kwargs["task_uuids"]) == 5
+    rebuilt = ZImageBatchTrigger(**json.loads(json.dumps(kwargs)))  # what the triggerer stores
+    (event,) = asyncio.run(_events(rebuilt))
+    assert event.payload["pending"] == 0 and set(event.payload["finished"].values()) == {"store"}
+    summary = op.execute_complete({"ti": ti}, event.payload)
+    assert summary["images"] == 5
+    one_submission_each(zimage_conn, 5)
