@@ -300,3 +300,37 @@ def test_a_restarted_triggerer_rebuilds_the_batch_trigger_from_its_serialized_fo
     summary = op.execute_complete({"ti": ti}, event.payload)
     assert summary["images"] == 5
     one_submission_each(zimage_conn, 5)
+
+
+def test_the_single_image_operator_reuses_content_too_and_shares_the_index_with_batches(
+    zimage_conn, output_dir
+):
+    from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
+
+    def single(**kwargs: Any) -> ZImageGenerateOperator:
+        base = {
+            "task_id": "one",
+            "prompt": "product shot number 0",
+            "seed": 1000,
+            "width": 256,
+            "height": 256,
+        }
+        return ZImageGenerateOperator(
+            output_path=output_dir, poll_interval=0.02, reuse="content", **{**base, **kwargs}
+        )
+
+    (first,) = single().execute({"ti": FakeTI("manual__s1", dag_id="single_a")})
+    assert "reused_from" not in first
+    (second,) = single().execute({"ti": FakeTI("manual__s2", dag_id="single_b")})
+    assert second["reused_from"] == first["uri"] and second["cost"] == 0.0
+    assert second["sha256"] == first["sha256"] and second["uri"] != first["uri"]
+    assert zimage_conn.stats["total_accepted"] == 1
+
+    # A batch under the same output_path finds the single operator's picture (same request, same model).
+    summary = run_try(batch(output_dir, rows(2), reuse="content"), FakeTI("manual__b", dag_id="single_c"))
+    assert summary["reused"] == 1
+    assert zimage_conn.stats["total_accepted"] == 2
+
+    # Unseeded, or reuse="task": a new picture.
+    single(seed=None).execute({"ti": FakeTI("manual__s3", dag_id="single_d")})
+    assert zimage_conn.stats["total_accepted"] == 3

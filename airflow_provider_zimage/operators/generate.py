@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from airflow.sdk import BaseOperator, BaseOperatorLink, conf
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_provider_zimage import content_index
 from airflow_provider_zimage.exceptions import (
     ZImageError,
     ZImagePermanentError,
@@ -175,6 +176,8 @@ class ZImageGenerateOperator(BaseOperator):
     :param upload_to_storage: Runware PUTs the image straight into the s3:// `output_path` through a
         presigned URL; the worker reads it back from the bucket for the manifest, never from Runware.
         One image per task: `number_results` > 1 is refused (uploadEndpoint is one URL per task).
+    :param reuse: "task" (default) reuses what this task instance stored; "content" also copies a seeded
+        picture stored before by any run, DAG or task under the same output_path (`content_index`).
     """
 
     template_fields: Sequence[str] = (
@@ -246,9 +249,13 @@ class ZImageGenerateOperator(BaseOperator):
         webhook_grace_period: float = 60.0,
         webhook_check_interval: float = 0.25,
         upload_to_storage: bool = False,
+        reuse: Literal["task", "content"] = "task",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if reuse not in ("task", "content"):
+            raise ValueError(f"reuse must be 'task' or 'content' (got {reuse!r})")
+        self.reuse = reuse
         self.prompt = prompt
         self.model = model
         self.negative_prompt = negative_prompt
@@ -325,6 +332,18 @@ class ZImageGenerateOperator(BaseOperator):
         """The validated request; raises ZImageValidationError naming the parameter before any call."""
         return build_image_request({name: getattr(self, name) for name in REQUEST_ARGUMENTS})
 
+    def _content_reusable(self, request: ImageInferenceRequest) -> bool:
+        return self.reuse == "content" and request.seed is not None and not self.force
+
+    def _index(self, job: GenerationJob, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Remember a stored seeded picture for reuse="content" (a failure costs a future payment only)."""
+        if self.reuse == "content" and job.request.seed is not None:
+            try:
+                content_index.record(job.store, job.fingerprint, images)
+            except ZImageError as exc:
+                self.log.warning("Could not index the images for reuse: %s", exc)
+        return images
+
     def _settings(self) -> ConnectionSettings:
         """The connection's settings; a local run needs no connection at all."""
         try:
@@ -382,8 +401,15 @@ class ZImageGenerateOperator(BaseOperator):
             )
             return self._finish(context, images)
 
+        if self._content_reusable(request) and (
+            copies := content_index.reuse(job.store, job.fingerprint, job.directory)
+        ):
+            self.log.info("reuse='content': this seeded picture was stored before; copied, nothing paid")
+            job.write_manifest(copies, task_uuid=None)
+            return self._finish(context, copies)
+
         if backend == "local":
-            return self._finish(context, self._run_local(job, settings))
+            return self._finish(context, self._index(job, self._run_local(job, settings)))
 
         estimate = estimate_cost(request)
         self.log.info("Estimated cost: $%.4f for %d image(s)", estimate, job.expected_results)
@@ -575,7 +601,7 @@ class ZImageGenerateOperator(BaseOperator):
             raise AirflowFailException(str(exc)) from None
         except ZImageError as exc:
             raise AirflowException(stored_later(task_uuid, exc)) from None
-        return self._finish(context, images)
+        return self._finish(context, self._index(job, images))
 
     def _run_local(self, job: GenerationJob, settings: ConnectionSettings) -> list[dict[str, Any]]:
         from airflow_provider_zimage.hooks.local import (
