@@ -360,6 +360,11 @@ class ZImageHook(BaseHook):
         payload = protocol.get_response_payload(task_uuid)
         return status.merge(self._post(payload, protocol.parse_poll_response))
 
+    def get_responses(self, task_uuids: Sequence[str]) -> RunwareResponse:
+        """Poll many tasks in one POST (the sync twin of `aget_responses`); unknown or expired tasks come
+        back as their own errors."""
+        return self._post(protocol.get_response_payload(*task_uuids), protocol.parse_poll_response)
+
     def wait_for_task(
         self,
         task_uuid: str,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from airflow.sdk import BaseOperator, BaseOperatorLink, conf
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_provider_zimage import content_index
 from airflow_provider_zimage.exceptions import (
     ZImageError,
     ZImagePermanentError,
@@ -69,6 +70,73 @@ def _rendered_number(value: Any, kind: type[int] | type[float]) -> Any:
         return kind(value.strip())
     except ValueError:
         return value
+
+
+# The operator arguments that make up one image request (the batch operator takes the same keys).
+REQUEST_ARGUMENTS = (
+    "prompt",
+    "model",
+    "negative_prompt",
+    "width",
+    "height",
+    "seed",
+    "steps",
+    "scheduler",
+    "cfg_scale",
+    "strength",
+    "mask_margin",
+    "seed_image",
+    "mask_image",
+    "outpaint",
+    "lora",
+    "control_net",
+    "ultralytics",
+    "number_results",
+    "output_type",
+    "output_format",
+    "output_quality",
+    "safety",
+    "ttl",
+    "include_cost",
+    "acceleration",
+    "accelerator_options",
+    "upload_endpoint",
+)
+
+
+def build_image_request(args: Mapping[str, Any]) -> ImageInferenceRequest:
+    """The validated request from operator-style arguments (`prompt`, `seed_image`, ...), written once for
+    `ZImageGenerateOperator` and every request of `ZImageBatchGenerateOperator`."""
+    inputs = {k: v for k in ("seed_image", "mask_image") if (v := args.get(k))}
+    fields: dict[str, Any] = {
+        "model": args.get("model"),
+        "positive_prompt": args.get("prompt"),
+        "negative_prompt": args.get("negative_prompt"),
+        "width": _rendered_number(args.get("width"), int),
+        "height": _rendered_number(args.get("height"), int),
+        "seed": _rendered_number(args.get("seed"), int),
+        "steps": _rendered_number(args.get("steps"), int),
+        "scheduler": args.get("scheduler"),
+        "cfg_scale": _rendered_number(args.get("cfg_scale"), float),
+        "strength": args.get("strength"),
+        "mask_margin": args.get("mask_margin"),
+        "inputs": inputs or None,
+        "outpaint": args.get("outpaint"),
+        "lora": args.get("lora"),
+        "control_net": args.get("control_net"),
+        "ultralytics": args.get("ultralytics"),
+        "number_results": args.get("number_results"),
+        "output_type": args.get("output_type"),
+        "output_format": args.get("output_format"),
+        "output_quality": args.get("output_quality"),
+        "safety": args.get("safety"),
+        "ttl": args.get("ttl"),
+        "include_cost": args.get("include_cost"),
+        "acceleration": args.get("acceleration"),
+        "accelerator_options": args.get("accelerator_options"),
+        "upload_endpoint": args.get("upload_endpoint"),
+    }
+    return ImageInferenceRequest.build(**{k: v for k, v in fields.items() if v is not None})
 
 
 class ZImageImageLink(BaseOperatorLink):
@@ -121,6 +189,8 @@ class ZImageGenerateOperator(BaseOperator):
     :param upload_to_storage: Runware PUTs the image straight into the s3:// `output_path` through a
         presigned URL; the worker reads it back from the bucket for the manifest, never from Runware.
         One image per task: `number_results` > 1 is refused (uploadEndpoint is one URL per task).
+    :param reuse: "task" (default) reuses what this task instance stored; "content" also copies a seeded
+        picture stored before by any run, DAG or task under the same output_path (`content_index`).
     """
 
     template_fields: Sequence[str] = (
@@ -192,9 +262,13 @@ class ZImageGenerateOperator(BaseOperator):
         webhook_grace_period: float = 60.0,
         webhook_check_interval: float = 0.25,
         upload_to_storage: bool = False,
+        reuse: Literal["task", "content"] = "task",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if reuse not in ("task", "content"):
+            raise ValueError(f"reuse must be 'task' or 'content' (got {reuse!r})")
+        self.reuse = reuse
         self.prompt = prompt
         self.model = model
         self.negative_prompt = negative_prompt
@@ -269,36 +343,19 @@ class ZImageGenerateOperator(BaseOperator):
 
     def build_request(self) -> ImageInferenceRequest:
         """The validated request; raises ZImageValidationError naming the parameter before any call."""
-        inputs = {k: v for k, v in (("seed_image", self.seed_image), ("mask_image", self.mask_image)) if v}
-        fields: dict[str, Any] = {
-            "model": self.model,
-            "positive_prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "width": _rendered_number(self.width, int),
-            "height": _rendered_number(self.height, int),
-            "seed": _rendered_number(self.seed, int),
-            "steps": _rendered_number(self.steps, int),
-            "scheduler": self.scheduler,
-            "cfg_scale": _rendered_number(self.cfg_scale, float),
-            "strength": self.strength,
-            "mask_margin": self.mask_margin,
-            "inputs": inputs or None,
-            "outpaint": self.outpaint,
-            "lora": self.lora,
-            "control_net": self.control_net,
-            "ultralytics": self.ultralytics,
-            "number_results": self.number_results,
-            "output_type": self.output_type,
-            "output_format": self.output_format,
-            "output_quality": self.output_quality,
-            "safety": self.safety,
-            "ttl": self.ttl,
-            "include_cost": self.include_cost,
-            "acceleration": self.acceleration,
-            "accelerator_options": self.accelerator_options,
-            "upload_endpoint": self.upload_endpoint,
-        }
-        return ImageInferenceRequest.build(**{k: v for k, v in fields.items() if v is not None})
+        return build_image_request({name: getattr(self, name) for name in REQUEST_ARGUMENTS})
+
+    def _content_reusable(self, request: ImageInferenceRequest) -> bool:
+        return self.reuse == "content" and request.seed is not None and not self.force
+
+    def _index(self, job: GenerationJob, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Remember a stored seeded picture for reuse="content" (a failure costs a future payment only)."""
+        if self.reuse == "content" and job.request.seed is not None:
+            try:
+                content_index.record(job.store, job.fingerprint, images)
+            except ZImageError as exc:
+                self.log.warning("Could not index the images for reuse: %s", exc)
+        return images
 
     def _settings(self) -> ConnectionSettings:
         """The connection's settings; a local run needs no connection at all."""
@@ -374,8 +431,15 @@ class ZImageGenerateOperator(BaseOperator):
             )
             return self._finish(context, images)
 
+        if self._content_reusable(request) and (
+            copies := content_index.reuse(job.store, job.fingerprint, job.directory)
+        ):
+            self.log.info("reuse='content': this seeded picture was stored before; copied, nothing paid")
+            job.write_manifest(copies, task_uuid=None)
+            return self._finish(context, copies)
+
         if backend == "local":
-            return self._finish(context, self._run_local(job, settings))
+            return self._finish(context, self._index(job, self._run_local(job, settings)))
 
         estimate = estimate_cost(request) if backend == "runware" else 0.0  # an executor costs nothing
         self.log.info("Estimated cost: $%.4f for %d image(s)", estimate, job.expected_results)
@@ -571,7 +635,7 @@ class ZImageGenerateOperator(BaseOperator):
             raise AirflowFailException(str(exc)) from None
         except ZImageError as exc:
             raise AirflowException(stored_later(task_uuid, exc)) from None
-        return self._finish(context, images)
+        return self._finish(context, self._index(job, images))
 
     def _run_local(self, job: GenerationJob, settings: ConnectionSettings) -> list[dict[str, Any]]:
         from airflow_provider_zimage.local import (

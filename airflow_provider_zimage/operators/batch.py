@@ -1,0 +1,539 @@
+"""`ZImageBatchGenerateOperator`: thousands of image requests in one task instance.
+
+Mapping one task instance per image makes Airflow the bottleneck (a worker process, a deferral and a
+scheduler round per image). This operator validates every request first, submits them in chunks (many
+tasks per POST) with a bound on tasks in flight, waits for all of them with batched `getResponse`
+(in-process, or in ONE `ZImageBatchTrigger`), stores the images concurrently and writes one manifest.
+
+Orchestration only: requests are built by `operators.generate.build_image_request`, answers read by
+`outcomes`, the per-request ledger is `batch_state`, bytes go through `ArtifactStore`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Literal
+
+from airflow.sdk import BaseOperator, conf
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from airflow_provider_zimage import content_index, protocol
+from airflow_provider_zimage.batch_state import BatchEntry, BatchLedger, BatchLedgerStore
+from airflow_provider_zimage.exceptions import (
+    ZImageAuthError,
+    ZImageError,
+    ZImagePermanentError,
+    ZImageTaskFailed,
+    ZImageValidationError,
+)
+from airflow_provider_zimage.generation import (
+    MANIFEST_VERSION,
+    NsfwPolicy,
+    TaskInstanceRef,
+    apply_nsfw_policy,
+    manifest_entry,
+)
+from airflow_provider_zimage.hooks.runware import ZImageHook
+from airflow_provider_zimage.models import ImageInferenceRequest, estimate_cost
+from airflow_provider_zimage.operators.generate import REQUEST_ARGUMENTS, build_image_request
+from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, Outcome, TaskWait, for_error
+from airflow_provider_zimage.protocol import RunwareResponse
+from airflow_provider_zimage.state import job_fingerprint
+from airflow_provider_zimage.storage import ArtifactStore, as_path, default_output_path, read_json, verify
+from airflow_provider_zimage.triggers.batch import POLL_BATCH, ZImageBatchTrigger, split_by_task
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+# Runware takes many tasks per POST; 100 keeps one POST well under its request-size limits.
+DEFAULT_CHUNK_SIZE = 100
+
+
+@dataclass
+class _Prepared:
+    index: int
+    request: ImageInferenceRequest
+    fingerprint: str
+
+    @property
+    def expected(self) -> int:
+        return self.request.number_results or 1
+
+
+def read_manifest_entries(manifest_uri: str) -> list[dict[str, Any]]:
+    """The image entries of a batch manifest (the XCom carries only counts and this URI)."""
+    manifest = read_json(as_path(manifest_uri))
+    if not isinstance(manifest, dict):
+        raise ValueError(f"no batch manifest at {manifest_uri}")
+    return list(manifest.get("images") or [])
+
+
+class ZImageBatchGenerateOperator(BaseOperator):
+    """Generate one image request per dict of `requests`; returns a small summary with the manifest URI.
+
+    :param requests: list of dicts keyed like `ZImageGenerateOperator`'s arguments (`prompt`, `seed`,
+        `width`, ...). Templated; an XComArg works (an upstream task that turns rows into requests).
+    :param defaults: any request argument given on the operator (`model="z-image"`, `width=512`) is the
+        default for every request.
+    :param chunk_size: tasks per `imageInference` POST.
+    :param max_in_flight: submitted and unfinished tasks at most; more are sent as earlier ones finish.
+    :param max_cost_usd: refuse the whole batch, before any POST, when the summed estimate exceeds it.
+    :param fail_on_partial_error: after storing everything else, fail (retryably) listing the requests
+        Runware failed; a retry resubmits only those, under a new generation.
+    :param download_concurrency: images fetched and stored at once.
+    :param defer_after: with deferrable=True, seconds of in-process polling before deferring.
+    :param reuse: "task" reuses what this task instance stored before; "content" also copies a seeded
+        request's image stored before by any run, DAG or task under the same output_path (cost 0,
+        `reused_from`); see `content_index`.
+    """
+
+    template_fields: Sequence[str] = ("requests", "output_path", "zimage_conn_id", "model")
+    template_fields_renderers = {"requests": "json"}
+    ui_color = "#e8d1ff"
+
+    def __init__(
+        self,
+        *,
+        requests: Any,
+        model: str = "runware:z-image@turbo",
+        zimage_conn_id: str = ZImageHook.default_conn_name,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        output_path: str | None = None,
+        max_cost_usd: float | None = None,
+        on_nsfw: NsfwPolicy = "fail",
+        force: bool = False,
+        timeout: float = 3600.0,
+        poll_interval: float = 1.0,
+        max_poll_interval: float = 10.0,
+        defer_after: float = 5.0,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_in_flight: int = 1000,
+        fail_on_partial_error: bool = True,
+        download_concurrency: int = 8,
+        reuse: Literal["task", "content"] = "task",
+        **kwargs: Any,
+    ) -> None:
+        defaults = {k: kwargs.pop(k) for k in list(kwargs) if k in REQUEST_ARGUMENTS}
+        super().__init__(**kwargs)
+        self.requests = requests
+        self.model = model
+        self.defaults = defaults
+        self.zimage_conn_id = zimage_conn_id
+        self.deferrable = deferrable
+        self.output_path = output_path
+        self.max_cost_usd = max_cost_usd
+        if on_nsfw not in ("fail", "skip", "keep"):
+            raise ValueError(f"on_nsfw must be 'fail', 'skip' or 'keep' (got {on_nsfw!r})")
+        self.on_nsfw = on_nsfw
+        self.force = force
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        if defer_after < 0:
+            raise ValueError(f"defer_after must be >= 0 seconds (got {defer_after})")
+        self.defer_after = defer_after
+        if not 1 <= chunk_size <= 1000:
+            raise ValueError(f"chunk_size must be between 1 and 1000 (got {chunk_size})")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1 (got {max_in_flight})")
+        if download_concurrency < 1:
+            raise ValueError(f"download_concurrency must be >= 1 (got {download_concurrency})")
+        self.chunk_size = chunk_size
+        self.max_in_flight = max_in_flight
+        self.fail_on_partial_error = fail_on_partial_error
+        self.download_concurrency = download_concurrency
+        if reuse not in ("task", "content"):
+            raise ValueError(f"reuse must be 'task' or 'content' (got {reuse!r})")
+        self.reuse = reuse
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def build_requests(self) -> list[_Prepared]:
+        """Every request validated before anything is sent; an error names its index and parameter."""
+        requests = self.requests
+        if not isinstance(requests, Sequence) or isinstance(requests, (str, bytes)) or not requests:
+            raise AirflowFailException(
+                f"requests must be a non-empty list of dicts (got {type(requests).__name__})"
+            )
+        prepared = []
+        for index, item in enumerate(requests):
+            if not isinstance(item, dict):
+                raise AirflowFailException(f"requests[{index}]: must be a dict (got {type(item).__name__})")
+            unknown = sorted(set(item) - set(REQUEST_ARGUMENTS))
+            if unknown:
+                raise AirflowFailException(
+                    f"requests[{index}]: unknown argument(s) {unknown}; "
+                    f"allowed: {', '.join(REQUEST_ARGUMENTS)}"
+                )
+            if "upload_endpoint" in item or "upload_endpoint" in self.defaults:
+                raise AirflowFailException(
+                    f"requests[{index}].upload_endpoint: not supported by the batch operator"
+                )
+            args = {"model": self.model, **self.defaults, **item}
+            try:
+                request = build_image_request(args)
+            except ZImageValidationError as exc:
+                params = exc.parameters
+                where = f"requests[{index}].{params[0]}" if params else f"requests[{index}]"
+                raise AirflowFailException(f"{where}: {exc}") from None
+            fp = job_fingerprint(request.fingerprint(), backend="runware", origin=self.zimage_conn_id)
+            prepared.append(_Prepared(index, request, fp))
+        return prepared
+
+    # -- execution ----------------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> Any:
+        return self._run(context, fresh=True)
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        """Resume after the trigger; the event only says what finished, the worker polls them again."""
+        if not isinstance(event, dict) or "finished" not in event:
+            raise AirflowException(f"malformed event from ZImageBatchTrigger: {event!r}")
+        if event.get("error"):
+            self.log.warning("The batch trigger stopped polling: %s", event["error"])
+        return self._run(context, fresh=False)
+
+    def _run(self, context: Context, *, fresh: bool) -> Any:
+        prepared = self.build_requests()
+        estimate = sum(estimate_cost(p.request) for p in prepared)
+        self.log.info("Batch of %d request(s); estimated cost at most $%.4f", len(prepared), estimate)
+        if self.max_cost_usd is not None and estimate > self.max_cost_usd:
+            raise AirflowFailException(
+                f"max_cost_usd: the estimated cost ${estimate:.4f} of {len(prepared)} requests exceeds "
+                f"the limit ${self.max_cost_usd:.4f}"
+            )
+        ref = TaskInstanceRef.from_context(context)
+        store = ArtifactStore(self.output_path or default_output_path())
+        directory = store.task_dir(ref.dag_id, ref.run_id, ref.task_id, ref.map_index)
+        ledgers = BatchLedgerStore(directory)
+        ledger = ledgers.load(
+            dag_id=ref.dag_id, task_id=ref.task_id, run_id=ref.run_id, map_index=ref.map_index
+        )
+        run = _BatchRun(self, prepared, ledger, ledgers, store, directory, fresh=fresh)
+        return run.go()
+
+    def _send_chunk(self, hook: ZImageHook, requests: list[ImageInferenceRequest]) -> object:
+        """One POST with many tasks (a seam for tests that kill the worker between chunks)."""
+        return hook.submit(requests)
+
+
+class _BatchRun:
+    """One try (or one resumed deferral) of a batch: reattach, submit, wait, store, report."""
+
+    def __init__(
+        self,
+        op: ZImageBatchGenerateOperator,
+        prepared: list[_Prepared],
+        ledger: BatchLedger,
+        ledgers: BatchLedgerStore,
+        store: ArtifactStore,
+        directory: Any,
+        *,
+        fresh: bool,
+    ) -> None:
+        self.op = op
+        self.log = op.log
+        self.prepared = {p.index: p for p in prepared}
+        self.ledger = ledger
+        self.ledgers = ledgers
+        self.store = store
+        self.directory = directory
+        self.fresh = fresh
+        self.started = time.monotonic()
+        self.done_here = 0
+        self.store_errors: dict[int, str] = {}
+        self.reused = 0
+        self._local = threading.local()
+        self._hooks: list[ZImageHook] = []
+
+    # -- what each request needs ---------------------------------------------------------------------
+
+    def _plan(self) -> tuple[list[BatchEntry], dict[str, BatchEntry]]:
+        unsent: list[BatchEntry] = []
+        waiting: dict[str, BatchEntry] = {}
+        # Requests removed from the list (a shorter re-run) are forgotten, not stored.
+        for index in list(self.ledger.entries):
+            if index not in self.prepared:
+                del self.ledger.entries[index]
+        for p in self.prepared.values():
+            entry = self.ledger.entry_for(p.index, p.fingerprint, p.expected, fresh=self.fresh)
+            if self.fresh:
+                entry.ended_try = False
+            if entry.status == "stored":
+                # force=True regenerates once per try, not again when a deferral resumes.
+                forced = self.op.force and self.fresh
+                if not forced and entry.images and all(verify(i) for i in entry.images):
+                    self.reused += self.fresh
+                    continue
+                self.log.info("requests[%d]: stored images missing or force=True: generating again", p.index)
+                entry = self.ledger.regenerate(entry)
+            if entry.status == "intent" and self._content_reuse(p, entry):
+                continue
+            self.ledger.entries[p.index] = entry
+            if entry.status == "failed" or entry.ended_try or entry.status == "stored":
+                continue
+            if entry.status == "submitted":
+                waiting[entry.task_uuid] = entry
+            else:
+                unsent.append(entry)
+        return unsent, waiting
+
+    def _content_reuse(self, p: _Prepared, entry: BatchEntry) -> bool:
+        """A seeded picture stored before under this output_path: copied here, nothing sent or paid."""
+        if self.op.reuse != "content" or p.request.seed is None or (self.op.force and self.fresh):
+            return False
+        copies = content_index.reuse(self.store, p.fingerprint, self.directory)
+        if copies is None:
+            return False
+        entry.images = [{**image, "index": p.index} for image in copies]
+        self.ledger.record(entry, "stored")
+        self.reused += 1
+        return True
+
+    def go(self) -> Any:
+        unsent, waiting = self._plan()
+        self.ledgers.save(self.ledger)
+        if waiting:
+            self.log.info("Reattaching to %d submitted task(s) without paying again", len(waiting))
+        hook = ZImageHook(self.op.zimage_conn_id)
+        defer_at = time.time() + self.op.defer_after
+        delays = protocol.poll_delays(self.op.poll_interval, self.op.max_poll_interval)
+        errors_in_a_row = 0
+        with hook, ThreadPoolExecutor(self.op.download_concurrency) as pool:
+            while unsent or waiting:
+                while unsent and len(waiting) < self.op.max_in_flight:
+                    room = min(self.op.chunk_size, self.op.max_in_flight - len(waiting))
+                    chunk, unsent = unsent[:room], unsent[room:]
+                    self._submit(hook, chunk)
+                    waiting.update((e.task_uuid, e) for e in chunk)
+                try:
+                    answer = self._poll(hook, list(waiting))
+                except Exception as exc:
+                    errors_in_a_row += 1
+                    outcome = for_error(exc)
+                    if isinstance(exc, ZImageAuthError) and errors_in_a_row == 1:
+                        hook.reload()
+                        continue
+                    if outcome.action is Action.FAIL:
+                        raise AirflowFailException(outcome.message) from None
+                    if errors_in_a_row >= MAX_CONSECUTIVE_ERRORS:
+                        raise AirflowException(outcome.message) from None
+                    self.log.warning("batched getResponse failed (%d in a row): %s", errors_in_a_row, exc)
+                else:
+                    errors_in_a_row = 0
+                    self._settle(answer, waiting, pool)
+                    self._progress()
+                if not waiting and not unsent:
+                    break
+                self._timeouts(waiting)
+                if not waiting and not unsent:
+                    break
+                if self.op.deferrable and time.time() >= defer_at and waiting:
+                    self._defer(waiting)
+                time.sleep(next(delays))
+            for download_hook in self._hooks:
+                download_hook.close()
+        return self._finish()
+
+    # -- steps ---------------------------------------------------------------------------------------
+
+    def _submit(self, hook: ZImageHook, chunk: list[BatchEntry]) -> None:
+        """Intent recorded before the POST and submitted after: a crash in between re-sends the same
+        taskUUIDs, which Runware answers with `conflictTaskUUID` (no second charge)."""
+        for entry in chunk:
+            self.ledger.record(entry, "intent")
+        self.ledgers.save(self.ledger)
+        requests = [
+            self.prepared[e.index].request.model_copy(update={"task_uuid": e.task_uuid}) for e in chunk
+        ]
+        try:
+            self.op._send_chunk(hook, requests)
+        except ZImagePermanentError as exc:
+            raise AirflowFailException(
+                f"Runware refused a chunk of requests {chunk[0].index}..{chunk[-1].index}: {exc}"
+            ) from None
+        except ZImageError as exc:
+            raise AirflowException(f"submitting to Runware failed, a retry reattaches: {exc}") from None
+        for entry in chunk:
+            self.ledger.record(entry, "submitted")
+        self.ledgers.save(self.ledger)
+        self.log.info("Submitted %d task(s) (requests %d..%d)", len(chunk), chunk[0].index, chunk[-1].index)
+
+    def _poll(self, hook: ZImageHook, uuids: list[str]) -> RunwareResponse:
+        merged = RunwareResponse()
+        for start in range(0, len(uuids), POLL_BATCH):
+            chunk = uuids[start : start + POLL_BATCH]
+            try:
+                answer = hook.get_responses(chunk)
+            except ZImagePermanentError as exc:
+                if len(chunk) == 1 or isinstance(exc, ZImageAuthError):
+                    raise
+                # One bad task can make Runware refuse the whole poll: ask for each on its own.
+                answer = RunwareResponse()
+                for uuid in chunk:
+                    one = hook.get_responses([uuid])
+                    answer.results += one.results
+                    answer.errors += one.errors
+            merged.results += answer.results
+            merged.errors += answer.errors
+        return merged
+
+    def _settle(
+        self, answer: RunwareResponse, waiting: dict[str, BatchEntry], pool: ThreadPoolExecutor
+    ) -> None:
+        parts = split_by_task(answer, list(waiting))
+        to_store: list[tuple[BatchEntry, TaskWait]] = []
+        for uuid, entry in list(waiting.items()):
+            wait = TaskWait(uuid, entry.expected_results)
+            outcome = wait.answer(parts[uuid])
+            if outcome.action is Action.WAIT:
+                continue
+            del waiting[uuid]
+            if outcome.action is Action.STORE:
+                to_store.append((entry, wait))
+            else:
+                self._end(entry, outcome)
+        futures = [(entry, pool.submit(self._store, entry, wait)) for entry, wait in to_store]
+        for entry, future in futures:
+            try:
+                entry.images = future.result()
+                self.ledger.record(entry, "stored")
+                if self.op.reuse == "content" and self.prepared[entry.index].request.seed is not None:
+                    images = [{k: v for k, v in i.items() if k != "index"} for i in entry.images]
+                    try:
+                        content_index.record(self.store, entry.fingerprint, images)
+                    except ZImageError as exc:  # a lost hint costs a future payment, not this image
+                        self.log.warning("Could not index requests[%d] for reuse: %s", entry.index, exc)
+                self.done_here += 1
+            except ZImageTaskFailed as exc:  # NSFW with on_nsfw="fail": Runware made it, we refuse it
+                self.ledger.record(entry, "failed", str(exc))
+            except Exception as exc:
+                # Paid and still at Runware: the ledger keeps it submitted, a retry stores it for free.
+                self.store_errors[entry.index] = f"{type(exc).__name__}: {exc}"
+        self.ledgers.save(self.ledger)
+
+    def _end(self, entry: BatchEntry, outcome: Outcome) -> None:
+        """Only REGENERATE moves the ledger (see `outcomes`); anything else ends this try for the entry."""
+        if outcome.new_generation:
+            self.ledger.record(entry, "failed", outcome.message)
+        else:
+            entry.ended_try = True
+            entry.reason = outcome.message
+
+    def _store(self, entry: BatchEntry, wait: TaskWait) -> list[dict[str, Any]]:
+        request = self.prepared[entry.index].request
+        images = []
+        hook = getattr(self._local, "hook", None)
+        if hook is None:  # one client per download thread, reused for every image it fetches
+            hook = self._local.hook = ZImageHook(self.op.zimage_conn_id)
+            self._hooks.append(hook)
+        for result in apply_nsfw_policy(wait.status.results, self.op.on_nsfw):
+            artifact = self.store.write_image(self.directory, str(result.image_uuid), hook.download(result))
+            images.append(
+                {**manifest_entry(artifact.to_dict(), result, model=request.model), "index": entry.index}
+            )
+        return images
+
+    def _timeouts(self, waiting: dict[str, BatchEntry]) -> None:
+        now = time.time()
+        late = [
+            uuid
+            for uuid, entry in waiting.items()
+            if entry.submitted_at is not None and now > entry.submitted_at + self.op.timeout
+        ]
+        for uuid in late:
+            entry = waiting.pop(uuid)
+            entry.ended_try = True
+            entry.reason = f"unfinished after {self.op.timeout:g}s; a retry reattaches to the same task"
+        if late:
+            self.ledgers.save(self.ledger)
+
+    def _progress(self) -> None:
+        entries = self.ledger.entries.values()
+        done = sum(1 for e in entries if e.status == "stored")
+        failed = sum(1 for e in entries if e.status == "failed" or e.ended_try)
+        elapsed = max(1e-6, time.monotonic() - self.started)
+        cost = sum(i.get("cost") or 0.0 for e in entries for i in e.images)
+        self.log.info(
+            "Batch progress: %d/%d stored, %d failed, %.1f images/min, cost so far $%.4f",
+            done,
+            len(self.prepared),
+            failed,
+            self.done_here * 60 / elapsed,
+            cost,
+        )
+
+    def _defer(self, waiting: dict[str, BatchEntry]) -> None:
+        deadline = min((e.submitted_at or time.time()) for e in waiting.values()) + self.op.timeout
+        self.log.info("%d task(s) not finished: deferring to one ZImageBatchTrigger", len(waiting))
+        self.op.defer(
+            trigger=ZImageBatchTrigger(
+                task_uuids={u: e.expected_results for u, e in waiting.items()},
+                zimage_conn_id=self.op.zimage_conn_id,
+                deadline=deadline,
+                poll_interval=self.op.poll_interval,
+                max_poll_interval=self.op.max_poll_interval,
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=max(0.0, deadline - time.time()) + 60),
+        )
+
+    def _finish(self) -> dict[str, Any]:
+        entries = [self.ledger.entries[i] for i in sorted(self.prepared)]
+        images = [image for e in entries if e.status == "stored" for image in e.images]
+        failed = [
+            {"index": e.index, "task_uuid": e.task_uuid, "reason": e.reason or "failed"}
+            for e in entries
+            if e.status == "failed" or e.ended_try
+        ]
+        failed += [
+            {"index": i, "task_uuid": self.ledger.entries[i].task_uuid, "reason": self.store_errors[i]}
+            for i in sorted(self.store_errors)
+        ]
+        total = round(sum(i.get("cost") or 0.0 for i in images), 6)
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "kind": "batch",
+            "dag_id": self.ledger.dag_id,
+            "task_id": self.ledger.task_id,
+            "run_id": self.ledger.run_id,
+            "map_index": self.ledger.map_index,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            "requests": len(entries),
+            "images": images,
+            "failed": failed,
+            "total_cost": total,
+        }
+        path = self.store.write_manifest(self.directory, manifest)
+        self.log.info(
+            "Batch done: %d image(s) from %d request(s), %d failed, %d reused; total cost $%.4f",
+            len(images),
+            len(entries),
+            len(failed),
+            self.reused,
+            total,
+        )
+        if self.store_errors:
+            raise AirflowException(
+                f"storing the images of requests {sorted(self.store_errors)} failed; they are paid for and "
+                "still at Runware: a retry reattaches and stores them without paying again"
+            )
+        if failed and self.op.fail_on_partial_error:
+            listing = "; ".join(f"requests[{f['index']}]: {f['reason']}" for f in failed[:20])
+            more = f" (and {len(failed) - 20} more)" if len(failed) > 20 else ""
+            raise AirflowException(
+                f"{len(failed)} of {len(entries)} request(s) failed (every other image is stored in "
+                f"{path}); a retry resubmits only these: {listing}{more}"
+            )
+        return {
+            "manifest_uri": str(path),
+            "images": len(images),
+            "failed": len(failed),
+            "reused": self.reused,
+            "total_cost": total,
+        }

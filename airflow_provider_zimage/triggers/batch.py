@@ -1,0 +1,147 @@
+"""One trigger waits for a whole batch: batched `getResponse` for every pending taskUUID.
+
+The event is small on purpose (the finished taskUUIDs and their outcome, never results): a 5,000-image
+batch must not put megabytes into the metadata DB. The worker polls the finished ones again to get
+their URLs, which is free. What an answer means is `outcomes.TaskWait`'s decision, as everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_provider_zimage import protocol
+from airflow_provider_zimage.exceptions import ZImageAuthError, ZImagePermanentError
+from airflow_provider_zimage.hooks.runware import ZImageHook, loop_clients
+from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, TaskWait, for_error
+from airflow_provider_zimage.protocol import RunwareResponse
+
+POLL_BATCH = 100
+
+
+async def apoll_many(hook: ZImageHook, uuids: list[str]) -> RunwareResponse:
+    """One answer for many tasks; a whole-batch 400 is asked again task by task (as `BatchPoller`)."""
+    merged = RunwareResponse()
+    for start in range(0, len(uuids), POLL_BATCH):
+        chunk = uuids[start : start + POLL_BATCH]
+        try:
+            answer = await hook.aget_responses(chunk)
+        except ZImagePermanentError as exc:
+            if len(chunk) == 1 or isinstance(exc, ZImageAuthError):
+                raise
+            answers = await asyncio.gather(*(hook.aget_responses([u]) for u in chunk), return_exceptions=True)
+            answer = RunwareResponse()
+            for uuid, one in zip(chunk, answers, strict=True):
+                if isinstance(one, BaseException):
+                    answer.errors.append(_task_error(uuid, one))
+                else:
+                    _extend(answer, one)
+        _extend(merged, answer)
+    return merged
+
+
+def split_by_task(response: RunwareResponse, uuids: list[str]) -> dict[str, RunwareResponse]:
+    """Each task's part of a batched answer (an error naming no task concerns them all), so merging stays
+    linear in the batch size."""
+    parts = {u: RunwareResponse() for u in uuids}
+    for result in response.results:
+        if result.task_uuid in parts:
+            parts[result.task_uuid].results.append(result)
+    for error in response.errors:
+        targets = [error.task_uuid] if error.task_uuid else uuids
+        for uuid in targets:
+            if uuid in parts:
+                parts[uuid].errors.append(error)
+    return parts
+
+
+def _extend(into: RunwareResponse, more: RunwareResponse) -> None:
+    into.results += more.results
+    into.processing += more.processing
+    into.errors += more.errors
+
+
+def _task_error(uuid: str, exc: BaseException) -> Any:
+    from airflow_provider_zimage.models import ApiErrorDetail
+
+    return ApiErrorDetail.model_validate({"code": "taskRefused", "message": str(exc), "taskUUID": uuid})
+
+
+class ZImageBatchTrigger(BaseTrigger):
+    """Polls every pending taskUUID of a batch until all are finished, or the deadline passes.
+
+    :param task_uuids: taskUUID -> expected results.
+    :param deadline: epoch seconds; the event then lists what finished and the worker decides.
+    """
+
+    def __init__(
+        self,
+        *,
+        task_uuids: dict[str, int],
+        zimage_conn_id: str = ZImageHook.default_conn_name,
+        deadline: float,
+        poll_interval: float = 1.0,
+        max_poll_interval: float = 10.0,
+        max_consecutive_errors: int = MAX_CONSECUTIVE_ERRORS,
+    ) -> None:
+        super().__init__()
+        self.task_uuids = dict(task_uuids)
+        self.zimage_conn_id = zimage_conn_id
+        self.deadline = deadline
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.max_consecutive_errors = max_consecutive_errors
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "task_uuids": self.task_uuids,
+                "zimage_conn_id": self.zimage_conn_id,
+                "deadline": self.deadline,
+                "poll_interval": self.poll_interval,
+                "max_poll_interval": self.max_poll_interval,
+                "max_consecutive_errors": self.max_consecutive_errors,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        hook = ZImageHook(self.zimage_conn_id)
+        waits = {u: TaskWait(u, n) for u, n in self.task_uuids.items()}
+        finished: dict[str, str] = {}
+        delays = protocol.poll_delays(self.poll_interval, self.max_poll_interval)
+        errors_in_a_row = 0
+        async with loop_clients():
+            while True:
+                pending = [u for u in waits if u not in finished]
+                try:
+                    answer = await apoll_many(hook, pending)
+                    errors_in_a_row = 0
+                    parts = split_by_task(answer, pending)
+                    for uuid in pending:
+                        outcome = waits[uuid].answer(parts[uuid])
+                        if outcome.done:
+                            finished[uuid] = outcome.action.value
+                except Exception as exc:
+                    outcome = for_error(exc)
+                    errors_in_a_row += 1
+                    if isinstance(exc, ZImageAuthError) and errors_in_a_row == 1:
+                        hook.reload()
+                    elif outcome.action is Action.FAIL or errors_in_a_row >= self.max_consecutive_errors:
+                        yield self._event(finished, error=outcome.message)
+                        return
+                    self.log.warning("batched getResponse failed (%d in a row): %s", errors_in_a_row, exc)
+                if len(finished) == len(waits) or time.time() >= self.deadline:
+                    yield self._event(finished)
+                    return
+                self.log.info("Batch: %d/%d task(s) finished", len(finished), len(waits))
+                await asyncio.sleep(max(0.0, min(next(delays), self.deadline - time.time())))
+
+    def _event(self, finished: dict[str, str], error: str | None = None) -> TriggerEvent:
+        return TriggerEvent(
+            {"finished": finished, "pending": len(self.task_uuids) - len(finished), "error": error}
+        )
