@@ -12,6 +12,11 @@ __version__ = "0.1.0"
 
 _INTEGRATION = "Z-Image"
 
+LOCAL_DTYPES = ("auto", "bfloat16", "float32")
+"""What the connection form offers for `dtype` (float16 overflows in Z-Image; an operator argument only)."""
+LOCAL_DEVICES = ("auto", "cpu", "mps", "cuda", *(f"cuda:{i}" for i in range(8)))
+"""What the connection form offers for `device`; an operator's `device=` takes any torch device string."""
+
 # Connection form fields (Airflow 3 declarative `conn-fields`): rendered by the UI without importing
 # the hook. Keys are read back from `Connection.extra_dejson` by `ZImageHook`.
 CONN_FIELDS: dict[str, dict[str, Any]] = {
@@ -61,7 +66,7 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
     "dtype": {
         "label": "Local dtype",
         "description": "backend=local only: auto (bf16 on GPU, fp32 on CPU), bfloat16 or float32.",
-        "schema": {"type": ["string", "null"], "default": "auto"},
+        "schema": {"type": ["string", "null"], "enum": [*LOCAL_DTYPES, None], "default": "auto"},
     },
     "cpu_offload": {
         "label": "Local CPU offload",
@@ -70,8 +75,8 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
     },
     "device": {
         "label": "Local device",
-        "description": "backend=local only: auto, cuda, cuda:1, mps or cpu.",
-        "schema": {"type": ["string", "null"], "default": "auto"},
+        "description": "backend=local only: auto (cuda, then mps, then cpu), a CUDA device, mps or cpu.",
+        "schema": {"type": ["string", "null"], "enum": [*LOCAL_DEVICES, None], "default": "auto"},
     },
 }
 
@@ -122,6 +127,8 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "extra-links": ["airflow_provider_zimage.operators.generate.ZImageImageLink"],
+        # As Apache providers declare theirs; see airflow_provider_zimage.plugin for the entry point.
+        "plugins": [{"name": "zimage", "plugin-class": "airflow_provider_zimage.plugin.ZImagePlugin"}],
         "config": {
             "zimage": {
                 "description": "Defaults of the Z-Image provider.",

@@ -542,6 +542,10 @@ class ArtifactStore:
         """
         target = write_json_atomic(as_path(directory) / MANIFEST_NAME, dict(manifest))
         log.info("Wrote manifest %s", target)
+        # After the manifest: the spend page counts only images that are committed (see `spend`).
+        from airflow_provider_zimage.spend import record_manifest
+
+        record_manifest(self._base, as_path(directory), manifest)
         return target
 
     def read_manifest(self, directory: ObjectStoragePath | str) -> dict[str, Any] | None:

@@ -121,6 +121,9 @@ with DAG(
         model="runware:z-image@turbo",
         negative_prompt=NEGATIVE_PROMPT,
         output_format="JPG",
+        # Label each mapped instance by its product's SKU in the UI (the operator's default label is
+        # the start of the prompt); build_requests keeps the order of read_products.
+        map_index_template="{{ ti.xcom_pull(task_ids='read_products')[ti.map_index]['sku'] }}",
     ).expand_kwargs(build_requests(products))
 
     @task

@@ -44,6 +44,13 @@ PROMPT = (
 )
 NEGATIVE_PROMPT = "text, watermark, logo, blurry, distorted"
 
+
+def _products() -> list[dict[str, str]]:
+    """Read when a task runs (build_requests, and the SKU label of each mapped instance)."""
+    with PRODUCTS_CSV.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
 with DAG(
     dag_id="zimage_local_gpu",
     schedule=None,
@@ -51,13 +58,13 @@ with DAG(
     catchup=False,
     tags=["zimage", "example", "gpu"],
     doc_md=__doc__,
+    user_defined_macros={"sku_of": lambda index: _products()[index]["sku"]},
 ):
 
     @task
     def build_requests() -> list[dict[str, Any]]:
         """The same requests as zimage_content_pipeline: same prompt and SKU-derived seed per product."""
-        with PRODUCTS_CSV.open(newline="", encoding="utf-8") as handle:
-            products = list(csv.DictReader(handle))
+        products = _products()
         return [
             {
                 "prompt": PROMPT.format(**product),
@@ -79,6 +86,7 @@ with DAG(
         # A GPU that hangs (driver reset, thermal throttling) fails the task instead of holding the slot.
         execution_timeout=timedelta(minutes=30),
         retries=1,
+        map_index_template="{{ sku_of(ti.map_index) }}",  # labelled by SKU in the UI
     ).expand_kwargs(build_requests())
 
     @task

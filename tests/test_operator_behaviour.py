@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from airflow_provider_zimage.operators.generate import LINK_XCOM_KEY, ZImageGenerateOperator
+from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
 from tests.dagtest import FakeTI, run_dag, task_states
 
 
@@ -105,10 +105,11 @@ def test_a_transient_outage_that_outlasts_the_retries_leaves_it_to_airflow_retri
     assert len(images) == 1 and zimage_conn.total_accepted == 1
 
 
-def test_the_first_image_link_is_pushed_for_the_extra_link(zimage_conn, output_dir):
+def test_no_xcom_besides_the_return_value_is_pushed_for_the_extra_link(zimage_conn, output_dir):
+    """Airflow stores the link under its own key; a second copy was a duplicate XCom per task."""
     ti = FakeTI()
-    images = generate(output_dir).execute({"ti": ti})
-    assert ti.xcom[LINK_XCOM_KEY] == images[0]["uri"]
+    generate(output_dir).execute({"ti": ti})
+    assert ti.xcom == {}
 
 
 def test_no_secret_in_xcom_or_rendered_template_fields(zimage_conn, output_dir):

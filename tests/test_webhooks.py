@@ -98,8 +98,12 @@ def test_the_plugin_is_registered_for_the_api_server_under_zimage():
     from airflow import plugins_manager
 
     info = {p["name"]: p for p in plugins_manager.get_plugin_info(["fastapi_apps"])}
-    assert info["zimage_webhooks"]["fastapi_apps"] == [
-        {"app": "fastapi.applications.FastAPI", "url_prefix": "/zimage", "name": "Z-Image Runware webhooks"}
+    assert info["zimage"]["fastapi_apps"] == [
+        {
+            "app": "fastapi.applications.FastAPI",
+            "url_prefix": "/zimage",
+            "name": "Z-Image webhooks and image views",
+        }
     ]
 
 

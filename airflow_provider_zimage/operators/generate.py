@@ -57,7 +57,6 @@ def deferral_settle_seconds() -> float:
 
 
 Delivery = Literal["polling", "webhook"]
-LINK_XCOM_KEY = "zimage_image_link"
 
 
 def _rendered_number(value: Any, kind: type[int] | type[float]) -> Any:
@@ -140,22 +139,23 @@ def build_image_request(args: Mapping[str, Any]) -> ImageInferenceRequest:
 
 
 class ZImageImageLink(BaseOperatorLink):
-    """Opens the first stored image (an S3 console page for s3://, the file URI otherwise)."""
+    """Opens the task instance's "Z-Image images" tab in the Airflow UI, for every kind of output path.
 
-    name = "Z-Image: first image"
+    Built from the task instance's identity alone, so it reads no XCom (Airflow computes the link when
+    a task finishes, deferred or failed ones too, where an XCom lookup would log "XCom not found") and
+    it is an http(s) or same-origin URL, the only kinds the UI draws. Airflow stores it under its own
+    link XCom key.
+    """
+
+    name = "Z-Image: images"
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        from airflow.sdk.execution_time.xcom import XCom
+        from airflow_provider_zimage.ui.links import images_tab_url
 
-        return XCom.get_value(ti_key=ti_key, key=LINK_XCOM_KEY) or ""
-
-
-def browsable_link(uri: str) -> str:
-    if uri.startswith("s3://"):
-        bucket_key = uri[len("s3://") :].split("@", 1)[-1]
-        bucket, _, key = bucket_key.partition("/")
-        return f"https://s3.console.aws.amazon.com/s3/object/{bucket}?prefix={key}"
-    return uri
+        map_index = getattr(ti_key, "map_index", -1)
+        return images_tab_url(
+            ti_key.dag_id, ti_key.run_id, ti_key.task_id, -1 if map_index is None else int(map_index)
+        )
 
 
 class ZImageGenerateOperator(BaseOperator):
@@ -208,9 +208,22 @@ class ZImageGenerateOperator(BaseOperator):
         "lora",
         "zimage_conn_id",
     )
-    template_fields_renderers = {"prompt": "py", "negative_prompt": "py", "lora": "json"}
+    # Prompts have no renderer: the UI shows them as wrapped plain text (a code renderer such as "py"
+    # draws one cut-off line).
+    template_fields_renderers = {"lora": "json"}
     operator_extra_links = (ZImageImageLink(),)
     ui_color = "#f4e1ff"
+    DEFAULT_MAP_INDEX_TEMPLATE = "{{ task.prompt | string | replace('\\n', ' ') | truncate(60, leeway=0) }}"
+    """Mapped instances are labelled by the start of their prompt unless `map_index_template` is given."""
+
+    @property
+    def map_index_template(self) -> str | None:  # type: ignore[override]
+        explicit = self.__dict__.get("_zimage_map_index_template")
+        return self.DEFAULT_MAP_INDEX_TEMPLATE if explicit is None else explicit
+
+    @map_index_template.setter
+    def map_index_template(self, value: str | None) -> None:
+        self.__dict__["_zimage_map_index_template"] = value
 
     def __init__(
         self,
@@ -666,8 +679,6 @@ class ZImageGenerateOperator(BaseOperator):
             raise AirflowFailException(str(exc)) from None
 
     def _finish(self, context: Context, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if images:
-            context["ti"].xcom_push(key=LINK_XCOM_KEY, value=browsable_link(images[0]["uri"]))
         self._emit_asset_events(context, images)
         return images
 
