@@ -20,9 +20,9 @@ from functools import cached_property
 from typing import Any
 
 import httpx
-from airflow.sdk.bases.hook import BaseHook
 
 from airflow_provider_zimage import protocol
+from airflow_provider_zimage.compat import BaseHook
 from airflow_provider_zimage.exceptions import (
     ZImageAPIError,
     ZImageError,

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from airflow_provider_zimage.compat import AirflowPlugin
 from airflow_provider_zimage.webhooks.app import create_app
 from airflow_provider_zimage.webhooks.tokens import ROUTE_PREFIX
-
-try:
-    from airflow.sdk.plugins_manager import AirflowPlugin
-except ImportError:  # earlier Airflow 3 releases have it only in core
-    from airflow.plugins_manager import AirflowPlugin  # type: ignore[no-redef,assignment]
 
 
 class ZImageWebhookPlugin(AirflowPlugin):
