@@ -25,15 +25,11 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from airflow_provider_zimage.compat import AirflowPlugin
 from airflow_provider_zimage.ui.app import create_app as create_views_app
 from airflow_provider_zimage.ui.links import APP_PREFIX, RUN_VIEW_ROUTE, SPEND_VIEW_ROUTE, TI_VIEW_ROUTE
 from airflow_provider_zimage.webhooks.app import create_app as create_webhook_app
 from airflow_provider_zimage.webhooks.tokens import ROUTE_PREFIX
-
-try:
-    from airflow.sdk.plugins_manager import AirflowPlugin
-except ImportError:  # earlier Airflow 3 releases have it only in core
-    from airflow.plugins_manager import AirflowPlugin  # type: ignore[no-redef,assignment]
 
 __all__ = ["ENTRY_POINT_PLUGIN", "ZImagePlugin", "create_app"]
 

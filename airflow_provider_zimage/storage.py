@@ -107,10 +107,8 @@ def _airflow_home() -> str:
 
 
 def _conf_get(section: str, key: str) -> str | None:
-    try:
-        from airflow.sdk.configuration import conf
-    except ImportError:  # early Airflow 3 releases have no SDK configuration module
-        from airflow.configuration import conf  # type: ignore[no-redef]
+    from airflow_provider_zimage.compat import conf
+
     value = conf.get(section, key, fallback=None)
     return (value.strip() or None) if isinstance(value, str) else None
 

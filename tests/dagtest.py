@@ -28,9 +28,17 @@ def write_dag(name: str, source: str, **params: Any) -> Path:
     return path
 
 
-def load_dag(path: Path, dag_id: str) -> Any:
-    from airflow.dag_processing.dagbag import DagBag
+def dag_bag_class() -> Any:
+    """Airflow's DagBag, wherever the installed release keeps it (imported late: it loads Airflow core)."""
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # Airflow 3.1 keeps it in models (3.2+ still does, with a deprecation warning)
+        from airflow.models.dagbag import DagBag
+    return DagBag
 
+
+def load_dag(path: Path, dag_id: str) -> Any:
+    DagBag = dag_bag_class()
     bag = DagBag(dag_folder=str(path))
     assert not bag.import_errors, bag.import_errors
     return bag.dags[dag_id]

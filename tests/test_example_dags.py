@@ -27,7 +27,7 @@ import pendulum
 import pytest
 from PIL import Image
 
-from tests.dagtest import dags_folder, task_states
+from tests.dagtest import dag_bag_class, dags_folder, task_states
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -99,7 +99,7 @@ def local(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 def load(examples: Path, dag_id: str) -> Any:
     """Parse the DAG file now, so the environment of the test (size, connection) is what it reads."""
-    from airflow.dag_processing.dagbag import DagBag
+    DagBag = dag_bag_class()
 
     bag = DagBag(dag_folder=str(examples / f"{dag_id}.py"))
     assert not bag.import_errors, bag.import_errors
@@ -173,7 +173,7 @@ def run_dir(root: Path, dag_id: str, run_: Any) -> Path:
 
 
 def test_every_example_dag_loads_and_declares_its_pattern(examples):
-    from airflow.dag_processing.dagbag import DagBag
+    DagBag = dag_bag_class()
 
     bag = DagBag(dag_folder=str(examples))
     assert bag.import_errors == {}

@@ -76,8 +76,7 @@ def test_the_same_request_on_the_local_backend_gives_the_same_bytes(local_conn, 
 
 
 def test_refusals_of_the_local_backend_fail_the_task_naming_the_parameter(local_conn, output_dir):
-    from airflow.sdk.exceptions import AirflowFailException
-
+    from airflow_provider_zimage.compat import AirflowFailException
     from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
     from tests.dagtest import FakeTI
 

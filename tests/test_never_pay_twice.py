@@ -221,8 +221,7 @@ def test_expired_results_are_retryable_and_the_retry_pays_for_a_new_generation(
     """Paid-for results that expired cannot be recovered; the retry must not reattach to them forever."""
     import asyncio
 
-    from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
-
+    from airflow_provider_zimage.compat import AirflowException, AirflowFailException, TaskDeferred
     from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
     from tests.conftest import zimage_connection_json
 

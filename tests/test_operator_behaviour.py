@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_provider_zimage.compat import AirflowException, AirflowFailException
 from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
 from tests.dagtest import FakeTI, run_dag, task_states
 

@@ -85,8 +85,7 @@ class FakeTI:
 
 
 def test_upload_to_storage_refuses_a_local_output_before_paying(zimage_conn, output_dir):
-    from airflow.sdk.exceptions import AirflowFailException
-
+    from airflow_provider_zimage.compat import AirflowFailException
     from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
 
     op = ZImageGenerateOperator(

@@ -180,8 +180,7 @@ def test_webhook_delivery_without_deferring_waits_on_the_inbox_in_the_worker(web
     [({"webhook_base_url": None}, "webhook_base_url"), ({"webhook_secret": None}, "webhook_secret")],
 )
 def test_a_webhook_misconfiguration_fails_before_paying(webhooks, output_dir, monkeypatch, extra, named):
-    from airflow.sdk.exceptions import AirflowFailException
-
+    from airflow_provider_zimage.compat import AirflowFailException
     from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
 
     settings = {"webhook_secret": SECRET, "webhook_base_url": webhooks.api, **extra}
@@ -363,8 +362,7 @@ def test_delivery_fields_do_not_change_which_image_is_made():
 
 
 def test_a_task_failure_pushed_by_webhook_fails_the_task_without_polling(webhooks, output_dir):
-    from airflow.sdk.exceptions import AirflowFailException
-
+    from airflow_provider_zimage.compat import AirflowFailException
     from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
 
     op = ZImageGenerateOperator(

@@ -22,9 +22,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from airflow.sdk.bases.hook import BaseHook
 
 from airflow_provider_zimage import protocol
+from airflow_provider_zimage.compat import BaseHook
 from airflow_provider_zimage.exceptions import (
     ZImageAPIError,
     ZImageAuthError,

@@ -35,7 +35,7 @@ def token_matches(secret: str, task_uuid: str, token: str) -> bool:
 
 def configured_secret() -> str | None:
     """`[zimage] webhook_secret`: the fallback for connections without a `webhook_secret` extra."""
-    from airflow.sdk import conf
+    from airflow_provider_zimage.compat import conf
 
     value = conf.get("zimage", "webhook_secret", fallback=None)
     return (value.strip() or None) if isinstance(value, str) else None

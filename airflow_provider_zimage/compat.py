@@ -1,0 +1,44 @@
+"""Airflow names whose home moved between the Airflow releases we support (3.1 up to the newest).
+
+Each name is taken from the Task SDK where the installed Airflow has it there, else from where the
+older release keeps it, so the rest of the package imports one spelling and runs on every tested
+version (README "Compatibility"). Only names that actually moved live here; names every supported
+release exports from `airflow.sdk` (BaseOperator, ObjectStoragePath, ...) are imported from it
+directly. This module imports nothing heavier than Airflow's configuration, because the webhook plugin
+(loaded by every Airflow process) imports it too.
+"""
+
+from __future__ import annotations
+
+try:
+    from airflow.sdk import conf
+except ImportError:  # Airflow < 3.2: the Task SDK has no configuration of its own yet
+    from airflow.configuration import conf  # type: ignore[assignment,no-redef]
+
+try:
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
+except ImportError:  # Airflow < 3.2: only AirflowException is in the SDK, and the same class in core
+    from airflow.exceptions import (  # type: ignore[assignment,no-redef]
+        AirflowException,
+        AirflowFailException,
+        TaskDeferred,
+    )
+
+try:
+    from airflow.sdk.bases.hook import BaseHook
+except ImportError:  # Airflow 3.0: hooks were still core
+    from airflow.hooks.base import BaseHook  # type: ignore[no-redef,assignment]
+
+try:
+    from airflow.sdk.plugins_manager import AirflowPlugin
+except ImportError:  # Airflow < 3.2: plugins are declared against core's manager
+    from airflow.plugins_manager import AirflowPlugin  # type: ignore[no-redef,assignment]
+
+__all__ = [
+    "AirflowException",
+    "AirflowFailException",
+    "AirflowPlugin",
+    "BaseHook",
+    "TaskDeferred",
+    "conf",
+]
