@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 
 from airflow_provider_zimage.batch_state import BATCH_STATE_FILE
+from airflow_provider_zimage.compat import AirflowException, AirflowFailException, TaskDeferred
 from airflow_provider_zimage.operators.batch import ZImageBatchGenerateOperator, read_manifest_entries
 from airflow_provider_zimage.triggers.batch import ZImageBatchTrigger
 from tests.dagtest import FakeTI

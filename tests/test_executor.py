@@ -388,8 +388,7 @@ def test_a_mapped_deferrable_dag_runs_on_the_executor_and_loads_the_model_once(
 
 
 def test_unknown_model_or_dead_executor_fail_naming_the_cause(executor, output_dir, monkeypatch):
-    from airflow.sdk.exceptions import AirflowFailException
-
+    from airflow_provider_zimage.compat import AirflowFailException
     from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
     from tests.dagtest import FakeTI
 

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 
+from airflow_provider_zimage.compat import AirflowException, AirflowFailException, TaskDeferred
 from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.models import ImageInferenceRequest
 from airflow_provider_zimage.operators.generate import ZImageGenerateOperator

@@ -112,8 +112,7 @@ def test_more_steps_never_lower_the_estimate():
 def test_max_cost_usd_refuses_a_request_the_seeds_bill_above_the_limit(zimage_conn, output_dir):
     """The defect: 512x512 Turbo was estimated at $0.0009 and billed $0.0013, so a $0.001 budget let
     it through. Now it is refused before a single request."""
-    from airflow.sdk.exceptions import AirflowFailException
-
+    from airflow_provider_zimage.compat import AirflowFailException
     from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
     from tests.dagtest import FakeTI
 
