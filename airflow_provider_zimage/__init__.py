@@ -22,8 +22,13 @@ LOCAL_DEVICES = ("auto", "cpu", "mps", "cuda", *(f"cuda:{i}" for i in range(8)))
 CONN_FIELDS: dict[str, dict[str, Any]] = {
     "backend": {
         "label": "Backend",
-        "description": "runware (the Runware API) or local (diffusers on this worker's GPU).",
-        "schema": {"type": ["string", "null"], "enum": ["runware", "local", None], "default": "runware"},
+        "description": "runware (the Runware API), executor (a zimage-executor service at the Base URL) "
+        "or local (diffusers inside the task process).",
+        "schema": {
+            "type": ["string", "null"],
+            "enum": ["runware", "executor", "local", None],
+            "default": "runware",
+        },
     },
     "timeout": {
         "label": "Request timeout (s)",
@@ -156,6 +161,23 @@ def get_provider_info() -> dict[str, Any]:
                         "type": "string",
                         "example": "/data/zimage-inputs,/opt/airflow/dags",
                         "default": None,
+                    },
+                    "allowed_image_hosts": {
+                        "description": "Comma-separated extra hosts (besides im.runware.ai and the "
+                        "connection's host) that result imageURLs may be downloaded from; redirects off "
+                        "this list are refused.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "images.example-cdn.com",
+                        "default": None,
+                    },
+                    "deferral_settle_seconds": {
+                        "description": "How long a trigger waits after a task defers before it may fire, "
+                        "so a fast result does not meet Airflow's deferral race (apache/airflow#66374).",
+                        "version_added": "0.2.0",
+                        "type": "float",
+                        "example": "10",
+                        "default": "10",
                     },
                     "webhook_inbox": {
                         "description": "Where the webhook plugin stores accepted payloads.",
