@@ -3,8 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-cpu.txt constraints-cpu.txt 2>/dev/null | sha1sum | cut -c1-12)
+# The declared Airflow floor's newest patch (README "Compatibility"): the unit suite runs here too.
+AIRFLOW_FLOOR := 3.1.8
+VENV_FLOOR := .venv-af31
+PY_FLOOR := $(VENV_FLOOR)/bin/python
+STAMP_FLOOR := $(VENV_FLOOR)/.installed-$(shell cat pyproject.toml requirements-cpu.txt constraints-af31-cpu.txt 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install test lint e2e demo bench clean constraints
+.PHONY: install install-floor test test-floor lint e2e demo bench clean constraints constraints-floor
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +24,30 @@ $(STAMP): $(PY) pyproject.toml requirements-cpu.txt constraints-cpu.txt
 
 install: $(STAMP)
 
+$(PY_FLOOR):
+	$(PYTHON) -m venv $(VENV_FLOOR)
+	$(PY_FLOOR) -m pip install -q --upgrade pip
+
+$(STAMP_FLOOR): $(PY_FLOOR) pyproject.toml requirements-cpu.txt constraints-af31-cpu.txt
+	$(PY_FLOOR) -m pip install -q -r requirements-cpu.txt -c constraints-af31-cpu.txt -e '.[local,s3,dev]'
+	rm -f $(VENV_FLOOR)/.installed-*
+	touch $(STAMP_FLOOR)
+
+install-floor: $(STAMP_FLOOR)
+
 lint: install
 	$(VENV)/bin/ruff check airflow_provider_zimage tests dags bench scripts
 	$(VENV)/bin/ruff format --check airflow_provider_zimage tests dags bench scripts
 
-# The unit suite on both cores, then the e2e suite alone (its Airflow deployment needs both cores).
-test: install lint
+# The unit suite on both cores, on the newest Airflow and on the floor, then the e2e suite alone on the
+# newest (its Airflow deployment needs both cores).
+test: install lint test-floor
 	$(PY) -m pytest -q -n 2 --timeout=600
 	$(PY) -m pytest -q -m e2e tests/e2e --timeout=3000 -p no:randomly
+
+test-floor: install-floor
+	$(PY_FLOOR) -c 'import airflow; assert airflow.__version__ == "$(AIRFLOW_FLOOR)", airflow.__version__'
+	$(PY_FLOOR) -m pytest -q -n 2 --timeout=600
 
 # A real Airflow deployment (scheduler, dag-processor, triggerer, api-server) on loopback; ~7 minutes on
 # 2 cores. Writes its figures to tests/e2e/results.json (or $$E2E_RESULTS) and prints the table of
@@ -52,5 +73,13 @@ constraints:
 	  | grep -v airflow-provider-zimage) > constraints-cpu.txt.new && mv constraints-cpu.txt.new constraints-cpu.txt
 	rm -rf .venv-constraints
 
+# The floor's constraints: the newest pins where Airflow $(AIRFLOW_FLOOR) allows them, re-resolved where not.
+constraints-floor:
+	rm -rf .venv-constraints && $(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/pip install -q --upgrade pip
+	.venv-constraints/bin/python scripts/floor_constraints.py .venv-constraints/bin/python $(AIRFLOW_FLOOR) \
+	  constraints-cpu.txt constraints-af31-cpu.txt
+	rm -rf .venv-constraints
+
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_FLOOR) .demo .pytest_cache .ruff_cache

@@ -259,6 +259,7 @@ def test_the_deadline_is_measured_from_the_first_submission(zimage_conn, output_
 
 
 def test_trigger_events_carry_no_image_bytes_and_the_worker_fetches_them(zimage_conn, output_dir):
+    zimage_conn.configure(delay=2)  # still generating when the operator looks before deferring
     ti = FakeTI("manual__base64")
     op = generate(
         output_dir, deferrable=True, defer_after=0, output_type="base64Data", width=1024, height=1024
@@ -358,7 +359,7 @@ def test_a_batch_refused_as_a_whole_is_asked_again_task_by_task(zimage_conn):
 def test_a_deferred_trigger_holds_a_fast_answer_for_the_settle_time(zimage_conn, output_dir, monkeypatch):
     """Airflow 3.3 fails a task whose trigger fires before the scheduler saw the deferral: hold it."""
     monkeypatch.setenv("AIRFLOW__ZIMAGE__DEFERRAL_SETTLE_SECONDS", "0.8")
-    zimage_conn.configure(delay=0.05)
+    zimage_conn.configure(delay=0.3)
     op = generate(output_dir, deferrable=True, defer_after=0)
     with pytest.raises(TaskDeferred) as deferred:
         op.execute({"ti": FakeTI("manual__settle")})
