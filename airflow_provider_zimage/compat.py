@@ -34,6 +34,20 @@ try:
 except ImportError:  # Airflow < 3.2: plugins are declared against core's manager
     from airflow.plugins_manager import AirflowPlugin  # type: ignore[no-redef,assignment]
 
+
+def storage_location(path: object) -> tuple[str | None, str, str]:
+    """(connection id, bucket, key) of an ObjectStoragePath such as `s3://aws_default@bucket/a/b.png`.
+
+    Airflow 3.2 added the `conn_id` property and strips the connection from `bucket`; 3.1 keeps the id
+    only in `storage_options` and returns `aws_default@bucket` as the bucket, so an upload to S3 was
+    refused by botocore ("Invalid bucket name") before it started.
+    """
+    options = getattr(path, "storage_options", None) or {}
+    conn_id = options["conn_id"] if "conn_id" in options else getattr(path, "conn_id", None)
+    bucket = str(getattr(path, "bucket", "")).rpartition("@")[2]
+    return conn_id, bucket, str(getattr(path, "key", ""))
+
+
 __all__ = [
     "AirflowException",
     "AirflowFailException",
@@ -41,4 +55,5 @@ __all__ = [
     "BaseHook",
     "TaskDeferred",
     "conf",
+    "storage_location",
 ]

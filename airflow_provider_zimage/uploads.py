@@ -21,6 +21,7 @@ from typing import Any
 
 from airflow.sdk import ObjectStoragePath
 
+from airflow_provider_zimage.compat import storage_location
 from airflow_provider_zimage.exceptions import ZImageTaskFailed
 from airflow_provider_zimage.generation import GenerationJob, apply_nsfw_policy, manifest_entry
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
@@ -46,10 +47,11 @@ def presign_put(target: ObjectStoragePath, expires_in: float) -> str:
     """
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    hook = S3Hook(aws_conn_id=target.conn_id)
+    conn_id, bucket, key = storage_location(target)
+    hook = S3Hook(aws_conn_id=conn_id)
     url = hook.get_conn().generate_presigned_url(
         ClientMethod="put_object",
-        Params={"Bucket": target.bucket, "Key": target.key},
+        Params={"Bucket": bucket, "Key": key},
         ExpiresIn=int(max(60, min(MAX_PRESIGN_SECONDS, expires_in))),
     )
     return str(url)

@@ -65,7 +65,7 @@ with DAG(
         # is the next line of defence and reattaches to the same Runware task (see above).
         "retries": 3,
         "retry_delay": timedelta(minutes=1),
-        "retry_exponential_backoff": 2.0,
+        "retry_exponential_backoff": True,  # doubling; Airflow 3.1 takes only a bool here
         "max_retry_delay": timedelta(minutes=15),
     },
 ):

@@ -30,6 +30,7 @@ from airflow.sdk import ObjectStoragePath
 from PIL import Image
 
 from airflow_provider_zimage import storage
+from airflow_provider_zimage.compat import storage_location
 from airflow_provider_zimage.exceptions import ZImageError
 from airflow_provider_zimage.storage import (
     ArtifactStore,
@@ -394,7 +395,7 @@ def test_default_output_path_from_config(monkeypatch, tmp_path):
     assert str(ArtifactStore().base) == f"file://{tmp_path}/configured"
     monkeypatch.setenv("AIRFLOW__ZIMAGE__OUTPUT_PATH", "s3://aws_default@some-bucket/zimage")
     path = default_output_path()
-    assert (path.protocol, path.conn_id, path.bucket, path.key) == (
+    assert (path.protocol, *storage_location(path)) == (
         "s3",
         "aws_default",
         "some-bucket",
@@ -438,7 +439,7 @@ def test_s3_images_and_manifest_against_moto_server(moto_s3_server: MotoS3Server
     assert client.get_object(Bucket=s3_bucket, Key=prefix + "image-0.png")["Body"].read() == png
 
     assert arts[0].uri == f"s3://{MOTO_CONN_ID}@{s3_bucket}/{prefix}image-0.png"
-    assert arts[0].path.conn_id == MOTO_CONN_ID  # the URI alone reaches the object again
+    assert storage_location(arts[0].path)[0] == MOTO_CONN_ID  # the URI alone reaches the object again
     manifest = store.read_manifest(d)
     assert manifest == {"images": [a.to_dict() for a in arts]}
     assert all(verify(img) for img in manifest["images"])
