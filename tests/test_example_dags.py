@@ -54,12 +54,9 @@ def examples() -> Path:
 
 
 @pytest.fixture
-def output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def output(zimage_output: Path) -> Path:
     """`[zimage] output_path` for this test only; the DAGs rely on it, as a deployment would."""
-    root = tmp_path / "artifacts"
-    root.mkdir()
-    monkeypatch.setenv("AIRFLOW__ZIMAGE__OUTPUT_PATH", root.as_uri())
-    return root
+    return zimage_output
 
 
 @pytest.fixture
@@ -68,29 +65,16 @@ def runware(zimage_conn: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     return zimage_conn
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("diffusers")
-    from airflow_provider_zimage.testing.tiny_model import build_tiny_zimage
-
-    return build_tiny_zimage(tmp_path_factory.mktemp("zimage") / "tiny-zimage")
-
-
 @pytest.fixture
-def local(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def local(zimage_local_connection: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """`zimage_default` on the local backend with the tiny model, as `make demo` sets it without a key."""
     import torch
 
-    conn = {
-        "conn_type": "zimage",
-        "extra": {"backend": "local", "model_path": str(tiny_model), "device": "cpu"},
-    }
-    monkeypatch.setenv("AIRFLOW_CONN_ZIMAGE_DEFAULT", json.dumps(conn))
     monkeypatch.setenv("ZIMAGE_IMAGE_SIZE", str(LOCAL_SIZE))
     # Two xdist workers on two cores: more torch threads than that only spin-wait.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield tiny_model
+    yield zimage_local_connection.model_path
     torch.set_num_threads(threads)
 
 
