@@ -9,7 +9,7 @@ VENV_FLOOR := .venv-af31
 PY_FLOOR := $(VENV_FLOOR)/bin/python
 STAMP_FLOOR := $(VENV_FLOOR)/.installed-$(shell cat pyproject.toml requirements-cpu.txt constraints-af31-cpu.txt 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install install-floor test test-floor lint e2e demo bench clean constraints constraints-floor
+.PHONY: install install-floor test test-floor lint e2e demo demo-ui bench clean constraints constraints-floor
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ e2e: install
 # random-weight model on the CPU (see scripts/demo.py).
 demo: install
 	$(PY) scripts/demo.py
+
+# The Airflow UI of the last `make demo` on http://127.0.0.1:8080 (ZIMAGE_DEMO_PORT), no login, until Ctrl-C:
+# the Images tab URL that `make demo` printed opens there.
+demo-ui: install
+	$(PY) scripts/demo.py --ui
 
 bench: install
 	@echo "Benchmarks are run one by one: ls bench/"

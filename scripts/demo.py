@@ -19,13 +19,20 @@ ZIMAGE_IMAGE_SIZE overrides the image side (default 256 for the tiny model, 1024
 
 Every demo is a new DAG run (`airflow dags test` names runs after the moment they start), so it
 generates again; the folders of earlier runs stay next to it until `make clean`.
+
+It ends with the URL of the content pipeline run's Images tab (the provider's plugin view in the Airflow
+UI). `make demo-ui` (`scripts/demo.py --ui`) serves that page: it starts `airflow api-server` on
+127.0.0.1:8080 (ZIMAGE_DEMO_PORT) over the same home and output folder, with the simple auth manager
+letting everyone in as admin (a throwaway, loopback-only Airflow), until Ctrl-C.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / ".demo"
 DAGS_FOLDER = ROOT / "dags"
 DEMO_DAGS = ("zimage_quickstart", "zimage_content_pipeline")
+LAST_RUN = DEMO_DIR / "last-run.json"
+SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 POOLS = {
     "zimage_api": {"slots": 8, "description": "Concurrent Runware requests (zimage_daily_backfill)"},
     "gpu": {"slots": 1, "description": "One slot per GPU (zimage_local_gpu)"},
@@ -111,8 +120,16 @@ def choose_backend(env: Mapping[str, str], tiny_model_dir: Path) -> Backend:
     )
 
 
+def ui_url(env: Mapping[str, str]) -> str:
+    """Where `make demo-ui` serves the Airflow UI (loopback only)."""
+    return f"http://127.0.0.1:{int(env.get('ZIMAGE_DEMO_PORT', '').strip() or 8080)}"
+
+
 def airflow_env(backend: Backend, home: Path, output: Path, base: Mapping[str, str]) -> dict[str, str]:
-    """The environment of every `airflow` command: a private home, SQLite, the repo's DAGs."""
+    """The environment of every `airflow` command: a private home, SQLite, the repo's DAGs.
+
+    `[api] base_url` is the demo UI's, so the operator's extra link points at the Images tab there.
+    """
     env = dict(base)
     env.update(
         {
@@ -121,11 +138,29 @@ def airflow_env(backend: Backend, home: Path, output: Path, base: Mapping[str, s
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
             "AIRFLOW__ZIMAGE__OUTPUT_PATH": output.as_uri(),
+            "AIRFLOW__API__BASE_URL": ui_url(base),
             "AIRFLOW_CONN_ZIMAGE_DEFAULT": json.dumps(backend.connection),
             "ZIMAGE_IMAGE_SIZE": str(backend.image_size),
         }
     )
     return env
+
+
+def ui_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The API server's environment: the demo's, with everyone let in as admin (no login page)."""
+    return {
+        **env,
+        "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__API__WORKERS": "1",
+    }
+
+
+def images_tab(env: Mapping[str, str], manifest: Mapping[str, Any]) -> str:
+    """The Airflow UI page of the Images tab of the run that wrote `manifest` (the plugin's view)."""
+    from airflow_provider_zimage.ui.links import images_tab_url
+
+    return images_tab_url(manifest["dag_id"], manifest["run_id"], base_url=env["AIRFLOW__API__BASE_URL"])
 
 
 def banner(text: str) -> None:
@@ -169,7 +204,78 @@ def check_outputs(quickstart: Path, pipeline: Path) -> dict[str, Path]:
     return found
 
 
-def main() -> int:
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_ui(env: Mapping[str, str], home: Path, urls: list[str]) -> int:
+    """`airflow api-server` for the demo's home on loopback, until Ctrl-C; prints `urls` once it answers."""
+    import httpx
+
+    base = env["AIRFLOW__API__BASE_URL"]
+    port = base.rsplit(":", 1)[1]
+    log_path = home / "api-server.log"
+    print(f"Starting the Airflow API server on {base} (log: {log_path})...", flush=True)
+    with log_path.open("ab") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", port],
+            env=ui_env(env),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    # Ctrl-C reaches this process only (the server has its own session); SIGTERM is handled the same way.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if server.poll() is not None:
+                print(log_path.read_text()[-3000:], file=sys.stderr)
+                raise SystemExit(f"demo failed: the API server exited with {server.returncode}")
+            try:
+                if httpx.get(f"{base}/api/v2/monitor/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"demo failed: the API server did not answer on {base}; see {log_path}")
+            time.sleep(0.5)
+        banner(
+            "\n".join(["The Airflow UI is up (everyone is admin; loopback only). Ctrl-C stops it.", *urls])
+        )
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+    return 0
+
+
+def serve_last_run() -> int:
+    """`make demo-ui`: serve the Airflow of the last `make demo`, with its output folder and backend."""
+    if not LAST_RUN.is_file():
+        raise SystemExit("Nothing to show yet: run `make demo` first.")
+    last = json.loads(LAST_RUN.read_text())
+    env = dict(os.environ)
+    env.update(last["env"])
+    return serve_ui(
+        env, Path(last["env"]["AIRFLOW_HOME"]), [f"Images tab of the last demo run: {last['images_tab']}"]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--ui", action="store_true", help="serve the Airflow UI of the last demo run (make demo-ui)"
+    )
+    if parser.parse_args(argv).ui:
+        return serve_last_run()
     started = time.monotonic()
     home = DEMO_DIR / "airflow"
     home.mkdir(parents=True, exist_ok=True)
@@ -249,6 +355,15 @@ def _run(
             "These images come from RANDOM weights (noise, by design). An API key (RUNWARE_API_KEY=...) or "
             "real weights (ZIMAGE_MODEL_PATH=...) give real pictures with the same DAGs."
         )
+    pipeline_manifest = json.loads(next(found["images"].rglob("manifest.json")).read_text())
+    tab = images_tab(env, pipeline_manifest)
+    keep = ("AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__LOAD_EXAMPLES")
+    keep += ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__ZIMAGE__OUTPUT_PATH", "AIRFLOW__API__BASE_URL")
+    LAST_RUN.write_text(json.dumps({"images_tab": tab, "env": {k: env[k] for k in keep}}, indent=2))
+    lines += [
+        f"Images tab:        {tab}",
+        "                   (the run's images and cost in the Airflow UI: `make demo-ui` serves it)",
+    ]
     banner("\n".join(lines))
     return 0
 

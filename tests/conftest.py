@@ -6,7 +6,6 @@ before any test module imports Airflow.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
@@ -27,31 +26,37 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
+from airflow_provider_zimage.testing.pytest_plugin import ZImageTestConnection, connection_json  # noqa: E402
 from airflow_provider_zimage.testing.runware_server.server import RunwareTestServer  # noqa: E402
 
-# Fixtures of the local servers: runware_server, runware_server_factory, moto_s3_server, s3_bucket.
-pytest_plugins = ["airflow_provider_zimage.testing.runware_server.fixtures", "tests.s3_server"]
+# The offline test kit (zimage_server, zimage_connection, zimage_output, tiny_zimage_model...) comes
+# from the provider's own pytest plugin, loaded through its `pytest11` entry point exactly as in a
+# user's project; tests.s3_server adds moto_s3_server and s3_bucket.
+pytest_plugins = ["tests.s3_server"]
 
-# Retries in tests wait milliseconds, not seconds: the behaviour is the same, the suite stays fast.
-FAST_RETRY_EXTRA = {"max_retries": 6, "backoff_base": 0.01, "backoff_max": 0.05, "timeout": 10}
+# The JSON of `zimage_connection` (retries after milliseconds), for tests that set connections themselves.
+zimage_connection_json = connection_json
 
 
-def zimage_connection_json(server: RunwareTestServer, **extra: Any) -> str:
-    return json.dumps(
-        {
-            "conn_type": "zimage",
-            "host": server.url,
-            "password": server.api_key,
-            "extra": {**FAST_RETRY_EXTRA, **extra},
-        }
-    )
+# The suite's older names for the kit's fixtures, used by most test files: the same fixtures, so the
+# project tests exactly what a user gets.
 
 
 @pytest.fixture
-def zimage_conn(runware_server: RunwareTestServer, monkeypatch: pytest.MonkeyPatch) -> RunwareTestServer:
+def runware_server(zimage_server: RunwareTestServer) -> RunwareTestServer:
+    return zimage_server
+
+
+@pytest.fixture
+def runware_server_factory(zimage_server_factory: Any) -> Any:
+    return zimage_server_factory
+
+
+@pytest.fixture
+def zimage_conn(zimage_connection: ZImageTestConnection) -> RunwareTestServer:
     """`zimage_default` pointing at a fresh Runware test server; returns the server for its counters."""
-    monkeypatch.setenv("AIRFLOW_CONN_ZIMAGE_DEFAULT", zimage_connection_json(runware_server))
-    return runware_server
+    assert zimage_connection.server is not None
+    return zimage_connection.server
 
 
 @pytest.fixture(scope="session")
@@ -64,13 +69,8 @@ def airflow_db() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A random-weight Z-Image model built offline, loaded through the same from_pretrained path as a
-    user's real model; one per worker (4 MB, deterministic)."""
-    pytest.importorskip("diffusers")
-    from airflow_provider_zimage.testing.tiny_model import build_tiny_zimage
-
-    return build_tiny_zimage(tmp_path_factory.mktemp("zimage") / "tiny-zimage")
+def tiny_model(tiny_zimage_model: Any) -> Any:
+    return tiny_zimage_model
 
 
 @pytest.fixture

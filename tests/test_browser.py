@@ -30,6 +30,7 @@ import httpx
 import pytest
 
 from airflow_provider_zimage.testing.runware_server.server import RunwareTestServer
+from airflow_provider_zimage.ui.links import images_tab_url
 from airflow_provider_zimage.ui.pages import format_cost
 from tests.browser import chromium, find_chromium
 from tests.e2e.harness import free_port
@@ -169,7 +170,8 @@ def test_the_images_tab_of_a_run_shows_every_thumbnail_and_the_manifests_cost(ai
     run_id = found[0]["run_id"]
     expected_cost = round(sum(m["total_cost"] for m in found), 6)
     assert expected_cost > 0
-    tab = f"{airflow.url}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}/plugin/zimage-images"
+    # The URL `make demo` prints and the operator's extra link points at.
+    tab = images_tab_url(DAG_ID, run_id, base_url=airflow.url)
 
     with chromium(browser_binary) as open_page:
         page = open_page()
@@ -196,6 +198,16 @@ def test_the_images_tab_of_a_run_shows_every_thumbnail_and_the_manifests_cost(ai
         assert int(summary["count"]) == 6
         assert float(summary["cost"]) == pytest.approx(expected_cost, abs=1e-9)
         assert summary["shown"] == format_cost(expected_cost)
+        # Prompts are whole and wrapped: no card cuts one off or scrolls sideways.
+        prompts = page.evaluate(
+            f"[...{doc}.querySelectorAll('p.prompt:not(.neg)')]"
+            ".map(p => ({text: p.innerText, fits: p.scrollWidth <= p.clientWidth,"
+            " ems: p.clientHeight / parseFloat(getComputedStyle(p).fontSize)}))"
+        )
+        expected_prompts = sorted(m["request"]["positivePrompt"] for m in found)
+        assert sorted(p["text"] for p in prompts) == expected_prompts
+        assert all(p["fits"] for p in prompts), prompts
+        assert all(p["ems"] > 2 for p in prompts), prompts  # ~120 characters in a card: several lines
         page.evaluate(f"{doc}.defaultView.scrollTo(0, 0) || true")
         time.sleep(0.5)
         shot = page.screenshot(ARTIFACTS / "images-tab.png")

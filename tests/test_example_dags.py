@@ -54,12 +54,9 @@ def examples() -> Path:
 
 
 @pytest.fixture
-def output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def output(zimage_output: Path) -> Path:
     """`[zimage] output_path` for this test only; the DAGs rely on it, as a deployment would."""
-    root = tmp_path / "artifacts"
-    root.mkdir()
-    monkeypatch.setenv("AIRFLOW__ZIMAGE__OUTPUT_PATH", root.as_uri())
-    return root
+    return zimage_output
 
 
 @pytest.fixture
@@ -68,29 +65,16 @@ def runware(zimage_conn: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     return zimage_conn
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("diffusers")
-    from airflow_provider_zimage.testing.tiny_model import build_tiny_zimage
-
-    return build_tiny_zimage(tmp_path_factory.mktemp("zimage") / "tiny-zimage")
-
-
 @pytest.fixture
-def local(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def local(zimage_local_connection: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """`zimage_default` on the local backend with the tiny model, as `make demo` sets it without a key."""
     import torch
 
-    conn = {
-        "conn_type": "zimage",
-        "extra": {"backend": "local", "model_path": str(tiny_model), "device": "cpu"},
-    }
-    monkeypatch.setenv("AIRFLOW_CONN_ZIMAGE_DEFAULT", json.dumps(conn))
     monkeypatch.setenv("ZIMAGE_IMAGE_SIZE", str(LOCAL_SIZE))
     # Two xdist workers on two cores: more torch threads than that only spin-wait.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield tiny_model
+    yield zimage_local_connection.model_path
     torch.set_num_threads(threads)
 
 
@@ -378,3 +362,26 @@ def test_make_demo_picks_the_backend_from_the_environment(tmp_path, env, backend
     if backend == "tiny":
         assert "RANDOM" in choice.notice  # the user is told the pictures are noise, and how to get real ones
         assert "RUNWARE_API_KEY" in choice.notice and "ZIMAGE_MODEL_PATH" in choice.notice
+
+
+def test_make_demo_ends_with_the_images_tab_of_its_pipeline_run(tmp_path):
+    """The URL printed last is the plugin's run view in the UI that `make demo-ui` serves, no login."""
+    from airflow_provider_zimage.plugin import ZImagePlugin
+
+    demo = demo_module()
+    backend = demo.choose_backend({}, tmp_path / "tiny")
+    env = demo.airflow_env(backend, tmp_path / "home", tmp_path / "out", {"ZIMAGE_DEMO_PORT": "8111"})
+    manifest = {"dag_id": "zimage_content_pipeline", "run_id": "manual__2026-12-02T19:51:21.333030+00:00"}
+
+    url = demo.images_tab(env, manifest)
+
+    assert url == (
+        "http://127.0.0.1:8111/dags/zimage_content_pipeline/runs/"
+        "manual__2026-12-02T19%3A51%3A21.333030%2B00%3A00/plugin/zimage-images"
+    )
+    [run_view] = [v for v in ZImagePlugin.external_views if v["destination"] == "dag_run"]
+    assert url.endswith(f"/plugin/{run_view['url_route']}")
+    ui = demo.ui_env(env)
+    assert ui["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] == "True"
+    assert ui["AIRFLOW__API__BASE_URL"] == "http://127.0.0.1:8111"
+    assert demo.ui_url({}) == "http://127.0.0.1:8080"

@@ -1,1 +1,2 @@
-"""Offline helpers (a tiny random Z-Image checkpoint) for tests, benchmarks and the demo."""
+"""The offline test kit: a Runware-compatible server (`runware_server`), a tiny random-weight Z-Image
+checkpoint (`tiny_model`) and the pytest plugin that hands both to tests (`pytest_plugin`)."""

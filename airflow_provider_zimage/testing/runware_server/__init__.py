@@ -3,7 +3,7 @@
 It is the only stand-in for the paid API, so the provider's promises about money are proved by its
 counters: `accepted_submissions(task_uuid)` says how many times a task was paid for.
 
-    with RunwareTestServer(delay=0.1) as server:           # or the `runware_server` pytest fixture
+    with RunwareTestServer(delay=0.1) as server:           # or the `zimage_server` pytest fixture
         hook_url = server.url                               # http://127.0.0.1:PORT/v1
         server.fail_next(429, retry_after=1)                # one-shot faults
         server.drop_next(after_accept=True)                 # task lands, answer never comes

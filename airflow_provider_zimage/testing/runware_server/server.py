@@ -360,6 +360,7 @@ class RunwareTestServer:
 
     @property
     def total_accepted(self) -> int:
+        """Accepted inference tasks, all taskUUIDs together: the pictures Runware would have billed."""
         with self._counters.lock:
             return self._counters.scalars["total_accepted"]
 
