@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,32 @@ def test_airflow_plugins_lists_the_same_plugin_once_either_way(
         assert "airflow.plugins" in source and "ENTRY_POINT_PLUGIN" in source
     else:
         assert "airflow.plugins" not in source  # loaded through get_provider_info(), not the entry point
+
+
+def test_every_zimage_option_the_code_reads_is_declared_for_airflow_config() -> None:
+    """`airflow config list` and the providers manager show what a deployment can set."""
+    package = Path(__file__).resolve().parents[1] / "airflow_provider_zimage"
+    read = set()
+    for source in package.rglob("*.py"):
+        read |= set(re.findall(r"""\(\s*["']zimage["']\s*,\s*["'](\w+)["']""", source.read_text()))
+    declared = set(get_provider_info()["config"]["zimage"]["options"])
+    assert read, "no [zimage] option found in the sources: the pattern no longer matches"
+    assert read <= declared, f"read but not declared: {sorted(read - declared)}"
+
+
+def test_provider_info_lists_every_operator_and_trigger_module() -> None:
+    info = get_provider_info()
+    operators = {m for entry in info["operators"] for m in entry["python-modules"]}
+    triggers = {m for entry in info["triggers"] for m in entry["python-modules"]}
+    package = Path(__file__).resolve().parents[1] / "airflow_provider_zimage"
+    modules = {
+        f"airflow_provider_zimage.{kind}.{p.stem}"
+        for kind in ("operators", "triggers")
+        for p in (package / kind).glob("*.py")
+        if p.stem != "__init__"
+    }
+    # polling.py is the triggers' shared poller, not a trigger.
+    assert {m for m in modules if ".operators." in m} == operators
+    assert {m for m in modules if ".triggers." in m} - {
+        "airflow_provider_zimage.triggers.polling"
+    } == triggers
