@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-cpu.txt constraints-cpu.txt 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install test lint e2e demo bench clean constraints
+.PHONY: install test lint wheel-smoke e2e demo bench clean constraints
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ lint: install
 	$(VENV)/bin/ruff check airflow_provider_zimage tests dags bench scripts
 	$(VENV)/bin/ruff format --check airflow_provider_zimage tests dags bench scripts
 
+# `python -m build`, then the wheel alone (no dev or local extra) in a fresh venv: imports, providers
+# manager, DagBag of dags/, dag.test() of zimage_quickstart (scripts/wheel_smoke.py; about a minute).
+wheel-smoke: install
+	$(PY) scripts/wheel_smoke.py
+
 # The unit suite on both cores, then the e2e suite alone (its Airflow deployment needs both cores).
-test: install lint
+test: install lint wheel-smoke
 	$(PY) -m pytest -q -n 2 --timeout=600
 	$(PY) -m pytest -q -m e2e tests/e2e --timeout=3000 -p no:randomly
 
