@@ -9,7 +9,7 @@ VENV_FLOOR := .venv-af31
 PY_FLOOR := $(VENV_FLOOR)/bin/python
 STAMP_FLOOR := $(VENV_FLOOR)/.installed-$(shell cat pyproject.toml requirements-cpu.txt constraints-af31-cpu.txt 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install install-floor test test-floor lint e2e demo demo-ui bench clean constraints constraints-floor
+.PHONY: install install-floor test test-floor lint wheel-smoke e2e demo demo-ui bench clean constraints constraints-floor
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,9 +39,14 @@ lint: install
 	$(VENV)/bin/ruff check airflow_provider_zimage tests dags bench scripts
 	$(VENV)/bin/ruff format --check airflow_provider_zimage tests dags bench scripts
 
+# `python -m build`, then the wheel alone (no dev or local extra) in a fresh venv: imports, providers
+# manager, DagBag of dags/, dag.test() of zimage_quickstart (scripts/wheel_smoke.py; about a minute).
+wheel-smoke: install
+	$(PY) scripts/wheel_smoke.py
+
 # The unit suite on both cores, on the newest Airflow and on the floor, then the e2e suite alone on the
 # newest (its Airflow deployment needs both cores).
-test: install lint test-floor
+test: install lint wheel-smoke test-floor
 	$(PY) -m pytest -q -n 2 --timeout=600
 	$(PY) -m pytest -q -m e2e tests/e2e --timeout=3000 -p no:randomly
 

@@ -22,8 +22,8 @@ LOCAL_DEVICES = ("auto", "cpu", "mps", "cuda", *(f"cuda:{i}" for i in range(8)))
 CONN_FIELDS: dict[str, dict[str, Any]] = {
     "backend": {
         "label": "Backend",
-        "description": "runware (the Runware API), executor (a zimage-executor service at the Base URL) "
-        "or local (diffusers inside the task process).",
+        "description": "runware (the Runware API), executor (a zimage-executor at the base URL) or local "
+        "(diffusers on this worker's GPU).",
         "schema": {
             "type": ["string", "null"],
             "enum": ["runware", "executor", "local", None],
@@ -109,14 +109,23 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {
                 "integration-name": _INTEGRATION,
-                "python-modules": ["airflow_provider_zimage.operators.generate"],
+                "python-modules": [
+                    "airflow_provider_zimage.operators.generate",
+                    "airflow_provider_zimage.operators.batch",
+                ],
             }
         ],
         "sensors": [
             {"integration-name": _INTEGRATION, "python-modules": ["airflow_provider_zimage.sensors.task"]}
         ],
         "triggers": [
-            {"integration-name": _INTEGRATION, "python-modules": ["airflow_provider_zimage.triggers.task"]}
+            {
+                "integration-name": _INTEGRATION,
+                "python-modules": [
+                    "airflow_provider_zimage.triggers.task",
+                    "airflow_provider_zimage.triggers.batch",
+                ],
+            }
         ],
         "connection-types": [
             {
@@ -163,21 +172,20 @@ def get_provider_info() -> dict[str, Any]:
                         "default": None,
                     },
                     "allowed_image_hosts": {
-                        "description": "Comma-separated extra hosts (besides im.runware.ai and the "
-                        "connection's host) that result imageURLs may be downloaded from; redirects off "
-                        "this list are refused.",
+                        "description": "Comma-separated hosts, besides im.runware.ai and the connection's "
+                        "own host, that result images may be downloaded from (redirects included).",
                         "version_added": "0.2.0",
                         "type": "string",
-                        "example": "images.example-cdn.com",
+                        "example": "images.example.com",
                         "default": None,
                     },
                     "deferral_settle_seconds": {
-                        "description": "How long a trigger waits after a task defers before it may fire, "
-                        "so a fast result does not meet Airflow's deferral race (apache/airflow#66374).",
+                        "description": "Seconds a deferred task's trigger holds an early answer, so the "
+                        "scheduler has processed the deferral first (apache/airflow#66374); 10 when unset.",
                         "version_added": "0.2.0",
                         "type": "float",
                         "example": "10",
-                        "default": "10",
+                        "default": None,
                     },
                     "webhook_inbox": {
                         "description": "Where the webhook plugin stores accepted payloads.",

@@ -5,17 +5,12 @@ connection form, so it is validated against the schema that Airflow ships, on ea
 from __future__ import annotations
 
 import json
-import re
 from importlib import resources
-from pathlib import Path
 
 import jsonschema
 import pytest
 
-import airflow_provider_zimage
 from airflow_provider_zimage import get_provider_info
-
-PACKAGE = Path(airflow_provider_zimage.__file__).parent
 
 
 def _schema() -> dict:
@@ -32,16 +27,6 @@ def test_a_wrong_field_is_refused_by_the_same_check() -> None:
     info["connection-types"] = [{"connection-type": "zimage"}]  # no hook-class-name
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(info, _schema())
-
-
-def test_every_config_option_the_code_reads_is_declared() -> None:
-    """`airflow config list` and the docs show only declared options: one read in the code but missing
-    from `config` is a setting users cannot discover."""
-    pattern = re.compile(r"""(?:conf\.get\w*|_conf_get|_conf_value)\(\s*"zimage",\s*"(\w+)\"""")
-    read = {m for path in PACKAGE.rglob("*.py") for m in pattern.findall(path.read_text())}
-    declared = set(get_provider_info()["config"]["zimage"]["options"])
-    assert read, "no [zimage] option found in the code: the pattern is out of date"
-    assert read <= declared, f"read but not declared: {sorted(read - declared)}"
 
 
 def test_connection_form_offers_every_backend_the_hook_accepts() -> None:

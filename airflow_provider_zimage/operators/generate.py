@@ -161,8 +161,8 @@ class ZImageImageLink(BaseOperatorLink):
 class ZImageGenerateOperator(BaseOperator):
     """Generate images with Z-Image and store them; returns one small dict per image (never bytes).
 
-    Every Runware request parameter is an argument (snake_case; see the README table). The same DAG runs
-    on the Runware API or a local GPU by changing `backend` (or the connection's `backend` extra).
+    Every Runware request parameter is an argument (snake_case; see docs/generate-operator.md). The same
+    DAG runs on the Runware API or a local GPU by changing `backend` (or the connection's `backend` extra).
 
     :param prompt: positivePrompt, 2-3000 characters. Templated; `.expand(prompt=[...])` maps over prompts.
     :param model: AIR id or alias (`z-image`, `z-image-turbo`, `twinflow`). Templated.
@@ -180,8 +180,7 @@ class ZImageGenerateOperator(BaseOperator):
     :param timeout: seconds to wait for Runware before the task fails (retries reattach, never resubmit).
     :param delivery: "polling" (getResponse) or "webhook": Runware POSTs results to the webhook plugin
         on the API server (connection extras `webhook_base_url` and `webhook_secret`, or
-        `[zimage] webhook_secret`), and the wait wakes when one arrives. See the README, "Webhooks and
-        direct uploads".
+        `[zimage] webhook_secret`), and the wait wakes when one arrives. See docs/webhooks.md.
     :param webhook_grace_period: with delivery="webhook", seconds after submitting before getResponse
         polling starts as well, so a lost webhook costs this much latency and never an image.
     :param webhook_check_interval: with delivery="webhook", seconds between two looks at the task's
