@@ -366,15 +366,18 @@ class ExecutorServer:
             accepted.append((record, plan))
         return errors, accepted
 
-    def _accept(self, accepted: Sequence[tuple[TaskRecord, Plan, Sequence[int]]]) -> None:
+    def _accept(
+        self, accepted: Sequence[tuple[TaskRecord, Plan, Sequence[int]]], *, resumed: bool = False
+    ) -> None:
         """Record the tasks, then enqueue all their images in one step on the least busy device, so
         the device thread sees them together and batches the compatible ones."""
         queue = min(self._queues, key=lambda q: q.depth)
         units = []
+        verb = "Resumed" if resumed else "Accepted"  # one "Accepted" line per taskUUID, ever
         for record, plan, seeds in accepted:
             self.tasks.add(record)
             units += [WorkUnit(record.task_uuid, plan, seed) for seed in seeds]
-            log.info("Accepted task %s: %d image(s) on %s", record.task_uuid, len(seeds), queue.device)
+            log.info("%s task %s: %d image(s) on %s", verb, record.task_uuid, len(seeds), queue.device)
         queue.put(units)
 
     def _resume(self, record: TaskRecord) -> None:
@@ -391,7 +394,7 @@ class ExecutorServer:
             self._finish(record)
             return
         done = record.seeds_done()
-        self._accept([(record, plan, [s for s in plan.seeds if s not in done])])
+        self._accept([(record, plan, [s for s in plan.seeds if s not in done])], resumed=True)
 
     async def _respond(self, work: list[dict[str, Any]]) -> Response:
         data: list[dict[str, Any]] = []
