@@ -47,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=float, default=60.0, help="seconds SIGTERM waits for queued work"
     )
     serve.add_argument(
+        "--fetch-grace",
+        type=float,
+        default=30.0,
+        help="without --output-dir: seconds SIGTERM keeps an unfetched result available (within "
+        "--drain-timeout)",
+    )
+    serve.add_argument(
         "--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32"
     )
     serve.add_argument(
@@ -80,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExecutorConfig, str]:
             output_dir=args.output_dir,
             result_ttl=args.result_ttl,
             drain_timeout=args.drain_timeout,
+            fetch_grace=args.fetch_grace,
             dtype=args.dtype,
             local_files_only=not args.allow_downloads,
             preload=args.preload,

@@ -21,6 +21,8 @@ class ExecutorConfig:
     :param result_ttl: seconds a finished task and its images are kept (a request's `ttl` shortens the
         image URLs' lifetime, never lengthens it past this).
     :param drain_timeout: seconds SIGTERM waits for queued work to finish before the process exits.
+    :param fetch_grace: without `output_dir`, SIGTERM also waits (within `drain_timeout`) for results
+        made in the last this-many seconds to be fetched: a polling client is that late at most.
     :param input_roots: folders `seedImage`/`maskImage` file paths may point into (default: none).
     :param public_url: the base URL clients reach this executor at (image URLs are built on it).
     """
@@ -34,6 +36,7 @@ class ExecutorConfig:
     output_dir: Path | None = None
     result_ttl: float = 24 * 3600.0
     drain_timeout: float = 60.0
+    fetch_grace: float = 30.0
     dtype: str = "auto"
     local_files_only: bool = True
     preload: bool = True
@@ -45,6 +48,8 @@ class ExecutorConfig:
             raise ValueError("--model: serve at least one model (AIR=PATH_OR_HF_ID)")
         if len(self.token) < 16:
             raise ValueError("--token-file: the token must be at least 16 characters")
+        if self.fetch_grace < 0:
+            raise ValueError(f"--fetch-grace must be >= 0 seconds (got {self.fetch_grace})")
         if self.max_batch < 1:
             raise ValueError(f"--max-batch must be >= 1 (got {self.max_batch})")
 

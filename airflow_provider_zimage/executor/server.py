@@ -13,9 +13,12 @@ naming the parameter, in the words of the in-process backend (both call `local.p
 
 SIGTERM drains: new `imageInference` tasks get 503 (transient: the client retries later, with the
 same taskUUID), queued work runs for up to `--drain-timeout`, `getResponse` and image downloads keep
-working meanwhile; sync requests still waiting at the end get 503. What was never started is resumed
-at the next start with `--output-dir`, and forgotten without it (clients then see `taskNotFound` and
-generate again).
+working meanwhile; sync requests still waiting at the end get 503. Without `--output-dir` the results
+live only in this process, so the drain also waits (within the same timeout) until every image made in
+the last `--fetch-grace` seconds was fetched once: a client polling a second after the last image was
+made must still find it. What was
+never started, or never fetched, is kept and resumed at the next start with `--output-dir`, and
+forgotten without it (clients then see `taskNotFound` and generate again).
 """
 
 from __future__ import annotations
@@ -167,6 +170,21 @@ class ExecutorServer:
             await asyncio.sleep(0.05)
         while self._background and time.monotonic() < deadline + 5:  # uploads and webhooks in flight
             await asyncio.sleep(0.05)
+        if not self.tasks.persistent:
+            # Results held in memory die with the process: a client that polls a moment after the last
+            # image is made (a trigger's next poll, a worker resuming from deferral) would find the
+            # executor gone and have to generate again. Keep serving each recent result until it was
+            # fetched; one unfetched for --fetch-grace seconds has no client coming for it.
+            if waiting := self._unfetched():
+                log.info("Waiting for clients to fetch %d result(s) held only in memory", waiting)
+            while time.monotonic() < deadline and self._unfetched():
+                await asyncio.sleep(0.05)
+            if lost := self._unfetched():
+                log.warning(
+                    "%d recent result(s) not fetched within --drain-timeout are lost (no --output-dir): "
+                    "their clients will get taskNotFound and generate them again",
+                    lost,
+                )
         # A pipeline call cannot be interrupted: wait for the running one (seconds on a GPU), so its
         # images are recorded and the process exits cleanly.
         left = sum(len(q.stop(timeout=300.0)) for q in self._queues)
@@ -187,6 +205,17 @@ class ExecutorServer:
         if self._client is not None:
             await self._client.aclose()
         log.info("zimage-executor stopped")
+
+    def _unfetched(self) -> int:
+        """Images made in the last `fetch_grace` seconds whose bytes no client has received yet (URL
+        never downloaded, inline data never answered, no upload)."""
+        since = time.time() - self.config.fetch_grace
+        return sum(
+            1
+            for record in self.tasks.tasks.values()
+            for item in record.items
+            if not item.get("fetched") and item.get("madeAt", 0.0) >= since
+        )
 
     async def _sweep(self) -> None:
         while True:
@@ -337,15 +366,18 @@ class ExecutorServer:
             accepted.append((record, plan))
         return errors, accepted
 
-    def _accept(self, accepted: Sequence[tuple[TaskRecord, Plan, Sequence[int]]]) -> None:
+    def _accept(
+        self, accepted: Sequence[tuple[TaskRecord, Plan, Sequence[int]]], *, resumed: bool = False
+    ) -> None:
         """Record the tasks, then enqueue all their images in one step on the least busy device, so
         the device thread sees them together and batches the compatible ones."""
         queue = min(self._queues, key=lambda q: q.depth)
         units = []
+        verb = "Resumed" if resumed else "Accepted"  # one "Accepted" line per taskUUID, ever
         for record, plan, seeds in accepted:
             self.tasks.add(record)
             units += [WorkUnit(record.task_uuid, plan, seed) for seed in seeds]
-            log.info("Accepted task %s: %d image(s) on %s", record.task_uuid, len(seeds), queue.device)
+            log.info("%s task %s: %d image(s) on %s", verb, record.task_uuid, len(seeds), queue.device)
         queue.put(units)
 
     def _resume(self, record: TaskRecord) -> None:
@@ -362,7 +394,7 @@ class ExecutorServer:
             self._finish(record)
             return
         done = record.seeds_done()
-        self._accept([(record, plan, [s for s in plan.seeds if s not in done])])
+        self._accept([(record, plan, [s for s in plan.seeds if s not in done])], resumed=True)
 
     async def _respond(self, work: list[dict[str, Any]]) -> Response:
         data: list[dict[str, Any]] = []
@@ -385,7 +417,7 @@ class ExecutorServer:
                         "The executor shut down before the task finished; send it again (same taskUUID)."
                     )
                     return _errors(503, [error_item("serviceUnavailable", message)], [("retry-after", "5")])
-                data += [self._wire(record, i) for i in record.items]
+                data += self._answer(record)
                 errors += record.errors
             elif task_type == GET_RESPONSE:
                 items, errs = self._poll(task_uuid)
@@ -411,7 +443,15 @@ class ExecutorServer:
             return [], [error_item("taskNotFound", message, **ids)]
         if not record.items and not record.done.is_set():
             return [{"taskType": INFERENCE, "taskUUID": task_uuid, "status": "processing"}], []
-        return [self._wire(record, i) for i in record.items], list(record.errors)
+        return self._answer(record), list(record.errors)
+
+    def _answer(self, record: TaskRecord) -> list[dict[str, Any]]:
+        """The task's results for a response; inline data in an answer counts as fetched."""
+        wire = [self._wire(record, item) for item in record.items]
+        if record.payload.get("outputType", "URL") != "URL":
+            for item in record.items:
+                item["fetched"] = True
+        return wire
 
     def _wire(self, record: TaskRecord, item: dict[str, Any]) -> dict[str, Any]:
         """A stored result as Runware sends it: the URL built now, inline data read from the store."""
@@ -445,6 +485,7 @@ class ExecutorServer:
         if item is not None and time.time() <= item["expiresAt"]:
             data = self.images.get(token)
             if data is not None:
+                item["fetched"] = True
                 return Response(200, data, CONTENT_TYPES[item["format"]], [("cache-control", "no-store")])
         return _errors(404, [error_item("notFound", "No such image (or its URL expired).")])
 
@@ -492,7 +533,8 @@ class ExecutorServer:
             item = dict(stored[index])
             data = item.pop("data")
             ttl = min(float(record.payload.get("ttl") or self.config.result_ttl), self.config.result_ttl)
-            item["expiresAt"] = time.time() + ttl
+            item["madeAt"] = time.time()
+            item["expiresAt"] = item["madeAt"] + ttl
             upload = record.payload.get("uploadEndpoint")
             if upload:
                 self._spawn(self._upload_then_add(record, item, str(upload), data))
@@ -552,6 +594,7 @@ class ExecutorServer:
             ok = False
         if ok:
             item["uploadedTo"] = _strip_query(url)
+            item["fetched"] = True  # the bytes are in the client's storage already
             self._add_item(record, item)
             return
         message = f"Uploading the image to the uploadEndpoint failed ({_strip_query(url)})."

@@ -50,6 +50,26 @@ def verify_stored(artifacts: Path, dag_id: str, run_id: str) -> StoredImages:
     return out
 
 
+def unlisted_images(artifacts: Path, dag_id: str, run_id: str) -> list[str]:
+    """Image files of the run that no manifest lists: what a second store of one task would leave."""
+    run_dir = artifacts / safe_segment(dag_id) / safe_segment(run_id)
+    listed = set()
+    for path in run_dir.glob("*/*/manifest.json"):
+        listed |= {str(i["uri"]).removeprefix("file://") for i in json.loads(path.read_text())["images"]}
+    files = (p for p in run_dir.glob("*/*/*") if p.suffix in (".jpg", ".png", ".webp"))
+    return sorted(str(p) for p in files if str(p) not in listed)
+
+
+def ledger_generations(artifacts: Path, dag_id: str, run_id: str) -> dict[str, int]:
+    """map index -> the generation of its last submission (0: never regenerated under a new taskUUID)."""
+    run_dir = artifacts / safe_segment(dag_id) / safe_segment(run_id)
+    out = {}
+    for path in sorted(run_dir.glob("*/*/_zimage_state.json")):
+        submissions = json.loads(path.read_text())["submissions"].values()
+        out[path.parent.name] = max((int(s["generation"]) for s in submissions), default=0)
+    return out
+
+
 def duplicate_submissions(stats: dict[str, Any]) -> int:
     """Submissions Runware accepted (and would bill) beyond the first for the same taskUUID."""
     return sum(n - 1 for n in stats["accepted"].values() if n > 1)

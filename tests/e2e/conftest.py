@@ -14,6 +14,7 @@ import pytest
 from tests.e2e import dags
 from tests.e2e.harness import Deployment, DeploymentConfig
 from tests.e2e.settings import (
+    EXECUTOR_TASKS,
     FAST_IMAGES,
     FAULT_IMAGES,
     LOAD_IMAGES,
@@ -42,6 +43,7 @@ def deployment(request: pytest.FixtureRequest, results: Results) -> Iterator[Dep
         faults=FAULT_IMAGES,
         webhook=WEBHOOK_IMAGES,
         fast=FAST_IMAGES,
+        executor=EXECUTOR_TASKS,
     )
     if (why := webhook_support()) is not None:
         sources.pop(dags.WEBHOOK)  # its DAG file would not even import

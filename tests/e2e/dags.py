@@ -36,6 +36,8 @@ WEBHOOK = "e2e_webhook"
 INVALID = "e2e_invalid"
 SECRETS = "e2e_secret_paths"
 FAST = "e2e_fast_no_retries"
+EXECUTOR_RESUME = "e2e_executor_killed_resumed"
+EXECUTOR_FORGET = "e2e_executor_killed_forgot"
 
 WEBHOOK_GRACE_S = 15.0
 
@@ -139,7 +141,9 @@ with DAG({dag_id!r}, schedule=None, start_date=START, catchup=False,
 """
 
 
-def all_dags(*, load: int, triggerer: int, faults: int, webhook: int, fast: int = 50) -> dict[str, str]:
+def all_dags(
+    *, load: int, triggerer: int, faults: int, webhook: int, fast: int = 50, executor: int = 8
+) -> dict[str, str]:
     """file name -> source of every scenario DAG, sized as requested."""
     sources = {
         LOAD: mapped_dag(LOAD, load, "e2e load, product photo"),
@@ -173,4 +177,11 @@ def all_dags(*, load: int, triggerer: int, faults: int, webhook: int, fast: int 
             FAST, fast, "e2e fast turbo", spread=(0.3, 7.5 / max(fast, 1)), default_args='{"retries": 0}'
         ),
     }
+    # On the zimage-executor (connection `zimage_executor`, tiny model on the CPU), killed mid-batch:
+    # restarted with its --output-dir (it resumes) or without one (it forgot, the tasks regenerate).
+    # 4 steps at 256 px make a pipeline call last seconds, so the kill lands inside one.
+    for dag_id in (EXECUTOR_RESUME, EXECUTOR_FORGET):
+        sources[dag_id] = mapped_dag(
+            dag_id, executor, f"e2e {dag_id}", zimage_conn_id="zimage_executor", steps=4, output_format="PNG"
+        )
     return {name: HEADER + textwrap.dedent(source) for name, source in sources.items()}

@@ -4,7 +4,8 @@ What `airflow standalone` runs, started one by one so a scenario can kill and re
 `airflow api-server`, `scheduler`, `dag-processor` and `triggerer`, with SQLite and the LocalExecutor
 (standalone forces both for a laptop), the simple auth manager, a fresh AIRFLOW_HOME in a temp dir,
 plus the Runware test server (`python -m airflow_provider_zimage.testing.runware_server`) as its own
-process. The test process never imports Airflow's ORM: it talks to the deployment only through the
+process, and, for the scenarios that need one, a `zimage-executor` (`start_executor`, connection
+`zimage_executor`, killed and restarted like any component). The test process never imports Airflow's ORM: it talks to the deployment only through the
 public REST API (JWT from `POST /auth/token`), the Runware server's control API and the files
 the deployment writes.
 
@@ -90,6 +91,7 @@ class Component:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    env: dict[str, str] | None = None  # None: the deployment's Airflow environment
 
     @property
     def running(self) -> bool:
@@ -168,6 +170,10 @@ class Deployment:
         self._seen: list[psutil.Process] = []
         self.password = secrets.token_urlsafe(16)  # of the REST API user `e2e`
         self.startup_seconds = 0.0
+        # A zimage-executor is started only by the scenarios that use it (`start_executor`); its port
+        # and token are fixed now so the `zimage_executor` connection can be in every component's env.
+        self.executor_port = free_port()
+        self.executor_token = f"e2e-executor-token-{secrets.token_hex(12)}"
 
     # -- environment ------------------------------------------------------------------------------
 
@@ -188,6 +194,22 @@ class Deployment:
         }
         return json.dumps(
             {"conn_type": "zimage", "host": self.runware_url, "password": self.config.api_key, "extra": extra}
+        )
+
+    @property
+    def executor_origin(self) -> str:
+        return f"http://127.0.0.1:{self.executor_port}"
+
+    def executor_connection_json(self) -> str:
+        """`zimage_executor`: the executor started by `start_executor` (backend `executor`)."""
+        extra = {"backend": "executor", "max_retries": 6, "backoff_base": 0.01, "backoff_max": 0.05}
+        return json.dumps(
+            {
+                "conn_type": "zimage",
+                "host": f"{self.executor_origin}/v1",
+                "password": self.executor_token,
+                "extra": {**extra, "timeout": 15},
+            }
         )
 
     def env(self) -> dict[str, str]:
@@ -247,6 +269,7 @@ class Deployment:
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "600",
             "AIRFLOW__ZIMAGE__OUTPUT_PATH": self.output_path,
             "AIRFLOW_CONN_ZIMAGE_DEFAULT": self.connection_json(),
+            "AIRFLOW_CONN_ZIMAGE_EXECUTOR": self.executor_connection_json(),
             **self.config.extra_env,
         }
         return env
@@ -344,7 +367,7 @@ class Deployment:
             raise E2EError(f"{name} is already running")
         with open(comp.log_path, "ab") as log:
             log.write(f"\n===== start #{comp.starts + 1} at {time.time():.3f} =====\n".encode())
-        comp.proc = self._popen(comp.argv, comp.log_path, self._env)
+        comp.proc = self._popen(comp.argv, comp.log_path, comp.env or self._env)
         comp.starts += 1
 
     def kill_component(self, name: str, sig: int = signal.SIGKILL, *, timeout: float = 30) -> None:
@@ -364,6 +387,48 @@ class Deployment:
     def restart_component(self, name: str, sig: int = signal.SIGKILL) -> None:
         self.kill_component(name, sig)
         self.start_component(name)
+
+    # -- the zimage-executor ----------------------------------------------------------------------
+
+    def start_executor(self, model: str | Path, *args: str, timeout: float = 180) -> dict[str, Any]:
+        """(Re)start the `executor` component on its fixed port with `args` (`--output-dir D`, ...)
+        and wait for its /health; one CPU thread, so the Airflow components keep the other core."""
+        token_file = self.home / "executor.token"
+        token_file.write_text(self.executor_token)
+        token_file.chmod(0o600)
+        argv = [sys.executable, "-m", "airflow_provider_zimage.executor", "serve", "--devices", "cpu"]
+        argv += ["--host", "127.0.0.1", "--port", str(self.executor_port), "--token-file", str(token_file)]
+        argv += ["--model", f"runware:z-image@turbo={model}", *args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+        env.update({RUN_MARKER: self.run_id, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        previous = self.components.get("executor")
+        comp = Component("executor", argv, self.component_logs / "executor.log", env=env)
+        comp.starts = previous.starts if previous is not None else 0
+        if previous is not None and previous.running:
+            raise E2EError("the executor is already running")
+        self.components["executor"] = comp
+        self.start_component("executor")
+
+        def healthy() -> dict[str, Any] | None:
+            if not comp.running:
+                raise E2EError(f"the executor exited: {self.component_log('executor')[-3000:]}")
+            health = self.executor_health()
+            return health if health.get("status") == "ok" else None
+
+        return wait_until(healthy, timeout=timeout, interval=0.2, what="the zimage-executor")
+
+    def executor_health(self) -> dict[str, Any]:
+        return httpx.get(f"{self.executor_origin}/health", timeout=5).json()
+
+    def executor_metric(self, name: str) -> float:
+        """The sum of a Prometheus counter/gauge over its labels, from the running executor."""
+        text = httpx.get(f"{self.executor_origin}/metrics", timeout=5).text
+        total = 0.0
+        for line in text.splitlines():
+            head = line.split(" ", 1)[0]
+            if head == name or head.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
 
     def stop(self) -> None:
         """SIGTERM every group, then SIGKILL whatever is left, including re-parented orphans."""
@@ -428,7 +493,7 @@ class Deployment:
         assert self.api is not None
 
         def healthy() -> dict[str, Any] | None:
-            for comp in self.components.values():
+            for comp in (self.components[name] for name in COMPONENTS):
                 if comp.proc is not None and comp.proc.poll() is not None:
                     raise E2EError(f"{comp.name} exited early:\n{self.component_log(comp.name)[-4000:]}")
             health = httpx.get(f"{self.api_url}/api/v2/monitor/health", timeout=5).json()

@@ -5,6 +5,7 @@ editing code; the defaults are the issue's (200 mapped images, 50 deferred durin
 
 - E2E_LOAD_IMAGES (200), E2E_TRIGGERER_TASKS (50), E2E_FAULT_IMAGES (40), E2E_WEBHOOK_IMAGES (30),
   E2E_FAST_IMAGES (50)
+- E2E_EXECUTOR_TASKS (8): mapped tasks of each zimage-executor scenario (8a, 8b)
 - E2E_PARALLELISM (16): LocalExecutor worker processes
 - E2E_RUNWARE_DELAY (10): seconds the test server takes per image. Not zero on purpose: Airflow 3.3.2
   fails a deferred task whose trigger fires before the scheduler processed the executor event of the
@@ -43,6 +44,7 @@ TRIGGERER_TASKS = env_int("E2E_TRIGGERER_TASKS", 50)
 FAULT_IMAGES = env_int("E2E_FAULT_IMAGES", 40)
 WEBHOOK_IMAGES = env_int("E2E_WEBHOOK_IMAGES", 30)
 FAST_IMAGES = env_int("E2E_FAST_IMAGES", 50)
+EXECUTOR_TASKS = env_int("E2E_EXECUTOR_TASKS", 8)
 PARALLELISM = env_int("E2E_PARALLELISM", 16)
 RUNWARE_DELAY = env_float("E2E_RUNWARE_DELAY", 10.0)
 TRIGGERER_DELAY = env_float("E2E_TRIGGERER_DELAY", 60.0)
@@ -57,6 +59,15 @@ def webhook_support() -> str | None:
         return f"webhook plugin not importable: {exc}"
     if "delivery" not in inspect.signature(ZImageGenerateOperator.__init__).parameters:
         return "webhook plugin not built yet (no `delivery` option on the operator)"
+    return None
+
+
+def executor_support() -> str | None:
+    """None when the local extra (diffusers) is installed, else why the executor scenarios are skipped."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as exc:
+        return f"the local extra is not installed: {exc}"
     return None
 
 

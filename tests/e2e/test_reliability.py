@@ -8,8 +8,10 @@ test server accepted each task exactly once. Figures go to results.json (see rep
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
+import re
 import signal
 import time
 import uuid
@@ -27,11 +29,14 @@ from tests.e2e.checks import (
     check_xcoms_match,
     duplicate_submissions,
     find_literals,
+    ledger_generations,
     tries_histogram,
+    unlisted_images,
     verify_stored,
 )
 from tests.e2e.harness import Deployment, E2EError, wait_until
 from tests.e2e.settings import (
+    EXECUTOR_TASKS,
     FAST_IMAGES,
     FAULT_IMAGES,
     LOAD_IMAGES,
@@ -40,6 +45,7 @@ from tests.e2e.settings import (
     TRIGGERER_TASKS,
     WEBHOOK_IMAGES,
     Results,
+    executor_support,
     webhook_support,
 )
 
@@ -451,6 +457,118 @@ def test_6_invalid_requests_fail_fast_naming_the_parameter(deployment: Deploymen
     results.record(row)
 
 
+# -- 8. the zimage-executor killed mid-batch --------------------------------------------------------
+
+EXECUTOR_SKIP = executor_support()
+ACCEPTED_LINE = re.compile(r"Accepted task ([0-9a-f-]{36})")  # once per taskUUID a process takes on
+RESUMED_LINE = re.compile(r"Loaded \d+ task record\(s\), (\d+) unfinished")
+
+
+def executor_records(state: Path) -> dict[str, dict[str, Any]]:
+    """taskUUID -> the task record the executor keeps in its --output-dir."""
+    return {p.stem: json.loads(p.read_text()) for p in (state / "tasks").glob("*.json")}
+
+
+@pytest.mark.skipif(EXECUTOR_SKIP is not None, reason=EXECUTOR_SKIP or "")
+@pytest.mark.parametrize(
+    ("number", "dag_id", "persistent"),
+    [("8a", dags.EXECUTOR_RESUME, True), ("8b", dags.EXECUTOR_FORGET, False)],
+    ids=["with-output-dir", "without-output-dir"],
+)
+def test_8_executor_killed_mid_batch_and_restarted(
+    deployment: Deployment, results: Results, number: str, dag_id: str, persistent: bool
+) -> None:
+    """SIGKILL of the zimage-executor while a batch of 2+ images is in its pipeline call, restart.
+
+    With --output-dir it resumes what it had accepted: every task stores its image under its first
+    taskUUID. Without, it forgot: the waiting tasks fail retryably (taskNotFound) and their retries
+    generate under a new taskUUID. Either way each task stores one image, once.
+    """
+    from airflow_provider_zimage.testing.tiny_model import build_tiny_zimage
+
+    fresh_server(deployment)  # the Runware server must see nothing of this run
+    model = build_tiny_zimage(deployment.home / "tiny-zimage")
+    state = deployment.home / f"executor-state-{number}"
+    args = ["--max-batch", "4", "--drain-timeout", "10"]
+    args += ["--output-dir", str(state)] if persistent else []
+    log_start = len(deployment.component_log("executor"))  # the log is shared with 8a
+
+    def executor_log() -> str:
+        return deployment.component_log("executor")[log_start:]
+
+    deployment.start_executor(model, *args)
+    seen: dict[str, Any] = {}
+
+    def kill_mid_batch(run_id: str) -> None:
+        def batch_in_pipeline_call() -> int | None:
+            busy = int(deployment.executor_health()["devices"][0]["busy"])
+            return busy if busy >= 2 else None
+
+        seen["batch_at_kill"] = wait_until(
+            batch_in_pipeline_call, timeout=300, interval=0.1, what="a batch of 2+ images being made"
+        )
+        seen["images_before_kill"] = int(deployment.executor_metric("zimage_executor_images_total"))
+        deployment.kill_component("executor", signal.SIGKILL)
+        t0 = time.monotonic()
+        deployment.start_executor(model, *args)
+        seen["executor_down_s"] = round(time.monotonic() - t0, 1)
+
+    out = run_dag(deployment, dag_id, timeout=900, prefix="executor", during=kill_mid_batch)
+    made_after = int(deployment.executor_metric("zimage_executor_images_total"))
+    deployment.kill_component("executor", signal.SIGTERM)
+
+    assert out.run["state"] == "success", f"run {out.run['state']}: {out.states}"
+    problems = list(out.stored.problems) + check_xcoms_match(out.stored, out.xcoms)
+    if out.stored.images != EXECUTOR_TASKS:
+        problems.append(f"{out.stored.images} verified images stored, expected {EXECUTOR_TASKS}")
+    if len(out.stored.task_uuids) != EXECUTOR_TASKS:
+        problems.append(f"{len(out.stored.task_uuids)} distinct taskUUIDs in the manifests")
+    unlisted = unlisted_images(deployment.artifacts, dag_id, out.run_id)
+    problems += [f"stored but in no manifest (a second store?): {f}" for f in unlisted]
+    # A taskUUID accepted again is a picture made twice; without --output-dir the restarted executor
+    # may legitimately take on again a submission whose answer the kill cut off (nothing was made).
+    accepted = collections.Counter(ACCEPTED_LINE.findall(executor_log()))
+    twice = {u: n for u, n in accepted.items() if n > 1}
+    if twice and persistent:
+        problems.append(f"taskUUIDs the executor accepted more than once: {twice}")
+    if missing := out.stored.task_uuids - set(accepted):
+        problems.append(f"manifests name taskUUIDs the executor never accepted: {sorted(missing)}")
+    generations = ledger_generations(deployment.artifacts, dag_id, out.run_id)
+    regenerated = sum(1 for g in generations.values() if g > 0)
+    if persistent:
+        records = executor_records(state)
+        # Nothing forgotten, so no task needed a new taskUUID and every record ends with its image.
+        if regenerated or set(records) != out.stored.task_uuids:
+            problems.append(f"{regenerated} task(s) regenerated; records {len(records)} != manifests")
+        if unfinished := [u for u, r in records.items() if r["finishedAt"] is None or len(r["items"]) != 1]:
+            problems.append(f"executor records not finished with one image: {unfinished}")
+    elif regenerated < seen["batch_at_kill"]:
+        # The batch in the pipeline call at the kill was forgotten: its tasks must have regenerated.
+        problems.append(f"only {regenerated} task(s) regenerated; {seen['batch_at_kill']} were being made")
+    assert out.stats["requests"] == 0, "the Runware server was called"
+    assert not problems, "\n".join(problems[:20])
+    resumed = RESUMED_LINE.findall(executor_log())
+    row = out.row(
+        number,
+        "zimage-executor SIGKILLed mid-batch, restarted "
+        + ("with its --output-dir (resumes)" if persistent else "without --output-dir (forgets)"),
+        f"{EXECUTOR_TASKS} mapped tasks, deferrable, tiny model on the CPU, --max-batch 4",
+        "SIGKILL of the executor during a pipeline call of 2+ images, then a restart",
+        EXECUTOR_TASKS,
+        tasks_regenerated=regenerated,
+        images_made_after_restart=made_after,
+        tasks_resumed_at_restart=int(resumed[-1]) if resumed else 0,
+        **seen,
+    )
+    # Nothing is paid on an executor: this column counts images stored twice instead, and the Runware
+    # server's counters (all zero, asserted above) are left out.
+    row["duplicate_submissions"] = len(unlisted)
+    for key in ("imageInference_requests", "getResponse_polls", "conflicts"):
+        row["details"].pop(key)
+    row["details"]["accepted_again"] = sum(n - 1 for n in accepted.values())
+    results.record(row)
+
+
 # -- 7. secrets ------------------------------------------------------------------------------------------
 
 
@@ -462,7 +580,7 @@ def gather_texts(deployment: Deployment) -> dict[str, str]:
     texts: dict[str, str] = {}
     for file in deployment.task_log_files():
         texts[f"task log {file.relative_to(deployment.log_folder)}"] = file.read_text(errors="replace")
-    for name in ("api-server", "scheduler", "dag-processor", "triggerer"):
+    for name in ("api-server", "scheduler", "dag-processor", "triggerer", "executor"):
         texts[f"{name} output"] = deployment.component_log(name)
     runs = api.get("/api/v2/dags/~/dagRuns", params={"limit": 100})["dag_runs"]
     for run in runs:
@@ -518,7 +636,11 @@ def test_7_secrets_never_leave_the_connection(deployment: Deployment, results: R
     assert any("Submitted Runware task" in t for k, t in texts.items() if k.startswith("task log"))
     assert any('"sha256"' in t for k, t in texts.items() if k.startswith("xcom"))
     assert any("a cat in a secrets_" in t for k, t in texts.items() if k.startswith("rendered"))
-    secrets = {"API key": deployment.config.api_key, "webhook secret": deployment.config.webhook_secret}
+    secrets = {
+        "API key": deployment.config.api_key,
+        "webhook secret": deployment.config.webhook_secret,
+        "executor token": deployment.executor_token,
+    }
     # Per-task webhook tokens are credentials too (each one authorises posting results for its task).
     task_uuids = {
         json.loads(p.read_text()).get("task_uuid") for p in deployment.artifacts.rglob("manifest.json")
