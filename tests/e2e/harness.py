@@ -652,6 +652,11 @@ class RunwareControl:
     def reset(self) -> None:
         self.client.post("/reset").raise_for_status()
 
+    def request_bodies(self) -> list[Any]:
+        """Every API request body the server received since the last reset, in order."""
+        stats = self.client.get("/stats", params={"bodies": "1"}).raise_for_status().json()
+        return list(stats["request_bodies"])
+
     def faults(self, body: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
         return self.client.post("/faults", json=body).raise_for_status().json()
 

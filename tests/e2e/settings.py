@@ -4,7 +4,7 @@ Sizes and timings come from the environment so a slow CI machine can be given a 
 editing code; the defaults are the issue's (200 mapped images, 50 deferred during the triggerer kill).
 
 - E2E_LOAD_IMAGES (200), E2E_TRIGGERER_TASKS (50), E2E_FAULT_IMAGES (40), E2E_WEBHOOK_IMAGES (30),
-  E2E_FAST_IMAGES (50)
+  E2E_FAST_IMAGES (50), E2E_BATCH_IMAGES (200: one batch task instance), E2E_BATCH_PARTIAL_IMAGES (20)
 - E2E_PARALLELISM (16): LocalExecutor worker processes
 - E2E_RUNWARE_DELAY (10): seconds the test server takes per image. Not zero on purpose: Airflow 3.3.2
   fails a deferred task whose trigger fires before the scheduler processed the executor event of the
@@ -43,6 +43,8 @@ TRIGGERER_TASKS = env_int("E2E_TRIGGERER_TASKS", 50)
 FAULT_IMAGES = env_int("E2E_FAULT_IMAGES", 40)
 WEBHOOK_IMAGES = env_int("E2E_WEBHOOK_IMAGES", 30)
 FAST_IMAGES = env_int("E2E_FAST_IMAGES", 50)
+BATCH_IMAGES = env_int("E2E_BATCH_IMAGES", 200)
+BATCH_PARTIAL_IMAGES = env_int("E2E_BATCH_PARTIAL_IMAGES", 20)
 PARALLELISM = env_int("E2E_PARALLELISM", 16)
 RUNWARE_DELAY = env_float("E2E_RUNWARE_DELAY", 10.0)
 TRIGGERER_DELAY = env_float("E2E_TRIGGERER_DELAY", 60.0)
