@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from airflow.sdk import ObjectStoragePath
@@ -135,8 +135,60 @@ class WebhookInbox:
                 items.append(item)
         return protocol.parse_response(200, json.dumps({"data": items}).encode())
 
+    def listed_tasks(self) -> set[str]:
+        """Names of the task folders the inbox holds, from one listing (cache dropped, as in `names`)."""
+        fs = self.base.fs
+        fs.invalidate_cache(self.base.path)
+        try:
+            listed = fs.ls(self.base.path, detail=False)
+        except FileNotFoundError:
+            return set()
+        return {str(p).rstrip("/").rsplit("/", 1)[-1] for p in listed}
+
+    def responses(self, task_uuids: Collection[str]) -> RunwareResponse:
+        """Everything delivered so far for any of `task_uuids`, as one answer.
+
+        One listing of the inbox finds which of them have items, so a batch of thousands of tasks costs
+        one listing per look (plus one per task that has something), not one per task.
+        """
+        wanted = {safe_segment(u): u for u in task_uuids}
+        merged = RunwareResponse()
+        for segment in sorted(self.listed_tasks() & set(wanted)):
+            task_uuid = wanted[segment]
+            answer = self.read(task_uuid, self.names(task_uuid))
+            merged.results += answer.results
+            merged.errors += answer.errors
+        return merged
+
     def discard(self, task_uuid: str) -> None:
         """Remove a task's items once its images are stored; a failure only leaves a few small files."""
         directory = self.task_dir(task_uuid)
         with contextlib.suppress(FileNotFoundError):
             directory.fs.rm(directory.path, recursive=True)
+
+
+class BatchInboxWatch:
+    """A batch's view of the inbox: what arrived for its pending tasks, read in one look.
+
+    A failing inbox is reported when it starts and stops failing, not on every look, and never ends a
+    wait: getResponse polling after the grace period still finds the results. Synchronous; the trigger
+    calls `check` through `asyncio.to_thread`.
+    """
+
+    def __init__(self, inbox: str | None, log: logging.Logger | Any) -> None:
+        self.inbox = WebhookInbox(inbox)
+        self.log = log
+        self.failing = False
+
+    def check(self, task_uuids: Collection[str]) -> RunwareResponse:
+        try:
+            answer = self.inbox.responses(task_uuids)
+        except Exception as exc:
+            if not self.failing:
+                self.log.warning("Cannot read the webhook inbox, relying on polling until it works: %s", exc)
+            self.failing = True
+            return RunwareResponse()
+        if self.failing:
+            self.log.info("The webhook inbox is readable again")
+            self.failing = False
+        return answer

@@ -249,6 +249,18 @@ def test_prompt_markers_fail_and_nsfw(server: RunwareTestServer, client: httpx.C
     assert nsfw["NSFWContent"] is True
 
 
+def test_fail_once_fails_the_first_task_of_a_prompt_and_not_its_resubmission(
+    server: RunwareTestServer, client: httpx.Client
+) -> None:
+    first = task(positivePrompt="a lamp __fail_once__", deliveryMethod="async")
+    client.post(server.url, json=[first])
+    (item,) = poll_until(client, server.url, first["taskUUID"], 1)
+    assert item["status"] == "error" and item["code"] == "taskFailed"
+    again = task(positivePrompt="a lamp __fail_once__", deliveryMethod="async")  # a new taskUUID
+    client.post(server.url, json=[again])
+    assert poll_until(client, server.url, again["taskUUID"], 1)[0]["status"] == "success"
+
+
 # ----------------------------------------------------------------------------- faults
 
 

@@ -5,6 +5,11 @@ scheduler round per image). This operator validates every request first, submits
 tasks per POST) with a bound on tasks in flight, waits for all of them with batched `getResponse`
 (in-process, or in ONE `ZImageBatchTrigger`), stores the images concurrently and writes one manifest.
 
+With `delivery="webhook"` every task of the batch carries its own webhook URL (the per-task token of
+`webhooks.tokens`); the wait, in-process or in the trigger, looks at the webhook inbox for the whole
+batch in one listing and polls `getResponse` only for tasks past the grace period, so a lost webhook
+costs latency, never an image. After a deferral the worker reads the results from the inbox too.
+
 Orchestration only: requests are built by `operators.generate.build_image_request`, answers read by
 `outcomes`, the per-request ledger is `batch_state`, bytes go through `ArtifactStore`.
 """
@@ -39,13 +44,22 @@ from airflow_provider_zimage.generation import (
     manifest_entry,
 )
 from airflow_provider_zimage.hooks.runware import ZImageHook
+from airflow_provider_zimage.inbox import BatchInboxWatch, default_inbox_path
 from airflow_provider_zimage.models import ImageInferenceRequest, estimate_cost
-from airflow_provider_zimage.operators.generate import REQUEST_ARGUMENTS, build_image_request
+from airflow_provider_zimage.operators.generate import (
+    REQUEST_ARGUMENTS,
+    Delivery,
+    build_image_request,
+    deferral_settle_seconds,
+    webhook_delivery_settings,
+)
 from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, Outcome, TaskWait, for_error
 from airflow_provider_zimage.protocol import RunwareResponse
+from airflow_provider_zimage.redaction import redact_urls
 from airflow_provider_zimage.state import job_fingerprint
 from airflow_provider_zimage.storage import ArtifactStore, as_path, default_output_path, read_json, verify
 from airflow_provider_zimage.triggers.batch import POLL_BATCH, ZImageBatchTrigger, split_by_task
+from airflow_provider_zimage.webhooks.tokens import webhook_url
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -90,6 +104,13 @@ class ZImageBatchGenerateOperator(BaseOperator):
     :param reuse: "task" reuses what this task instance stored before; "content" also copies a seeded
         request's image stored before by any run, DAG or task under the same output_path (cost 0,
         `reused_from`); see `content_index`.
+    :param delivery: "polling" (batched getResponse) or "webhook": Runware POSTs each task's results to
+        the webhook plugin (connection extras `webhook_base_url` and `webhook_secret`, as for
+        `ZImageGenerateOperator`).
+    :param webhook_grace_period: with webhooks, seconds after a task's submission before getResponse
+        polling starts for it as well.
+    :param webhook_check_interval: with webhooks, seconds between two looks at the inbox (one listing
+        for the whole batch each).
     """
 
     template_fields: Sequence[str] = ("requests", "output_path", "zimage_conn_id", "model")
@@ -116,6 +137,9 @@ class ZImageBatchGenerateOperator(BaseOperator):
         fail_on_partial_error: bool = True,
         download_concurrency: int = 8,
         reuse: Literal["task", "content"] = "task",
+        delivery: Delivery = "polling",
+        webhook_grace_period: float = 60.0,
+        webhook_check_interval: float = 1.0,
         **kwargs: Any,
     ) -> None:
         defaults = {k: kwargs.pop(k) for k in list(kwargs) if k in REQUEST_ARGUMENTS}
@@ -150,6 +174,15 @@ class ZImageBatchGenerateOperator(BaseOperator):
         if reuse not in ("task", "content"):
             raise ValueError(f"reuse must be 'task' or 'content' (got {reuse!r})")
         self.reuse = reuse
+        if delivery not in ("polling", "webhook"):
+            raise ValueError(f"delivery must be 'polling' or 'webhook' (got {delivery!r})")
+        if webhook_grace_period < 0:
+            raise ValueError(f"webhook_grace_period must be >= 0 seconds (got {webhook_grace_period})")
+        if webhook_check_interval <= 0:
+            raise ValueError(f"webhook_check_interval must be > 0 seconds (got {webhook_check_interval})")
+        self.delivery = delivery
+        self.webhook_grace_period = webhook_grace_period
+        self.webhook_check_interval = webhook_check_interval
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -191,7 +224,8 @@ class ZImageBatchGenerateOperator(BaseOperator):
         return self._run(context, fresh=True)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        """Resume after the trigger; the event only says what finished, the worker polls them again."""
+        """Resume after the trigger; the event only says what finished: the worker reads those again
+        (from the webhook inbox, or with a getResponse, which is free)."""
         if not isinstance(event, dict) or "finished" not in event:
             raise AirflowException(f"malformed event from ZImageBatchTrigger: {event!r}")
         if event.get("error"):
@@ -214,8 +248,21 @@ class ZImageBatchGenerateOperator(BaseOperator):
         ledger = ledgers.load(
             dag_id=ref.dag_id, task_id=ref.task_id, run_id=ref.run_id, map_index=ref.map_index
         )
-        run = _BatchRun(self, prepared, ledger, ledgers, store, directory, fresh=fresh)
+        webhook = self._webhook() if self.delivery == "webhook" else None
+        run = _BatchRun(self, prepared, ledger, ledgers, store, directory, fresh=fresh, webhook=webhook)
         return run.go()
+
+    def _webhook(self) -> tuple[str, str]:
+        """The base URL and secret, checked before any POST; the secret is masked in task logs."""
+        from airflow.sdk.log import mask_secret
+
+        try:
+            settings = ZImageHook(self.zimage_conn_id).settings
+        except Exception as exc:  # AirflowNotFoundException and friends, without importing them
+            raise AirflowFailException(f"connection {self.zimage_conn_id!r} is not usable: {exc}") from None
+        base_url, secret = webhook_delivery_settings(settings, self.zimage_conn_id)
+        mask_secret(secret)
+        return base_url, secret
 
     def _send_chunk(self, hook: ZImageHook, requests: list[ImageInferenceRequest]) -> object:
         """One POST with many tasks (a seam for tests that kill the worker between chunks)."""
@@ -235,6 +282,7 @@ class _BatchRun:
         directory: Any,
         *,
         fresh: bool,
+        webhook: tuple[str, str] | None = None,
     ) -> None:
         self.op = op
         self.log = op.log
@@ -250,6 +298,9 @@ class _BatchRun:
         self.reused = 0
         self._local = threading.local()
         self._hooks: list[ZImageHook] = []
+        # delivery="webhook": (public base URL, secret) and the inbox the API server writes to.
+        self.webhook = webhook
+        self.inbox = BatchInboxWatch(None, op.log) if webhook is not None else None
 
     # -- what each request needs ---------------------------------------------------------------------
 
@@ -303,6 +354,7 @@ class _BatchRun:
         hook = ZImageHook(self.op.zimage_conn_id)
         defer_at = time.time() + self.op.defer_after
         delays = protocol.poll_delays(self.op.poll_interval, self.op.max_poll_interval)
+        next_poll = 0.0
         errors_in_a_row = 0
         with hook, ThreadPoolExecutor(self.op.download_concurrency) as pool:
             while unsent or waiting:
@@ -311,23 +363,28 @@ class _BatchRun:
                     chunk, unsent = unsent[:room], unsent[room:]
                     self._submit(hook, chunk)
                     waiting.update((e.task_uuid, e) for e in chunk)
-                try:
-                    answer = self._poll(hook, list(waiting))
-                except Exception as exc:
-                    errors_in_a_row += 1
-                    outcome = for_error(exc)
-                    if isinstance(exc, ZImageAuthError) and errors_in_a_row == 1:
-                        hook.reload()
-                        continue
-                    if outcome.action is Action.FAIL:
-                        raise AirflowFailException(outcome.message) from None
-                    if errors_in_a_row >= MAX_CONSECUTIVE_ERRORS:
-                        raise AirflowException(outcome.message) from None
-                    self.log.warning("batched getResponse failed (%d in a row): %s", errors_in_a_row, exc)
-                else:
-                    errors_in_a_row = 0
-                    self._settle(answer, waiting, pool)
+                if self.inbox is not None and self._settle(self.inbox.check(list(waiting)), waiting, pool):
                     self._progress()
+                due = self._due(waiting) if time.time() >= next_poll else []
+                if due:
+                    try:
+                        answer = self._poll(hook, due)
+                    except Exception as exc:
+                        errors_in_a_row += 1
+                        outcome = for_error(exc)
+                        if isinstance(exc, ZImageAuthError) and errors_in_a_row == 1:
+                            hook.reload()
+                            continue
+                        if outcome.action is Action.FAIL:
+                            raise AirflowFailException(outcome.message) from None
+                        if errors_in_a_row >= MAX_CONSECUTIVE_ERRORS:
+                            raise AirflowException(outcome.message) from None
+                        self.log.warning("batched getResponse failed (%d in a row): %s", errors_in_a_row, exc)
+                    else:
+                        errors_in_a_row = 0
+                        self._settle(answer, waiting, pool)
+                        self._progress()
+                    next_poll = time.time() + next(delays)
                 if not waiting and not unsent:
                     break
                 self._timeouts(waiting)
@@ -335,10 +392,20 @@ class _BatchRun:
                     break
                 if self.op.deferrable and time.time() >= defer_at and waiting:
                     self._defer(waiting)
-                time.sleep(next(delays))
+                pause = next_poll - time.time()
+                if self.inbox is not None:
+                    pause = min(pause, self.op.webhook_check_interval)
+                time.sleep(max(0.0, pause))
             for download_hook in self._hooks:
                 download_hook.close()
         return self._finish()
+
+    def _due(self, waiting: dict[str, BatchEntry]) -> list[str]:
+        """The tasks to ask getResponse about: all of them, or with webhooks those past the grace period."""
+        if self.webhook is None:
+            return list(waiting)
+        cutoff = time.time() - self.op.webhook_grace_period
+        return [u for u, e in waiting.items() if (e.submitted_at or 0.0) <= cutoff]
 
     # -- steps ---------------------------------------------------------------------------------------
 
@@ -349,20 +416,38 @@ class _BatchRun:
             self.ledger.record(entry, "intent")
         self.ledgers.save(self.ledger)
         requests = [
-            self.prepared[e.index].request.model_copy(update={"task_uuid": e.task_uuid}) for e in chunk
+            self.prepared[e.index].request.model_copy(update=self._delivery_fields(e.task_uuid))
+            for e in chunk
         ]
+        if self.webhook is not None:
+            self.log.info(
+                "Runware will POST the results to %s/zimage/webhooks/<taskUUID>", self.webhook[0].rstrip("/")
+            )
         try:
             self.op._send_chunk(hook, requests)
         except ZImagePermanentError as exc:
+            # Webhook URLs carry per-task tokens in their query: an echoed request must not show them.
             raise AirflowFailException(
-                f"Runware refused a chunk of requests {chunk[0].index}..{chunk[-1].index}: {exc}"
+                f"Runware refused a chunk of requests {chunk[0].index}..{chunk[-1].index}: "
+                f"{redact_urls(str(exc))}"
             ) from None
         except ZImageError as exc:
-            raise AirflowException(f"submitting to Runware failed, a retry reattaches: {exc}") from None
+            raise AirflowException(
+                f"submitting to Runware failed, a retry reattaches: {redact_urls(str(exc))}"
+            ) from None
         for entry in chunk:
             self.ledger.record(entry, "submitted")
         self.ledgers.save(self.ledger)
         self.log.info("Submitted %d task(s) (requests %d..%d)", len(chunk), chunk[0].index, chunk[-1].index)
+
+    def _delivery_fields(self, task_uuid: str) -> dict[str, Any]:
+        """Added inside the send, from the taskUUID the ledger chose: a re-sent chunk carries the same
+        webhook URLs, and the URLs (credentials) are never part of the fingerprint or the ledger."""
+        update: dict[str, Any] = {"task_uuid": task_uuid}
+        if self.webhook is not None:
+            base_url, secret = self.webhook
+            update["webhook_url"] = webhook_url(base_url, task_uuid, secret, self.op.zimage_conn_id)
+        return update
 
     def _poll(self, hook: ZImageHook, uuids: list[str]) -> RunwareResponse:
         merged = RunwareResponse()
@@ -385,7 +470,11 @@ class _BatchRun:
 
     def _settle(
         self, answer: RunwareResponse, waiting: dict[str, BatchEntry], pool: ThreadPoolExecutor
-    ) -> None:
+    ) -> int:
+        """Store or end every waiting entry whose answer is final; returns how many were."""
+        if not answer.results and not answer.errors:
+            return 0
+        settled = 0
         parts = split_by_task(answer, list(waiting))
         to_store: list[tuple[BatchEntry, TaskWait]] = []
         for uuid, entry in list(waiting.items()):
@@ -394,6 +483,7 @@ class _BatchRun:
             if outcome.action is Action.WAIT:
                 continue
             del waiting[uuid]
+            settled += 1
             if outcome.action is Action.STORE:
                 to_store.append((entry, wait))
             else:
@@ -416,6 +506,7 @@ class _BatchRun:
                 # Paid and still at Runware: the ledger keeps it submitted, a retry stores it for free.
                 self.store_errors[entry.index] = f"{type(exc).__name__}: {exc}"
         self.ledgers.save(self.ledger)
+        return settled
 
     def _end(self, entry: BatchEntry, outcome: Outcome) -> None:
         """Only REGENERATE moves the ledger (see `outcomes`); anything else ends this try for the entry."""
@@ -424,6 +515,16 @@ class _BatchRun:
         else:
             entry.ended_try = True
             entry.reason = outcome.message
+        # A delivered error must not end the next try too (as `ZImageGenerateOperator` clears it).
+        self._discard_inbox(entry)
+
+    def _discard_inbox(self, entry: BatchEntry) -> None:
+        if self.inbox is None:
+            return
+        try:
+            self.inbox.inbox.discard(entry.task_uuid)
+        except Exception as exc:  # leftovers are a few small files, not a reason to fail a paid image
+            self.log.warning("Could not clear the webhook inbox of requests[%d]: %s", entry.index, exc)
 
     def _store(self, entry: BatchEntry, wait: TaskWait) -> list[dict[str, Any]]:
         request = self.prepared[entry.index].request
@@ -437,6 +538,7 @@ class _BatchRun:
             images.append(
                 {**manifest_entry(artifact.to_dict(), result, model=request.model), "index": entry.index}
             )
+        self._discard_inbox(entry)
         return images
 
     def _timeouts(self, waiting: dict[str, BatchEntry]) -> None:
@@ -469,8 +571,11 @@ class _BatchRun:
         )
 
     def _defer(self, waiting: dict[str, BatchEntry]) -> None:
-        deadline = min((e.submitted_at or time.time()) for e in waiting.values()) + self.op.timeout
+        now = time.time()
+        deadline = min((e.submitted_at or now) for e in waiting.values()) + self.op.timeout
+        latest = max((e.submitted_at or now) for e in waiting.values())
         self.log.info("%d task(s) not finished: deferring to one ZImageBatchTrigger", len(waiting))
+        webhook = self.webhook is not None
         self.op.defer(
             trigger=ZImageBatchTrigger(
                 task_uuids={u: e.expected_results for u, e in waiting.items()},
@@ -478,6 +583,12 @@ class _BatchRun:
                 deadline=deadline,
                 poll_interval=self.op.poll_interval,
                 max_poll_interval=self.op.max_poll_interval,
+                webhook_inbox=str(default_inbox_path()) if webhook else None,
+                # One grace period for the batch, from its last submission: a few chunks' spread of
+                # latency for the earliest tasks, never a poll before any task's own grace is over.
+                poll_after=latest + self.op.webhook_grace_period if webhook else 0.0,
+                inbox_interval=self.op.webhook_check_interval,
+                not_before=now + deferral_settle_seconds(),
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=max(0.0, deadline - time.time()) + 60),

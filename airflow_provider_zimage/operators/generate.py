@@ -138,6 +138,29 @@ def build_image_request(args: Mapping[str, Any]) -> ImageInferenceRequest:
     return ImageInferenceRequest.build(**{k: v for k, v in fields.items() if v is not None})
 
 
+def webhook_delivery_settings(settings: ConnectionSettings, conn_id: str) -> tuple[str, str]:
+    """The public base URL and the secret for delivery="webhook", or a failure naming what to set, before
+    anything is paid (shared with `ZImageBatchGenerateOperator`)."""
+    if not settings.webhook_base_url:
+        raise AirflowFailException(
+            f"delivery='webhook' needs the webhook_base_url extra of connection {conn_id!r}: "
+            "the public URL of the Airflow API server, e.g. https://airflow.example.com"
+        )
+    parts = urlsplit(settings.webhook_base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+        raise AirflowFailException(
+            f"the webhook_base_url extra of connection {conn_id!r} must be an http(s) URL "
+            f"without a query string (got {settings.webhook_base_url!r})"
+        )
+    secret = settings.webhook_secret or configured_secret()
+    if not secret:
+        raise AirflowFailException(
+            f"delivery='webhook' needs a webhook secret: set the webhook_secret extra of connection "
+            f"{conn_id!r} or [zimage] webhook_secret"
+        )
+    return settings.webhook_base_url, secret
+
+
 class ZImageImageLink(BaseOperatorLink):
     """Opens the task instance's "Z-Image images" tab in the Airflow UI, for every kind of output path.
 
@@ -584,25 +607,7 @@ class ZImageGenerateOperator(BaseOperator):
         return send
 
     def _webhook_settings(self, settings: ConnectionSettings) -> tuple[str, str]:
-        """The public base URL and the secret, or a failure naming what to set, before anything is paid."""
-        if not settings.webhook_base_url:
-            raise AirflowFailException(
-                f"delivery='webhook' needs the webhook_base_url extra of connection {self.zimage_conn_id!r}: "
-                "the public URL of the Airflow API server, e.g. https://airflow.example.com"
-            )
-        parts = urlsplit(settings.webhook_base_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
-            raise AirflowFailException(
-                f"the webhook_base_url extra of connection {self.zimage_conn_id!r} must be an http(s) URL "
-                f"without a query string (got {settings.webhook_base_url!r})"
-            )
-        secret = settings.webhook_secret or configured_secret()
-        if not secret:
-            raise AirflowFailException(
-                f"delivery='webhook' needs a webhook secret: set the webhook_secret extra of connection "
-                f"{self.zimage_conn_id!r} or [zimage] webhook_secret"
-            )
-        return settings.webhook_base_url, secret
+        return webhook_delivery_settings(settings, self.zimage_conn_id)
 
     def _trigger(self, wait: TaskWait, deadline: float, *, deferred: bool = False) -> ZImageTaskTrigger:
         webhook = self.delivery == "webhook"

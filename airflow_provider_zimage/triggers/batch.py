@@ -1,8 +1,13 @@
 """One trigger waits for a whole batch: batched `getResponse` for every pending taskUUID.
 
 The event is small on purpose (the finished taskUUIDs and their outcome, never results): a 5,000-image
-batch must not put megabytes into the metadata DB. The worker polls the finished ones again to get
-their URLs, which is free. What an answer means is `outcomes.TaskWait`'s decision, as everywhere.
+batch must not put megabytes into the metadata DB. The worker reads the finished ones again to get
+their URLs (from the webhook inbox, or a getResponse, which is free). What an answer means is
+`outcomes.TaskWait`'s decision, as everywhere.
+
+With webhook delivery the trigger looks at the inbox (`inbox.BatchInboxWatch`: one listing for the
+whole batch) every `inbox_interval` seconds and polls only from `poll_after` on, so a lost webhook
+costs latency, never an image; webhook items and poll answers merge per task, as in `ZImageTaskTrigger`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_provider_zimage import protocol
 from airflow_provider_zimage.exceptions import ZImageAuthError, ZImagePermanentError
 from airflow_provider_zimage.hooks.runware import ZImageHook, loop_clients
-from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, TaskWait, for_error
+from airflow_provider_zimage.inbox import BatchInboxWatch
+from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, Outcome, TaskWait, for_error
 from airflow_provider_zimage.protocol import RunwareResponse
 
 POLL_BATCH = 100
@@ -76,6 +82,12 @@ class ZImageBatchTrigger(BaseTrigger):
 
     :param task_uuids: taskUUID -> expected results.
     :param deadline: epoch seconds; the event then lists what finished and the worker decides.
+    :param webhook_inbox: URI of the webhook inbox to watch; None polls only.
+    :param poll_after: epoch seconds before which `getResponse` is not called (the webhook grace
+        period); 0 polls at once.
+    :param inbox_interval: seconds between two looks at the inbox.
+    :param not_before: epoch seconds before which no event is sent (Airflow 3.3's deferral race, see
+        `ZImageTaskTrigger`).
     """
 
     def __init__(
@@ -87,6 +99,10 @@ class ZImageBatchTrigger(BaseTrigger):
         poll_interval: float = 1.0,
         max_poll_interval: float = 10.0,
         max_consecutive_errors: int = MAX_CONSECUTIVE_ERRORS,
+        webhook_inbox: str | None = None,
+        poll_after: float = 0.0,
+        inbox_interval: float = 1.0,
+        not_before: float = 0.0,
     ) -> None:
         super().__init__()
         self.task_uuids = dict(task_uuids)
@@ -95,6 +111,10 @@ class ZImageBatchTrigger(BaseTrigger):
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
         self.max_consecutive_errors = max_consecutive_errors
+        self.webhook_inbox = webhook_inbox
+        self.poll_after = poll_after
+        self.inbox_interval = inbox_interval
+        self.not_before = not_before
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -106,6 +126,10 @@ class ZImageBatchTrigger(BaseTrigger):
                 "poll_interval": self.poll_interval,
                 "max_poll_interval": self.max_poll_interval,
                 "max_consecutive_errors": self.max_consecutive_errors,
+                "webhook_inbox": self.webhook_inbox,
+                "poll_after": self.poll_after,
+                "inbox_interval": self.inbox_interval,
+                "not_before": self.not_before,
             },
         )
 
@@ -114,32 +138,53 @@ class ZImageBatchTrigger(BaseTrigger):
         waits = {u: TaskWait(u, n) for u, n in self.task_uuids.items()}
         finished: dict[str, str] = {}
         delays = protocol.poll_delays(self.poll_interval, self.max_poll_interval)
+        watch = BatchInboxWatch(self.webhook_inbox, self.log) if self.webhook_inbox else None
+        next_poll = self.poll_after
         errors_in_a_row = 0
+        reported = -1
         async with loop_clients():
             while True:
                 pending = [u for u in waits if u not in finished]
-                try:
-                    answer = await apoll_many(hook, pending)
-                    errors_in_a_row = 0
-                    parts = split_by_task(answer, pending)
+                if watch is not None:
+                    delivered = await asyncio.to_thread(watch.check, pending)
+                    parts = split_by_task(delivered, pending)
                     for uuid in pending:
-                        outcome = waits[uuid].answer(parts[uuid])
-                        if outcome.done:
-                            finished[uuid] = outcome.action.value
-                except Exception as exc:
-                    outcome = for_error(exc)
-                    errors_in_a_row += 1
-                    if isinstance(exc, ZImageAuthError) and errors_in_a_row == 1:
-                        hook.reload()
-                    elif outcome.action is Action.FAIL or errors_in_a_row >= self.max_consecutive_errors:
-                        yield self._event(finished, error=outcome.message)
-                        return
-                    self.log.warning("batched getResponse failed (%d in a row): %s", errors_in_a_row, exc)
+                        if parts[uuid].results or parts[uuid].errors:
+                            self._settle(finished, uuid, waits[uuid].results_in([parts[uuid]]))
+                    pending = [u for u in pending if u not in finished]
+                if pending and time.time() >= next_poll:
+                    try:
+                        answer = await apoll_many(hook, pending)
+                        errors_in_a_row = 0
+                        parts = split_by_task(answer, pending)
+                        for uuid in pending:
+                            self._settle(finished, uuid, waits[uuid].answer(parts[uuid]))
+                    except Exception as exc:
+                        outcome = for_error(exc)
+                        errors_in_a_row += 1
+                        if isinstance(exc, ZImageAuthError) and errors_in_a_row == 1:
+                            hook.reload()
+                        elif outcome.action is Action.FAIL or errors_in_a_row >= self.max_consecutive_errors:
+                            yield self._event(finished, error=outcome.message)
+                            return
+                        self.log.warning("batched getResponse failed (%d in a row): %s", errors_in_a_row, exc)
+                    next_poll = time.time() + next(delays)
                 if len(finished) == len(waits) or time.time() >= self.deadline:
+                    await asyncio.sleep(max(0.0, self.not_before - time.time()))
                     yield self._event(finished)
                     return
-                self.log.info("Batch: %d/%d task(s) finished", len(finished), len(waits))
-                await asyncio.sleep(max(0.0, min(next(delays), self.deadline - time.time())))
+                if len(finished) != reported:  # a line per change, not per look at the inbox
+                    reported = len(finished)
+                    self.log.info("Batch: %d/%d task(s) finished", reported, len(waits))
+                pause = next_poll - time.time()
+                if watch is not None:
+                    pause = min(pause, self.inbox_interval)
+                await asyncio.sleep(max(0.0, min(pause, self.deadline - time.time())))
+
+    @staticmethod
+    def _settle(finished: dict[str, str], uuid: str, outcome: Outcome) -> None:
+        if outcome.done:
+            finished[uuid] = outcome.action.value
 
     def _event(self, finished: dict[str, str], error: str | None = None) -> TriggerEvent:
         return TriggerEvent(

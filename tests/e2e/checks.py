@@ -24,6 +24,8 @@ class StoredImages:
     task_uuids: set[str] = field(default_factory=set)
     entries: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    # Batch manifests: the requests listed as failed, per task instance.
+    failed: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def verify_stored(artifacts: Path, dag_id: str, run_id: str) -> StoredImages:
@@ -35,6 +37,9 @@ def verify_stored(artifacts: Path, dag_id: str, run_id: str) -> StoredImages:
         out.manifests += 1
         if manifest.get("task_uuid"):
             out.task_uuids.add(manifest["task_uuid"])
+        if manifest.get("kind") == "batch":  # one manifest, a taskUUID per image
+            out.task_uuids |= {i["task_uuid"] for i in manifest.get("images") or []}
+            out.failed[(manifest["task_id"], int(manifest["map_index"]))] = manifest.get("failed") or []
         key = (manifest["task_id"], int(manifest["map_index"]))
         out.entries[key] = manifest.get("images") or []
         for image in manifest.get("images") or []:
@@ -107,6 +112,24 @@ def check_xcoms_match(stored: StoredImages, xcoms: dict[tuple[str, int], Any]) -
         want = sorted((i["uri"], i["sha256"]) for i in images)
         if got != want:
             problems.append(f"{key}: XCom {got} != manifest {want}")
+    return problems
+
+
+def check_batch_summary(stored: StoredImages, key: tuple[str, int], summary: Any, requests: int) -> list[str]:
+    """A batch's XCom is a small summary: its counts and manifest agree with the files stored."""
+    if not isinstance(summary, dict):
+        return [f"{key}: XCom return_value is {summary!r}, expected the batch summary"]
+    problems = []
+    images = stored.entries.get(key, [])
+    if summary.get("images") != len(images) or summary.get("failed") != len(stored.failed.get(key, [])):
+        problems.append(f"{key}: summary {summary} does not match the manifest's {len(images)} images")
+    if not str(summary.get("manifest_uri", "")).endswith("/manifest.json"):
+        problems.append(f"{key}: summary has no manifest_uri: {summary}")
+    indexes = sorted(int(i["index"]) for i in images)
+    if indexes != list(range(requests)):
+        problems.append(f"{key}: manifest indexes are not 0..{requests - 1} once each")
+    if len({i["uri"] for i in images}) != len(images):
+        problems.append(f"{key}: an image file is listed twice")
     return problems
 
 

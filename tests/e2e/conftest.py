@@ -14,6 +14,8 @@ import pytest
 from tests.e2e import dags
 from tests.e2e.harness import Deployment, DeploymentConfig
 from tests.e2e.settings import (
+    BATCH_IMAGES,
+    BATCH_PARTIAL_IMAGES,
     EXECUTOR_TASKS,
     FAST_IMAGES,
     FAULT_IMAGES,
@@ -44,6 +46,8 @@ def deployment(request: pytest.FixtureRequest, results: Results) -> Iterator[Dep
         webhook=WEBHOOK_IMAGES,
         fast=FAST_IMAGES,
         executor=EXECUTOR_TASKS,
+        batch=BATCH_IMAGES,
+        batch_partial=BATCH_PARTIAL_IMAGES,
     )
     if (why := webhook_support()) is not None:
         sources.pop(dags.WEBHOOK)  # its DAG file would not even import

@@ -38,6 +38,14 @@ SECRETS = "e2e_secret_paths"
 FAST = "e2e_fast_no_retries"
 EXECUTOR_RESUME = "e2e_executor_killed_resumed"
 EXECUTOR_FORGET = "e2e_executor_killed_forgot"
+BATCH = "e2e_batch"
+BATCH_PARTIAL = "e2e_batch_partial"
+
+# Requests per POST in the batch scenarios: 200 images are 10 chunks, so a kill can land between them.
+BATCH_CHUNK = 20
+# Requests of the partial-failure batch that Runware fails once (`__fail_once__`): the retry's
+# resubmission of the same request succeeds.
+BATCH_FAIL_ONCE = (3, 11, 17)
 
 WEBHOOK_GRACE_S = 15.0
 
@@ -141,8 +149,64 @@ with DAG({dag_id!r}, schedule=None, start_date=START, catchup=False,
 """
 
 
+_BATCH = """
+from airflow_provider_zimage.operators.batch import ZImageBatchGenerateOperator
+
+with DAG({dag_id!r}, schedule=None, start_date=START, catchup=False, default_args={default_args}):
+    @task
+    def rows():
+        # What users write: an upstream task turns table rows into requests (an XComArg).
+        fail_once = set(json.loads({fail_once!r}))
+        return [
+            {{"prompt": f"{prompt} #{{i}}" + (" __fail_once__" if i in fail_once else ""), "seed": 1000 + i}}
+            for i in range({count})
+        ]
+
+    ZImageBatchGenerateOperator(
+        task_id="generate",
+        requests=rows(),
+        model="runware:z-image@turbo",
+        width=256,
+        height=256,
+        deferrable=True,
+        chunk_size={chunk},
+        **FAST_POLL,
+        **json.loads({op_kwargs!r}),
+    )
+"""
+
+
+def batch_dag(
+    dag_id: str,
+    count: int,
+    prompt: str,
+    *,
+    fail_once: tuple[int, ...] = (),
+    default_args: str = "RETRYING",
+    **op_kwargs: object,
+) -> str:
+    """One `ZImageBatchGenerateOperator` over `count` requests made by an upstream task."""
+    return _BATCH.format(
+        dag_id=dag_id,
+        count=count,
+        prompt=prompt,
+        fail_once=json.dumps([i for i in fail_once if i < count]),
+        chunk=BATCH_CHUNK,
+        op_kwargs=json.dumps(op_kwargs),
+        default_args=default_args,
+    )
+
+
 def all_dags(
-    *, load: int, triggerer: int, faults: int, webhook: int, fast: int = 50, executor: int = 8
+    *,
+    load: int,
+    triggerer: int,
+    faults: int,
+    webhook: int,
+    fast: int = 50,
+    batch: int = 200,
+    batch_partial: int = 20,
+    executor: int = 8,
 ) -> dict[str, str]:
     """file name -> source of every scenario DAG, sized as requested."""
     sources = {
@@ -175,6 +239,20 @@ def all_dags(
         # defer, the others defer and their triggers fire soon after. No retry may hide a lost try.
         FAST: mapped_dag(
             FAST, fast, "e2e fast turbo", spread=(0.3, 7.5 / max(fast, 1)), default_args='{"retries": 0}'
+        ),
+        # A catalogue in one task instance: deferred, 30% of responses failing, the worker killed
+        # between two chunks while a landed chunk's answer is held.
+        BATCH: batch_dag(BATCH, batch, "e2e batch catalogue row"),
+        # Three requests Runware fails once, results delivered by webhook: the retry resubmits only
+        # those three (a new generation each), everything else stays stored and paid once.
+        BATCH_PARTIAL: batch_dag(
+            BATCH_PARTIAL,
+            batch_partial,
+            "e2e batch partial row",
+            fail_once=BATCH_FAIL_ONCE,
+            default_args='{"retries": 2, "retry_delay": timedelta(seconds=2)}',
+            delivery="webhook",
+            webhook_grace_period=WEBHOOK_GRACE_S,
         ),
     }
     # On the zimage-executor (connection `zimage_executor`, tiny model on the CPU), killed mid-batch:

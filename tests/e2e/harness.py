@@ -5,9 +5,9 @@ What `airflow standalone` runs, started one by one so a scenario can kill and re
 (standalone forces both for a laptop), the simple auth manager, a fresh AIRFLOW_HOME in a temp dir,
 plus the Runware test server (`python -m airflow_provider_zimage.testing.runware_server`) as its own
 process, and, for the scenarios that need one, a `zimage-executor` (`start_executor`, connection
-`zimage_executor`, killed and restarted like any component). The test process never imports Airflow's ORM: it talks to the deployment only through the
-public REST API (JWT from `POST /auth/token`), the Runware server's control API and the files
-the deployment writes.
+`zimage_executor`, killed and restarted like any component). The test process never imports
+Airflow's ORM: it talks to the deployment only through the public REST API (JWT from
+`POST /auth/token`), the Runware server's control API and the files the deployment writes.
 
 Process hygiene, because a leaked scheduler keeps burning the CI machine's two cores:
 - every component starts in its own session (`start_new_session`), so its whole process group (the
@@ -716,6 +716,11 @@ class RunwareControl:
 
     def reset(self) -> None:
         self.client.post("/reset").raise_for_status()
+
+    def request_bodies(self) -> list[Any]:
+        """Every API request body the server received since the last reset, in order."""
+        stats = self.client.get("/stats", params={"bodies": "1"}).raise_for_status().json()
+        return list(stats["request_bodies"])
 
     def faults(self, body: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
         return self.client.post("/faults", json=body).raise_for_status().json()

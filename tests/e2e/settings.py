@@ -6,6 +6,7 @@ editing code; the defaults are the issue's (200 mapped images, 50 deferred durin
 - E2E_LOAD_IMAGES (200), E2E_TRIGGERER_TASKS (50), E2E_FAULT_IMAGES (40), E2E_WEBHOOK_IMAGES (30),
   E2E_FAST_IMAGES (50)
 - E2E_EXECUTOR_TASKS (8): mapped tasks of each zimage-executor scenario (8a, 8b)
+  E2E_FAST_IMAGES (50), E2E_BATCH_IMAGES (200: one batch task instance), E2E_BATCH_PARTIAL_IMAGES (20)
 - E2E_PARALLELISM (16): LocalExecutor worker processes
 - E2E_RUNWARE_DELAY (10): seconds the test server takes per image. Not zero on purpose: Airflow 3.3.2
   fails a deferred task whose trigger fires before the scheduler processed the executor event of the
@@ -45,6 +46,8 @@ FAULT_IMAGES = env_int("E2E_FAULT_IMAGES", 40)
 WEBHOOK_IMAGES = env_int("E2E_WEBHOOK_IMAGES", 30)
 FAST_IMAGES = env_int("E2E_FAST_IMAGES", 50)
 EXECUTOR_TASKS = env_int("E2E_EXECUTOR_TASKS", 8)
+BATCH_IMAGES = env_int("E2E_BATCH_IMAGES", 200)
+BATCH_PARTIAL_IMAGES = env_int("E2E_BATCH_PARTIAL_IMAGES", 20)
 PARALLELISM = env_int("E2E_PARALLELISM", 16)
 RUNWARE_DELAY = env_float("E2E_RUNWARE_DELAY", 10.0)
 TRIGGERER_DELAY = env_float("E2E_TRIGGERER_DELAY", 60.0)

@@ -25,6 +25,7 @@ import pytest
 from tests.e2e import dags
 from tests.e2e.checks import (
     StoredImages,
+    check_batch_summary,
     check_paid_once,
     check_xcoms_match,
     duplicate_submissions,
@@ -36,6 +37,8 @@ from tests.e2e.checks import (
 )
 from tests.e2e.harness import Deployment, E2EError, wait_until
 from tests.e2e.settings import (
+    BATCH_IMAGES,
+    BATCH_PARTIAL_IMAGES,
     EXECUTOR_TASKS,
     FAST_IMAGES,
     FAULT_IMAGES,
@@ -85,6 +88,15 @@ class Outcome:
     def assert_all_stored_once(self, expected: int) -> None:
         problems = check_paid_once(self.stats, self.stored, expected)
         problems += check_xcoms_match(self.stored, self.xcoms)
+        assert self.run["state"] == "success", f"run {self.run['state']}: {self.states}"
+        assert not problems, "\n".join(problems[:20])
+
+    def assert_batch_stored_once(self, requests: int) -> None:
+        """The batch scenarios' proof: one manifest with every request's image, each verified, each
+        taskUUID accepted once, and a summary XCom that agrees."""
+        key = ("generate", -1)
+        problems = check_paid_once(self.stats, self.stored, requests)
+        problems += check_batch_summary(self.stored, key, self.xcoms.get(key), requests)
         assert self.run["state"] == "success", f"run {self.run['state']}: {self.states}"
         assert not problems, "\n".join(problems[:20])
 
@@ -569,6 +581,138 @@ def test_8_executor_killed_mid_batch_and_restarted(
     results.record(row)
 
 
+# -- 9. a catalogue in one task instance -------------------------------------------------------------------
+
+
+def batch_dir(deployment: Deployment, dag_id: str, run_id: str) -> Path:
+    return Path(deployment.artifacts, dag_id, run_id, "generate", "unmapped")
+
+
+def batch_ledger_counts(deployment: Deployment, dag_id: str, run_id: str) -> dict[str, int]:
+    """Entries of the batch ledger (`_zimage_batch.json`) by status."""
+    path = batch_dir(deployment, dag_id, run_id) / "_zimage_batch.json"
+    if not path.exists():
+        return {}
+    counts: dict[str, int] = {}
+    for entry in json.loads(path.read_text())["entries"].values():
+        counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+    return counts
+
+
+def test_9_a_batch_with_faults_and_a_worker_killed_mid_submission(
+    deployment: Deployment, results: Results
+) -> None:
+    """One task instance, 200 requests in chunks of 20, deferrable, 30% of Runware responses failing; the
+    worker SIGKILLed after three chunks were recorded and while Runware held the answer to a fourth it
+    had accepted. The retry reattaches to the 60, re-sends the 20 (conflicts, not payments) and sends the
+    rest; every image is stored once from one accepted submission."""
+    fresh_server(deployment)
+    control = deployment.control
+    assert control is not None
+    chunk = dags.BATCH_CHUNK
+    answered, held = 3 * chunk, chunk
+    control.faults(
+        {
+            "queue": [
+                {"delay": 0.5, "task_type": "imageInference", "times": 3},
+                {"delay": 60, "task_type": "imageInference", "times": 1},
+            ],
+            "rates": FAULT_RATES,
+            "seed": 20260102,
+            "retry_after": 0,
+        }
+    )
+    seen: dict[str, Any] = {}
+
+    def kill_mid_submission(run_id: str) -> None:
+        def fourth_chunk_in_flight() -> bool:
+            counts = batch_ledger_counts(deployment, dags.BATCH, run_id)
+            accepted = control.stats()["total_accepted"]
+            return accepted == answered + held and counts.get("submitted") == answered
+
+        wait_until(fourth_chunk_in_flight, timeout=240, interval=0.05, what="a fourth chunk in flight")
+        seen["ledger_at_kill"] = batch_ledger_counts(deployment, dags.BATCH, run_id)
+        seen["accepted_at_kill"] = control.stats()["total_accepted"]
+        kill_task_process(deployment, dags.BATCH, run_id, with_supervisor=False)
+
+    out = run_dag(deployment, dags.BATCH, timeout=900, prefix="batch", during=kill_mid_submission)
+    out.assert_batch_stored_once(BATCH_IMAGES)
+    files = [p for p in batch_dir(deployment, dags.BATCH, out.run_id).iterdir() if p.suffix == ".jpg"]
+    assert len(files) == BATCH_IMAGES  # nothing stored twice, nothing extra
+    (ti,) = [t for t in out.tis if t["task_id"] == "generate"]
+    assert int(ti["try_number"]) >= 2, ti
+    log = deployment.task_log_text(dags.BATCH, out.run_id, "generate")
+    assert f"Reattaching to {answered} submitted task(s) without paying again" in log
+    assert "deferring to one ZImageBatchTrigger" in log
+    # The held chunk was re-sent by the retry and recognised as landed.
+    assert out.stats["conflicts"] >= held, out.stats
+    injected = out.stats["faults_injected"]
+    rate_faults = {k: v for k, v in injected.items() if k != "delay"}
+    assert sum(rate_faults.values()) > 0, injected
+    results.record(
+        out.row(
+            "9",
+            "A 200-image batch in one task instance: worker SIGKILLed mid-submission, 30% faults",
+            f"{BATCH_IMAGES} requests in one ZImageBatchGenerateOperator (chunks of {chunk}), deferrable",
+            "SIGKILL of the task runner with 3 chunks recorded and a 4th accepted, its answer held; "
+            "429 8%, 500 7%, 503 7%, dropped 4%, dropped after accepting 4%",
+            BATCH_IMAGES,
+            faults_injected=rate_faults,
+            api_responses=out.stats["requests"],
+            images_per_minute=round(BATCH_IMAGES / out.wall_s * 60, 1),
+            **seen,
+        )
+    )
+
+
+def test_9b_a_batch_partial_failure_is_retried_for_the_failed_requests_only(
+    deployment: Deployment, results: Results
+) -> None:
+    """Runware fails 3 of 20 requests once (results by webhook): the first try stores 17 and fails
+    listing the 3; the retry resubmits those 3 only, under new taskUUIDs, and succeeds."""
+    fresh_server(deployment)
+    control = deployment.control
+    assert control is not None
+    n = BATCH_PARTIAL_IMAGES
+    failing = [i for i in dags.BATCH_FAIL_ONCE if i < n]
+    out = run_dag(deployment, dags.BATCH_PARTIAL, timeout=600, prefix="batch_partial")
+    key = ("generate", -1)
+    assert out.run["state"] == "success", out.states
+    problems = out.stored.problems + check_batch_summary(out.stored, key, out.xcoms.get(key), n)
+    assert not problems, "\n".join(problems)
+    assert out.stored.images == n
+    # Each taskUUID accepted once: n first generations, plus one new generation per failed request.
+    accepted = out.stats["accepted"]
+    assert len(accepted) == n + len(failing) and set(accepted.values()) == {1}, accepted
+    sent: dict[str, int] = {}
+    for body in control.request_bodies():
+        for item in body if isinstance(body, list) else []:
+            if item.get("taskType") == "imageInference":
+                index = int(item["positivePrompt"].split("#")[1].split()[0])
+                sent[str(index)] = sent.get(str(index), 0) + 1
+    assert {int(i) for i, count in sent.items() if count == 2} == set(failing), sent
+    assert len(sent) == n and set(sent.values()) <= {1, 2}
+    (ti,) = [t for t in out.tis if t["task_id"] == "generate"]
+    assert int(ti["try_number"]) == 2, ti
+    log = deployment.task_log_text(dags.BATCH_PARTIAL, out.run_id, "generate")
+    assert f"{len(failing)} of {n} request(s) failed" in log
+    assert all(f"requests[{i}]" in log for i in failing)
+    assert out.stats["webhook_deliveries"] > 0  # delivered by webhook, through the real API server
+    results.record(
+        out.row(
+            "9b",
+            "Batch partial failure: the retry resubmits only the failed requests",
+            f"{n} requests in one batch task, delivery=webhook, deferrable, retries=2",
+            f"Runware fails requests {failing} once (task-level error)",
+            n,
+            accepted_task_uuids=len(accepted),
+            resubmitted=sorted(int(i) for i, c in sent.items() if c == 2),
+            webhook_deliveries=out.stats["webhook_deliveries"],
+            getResponse_polls=out.stats["get_response_polls"],
+        )
+    )
+
+
 # -- 7. secrets ------------------------------------------------------------------------------------------
 
 
@@ -642,9 +786,13 @@ def test_7_secrets_never_leave_the_connection(deployment: Deployment, results: R
         "executor token": deployment.executor_token,
     }
     # Per-task webhook tokens are credentials too (each one authorises posting results for its task).
-    task_uuids = {
-        json.loads(p.read_text()).get("task_uuid") for p in deployment.artifacts.rglob("manifest.json")
-    }
+    task_uuids: set[str | None] = set()
+    for path in deployment.artifacts.rglob("manifest.json"):
+        manifest = json.loads(path.read_text())
+        task_uuids.add(manifest.get("task_uuid"))
+        # A batch manifest names a taskUUID per image and per failed request.
+        listed = [*(manifest.get("images") or []), *(manifest.get("failed") or [])]
+        task_uuids |= {i.get("task_uuid") for i in listed}
     tokens = {
         f"webhook token of {u}": webhook_token(deployment.config.webhook_secret, u) for u in task_uuids if u
     }

@@ -15,7 +15,8 @@ Other processes: `python -m airflow_provider_zimage.testing.runware_server --por
 API under /_control/ (GET stats, GET/POST/DELETE faults, POST config, POST reset; no auth).
 
 Prompt markers script a single task: `__fail__` (or `__fail:someCode__`) ends it with status error,
-`__nsfw__` sets NSFWContent, `__delay:2.5__` makes its results take 2.5 s.
+`__fail_once__` does so only for the first task with that exact prompt, `__nsfw__` sets NSFWContent,
+`__delay:2.5__` makes its results take 2.5 s.
 
 `HTTPSink` is the receiving end for webhooks and upload endpoints (records requests, scripted statuses).
 """

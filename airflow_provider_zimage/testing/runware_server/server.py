@@ -58,6 +58,9 @@ UNSUPPORTED_TASK_TYPE = "unsupportedTaskType"
 
 # Prompt markers: how a test scripts one task's fate without touching the server's configuration.
 _FAIL_RE = re.compile(r"__fail(?::([A-Za-z0-9_]+))?__")
+# Fails the first task with this exact prompt and lets later ones (a new generation) succeed: a
+# failure at Runware that a resubmission fixes.
+FAIL_ONCE_MARKER = "__fail_once__"
 _DELAY_RE = re.compile(r"__delay:([0-9]+(?:\.[0-9]+)?)__")
 NSFW_MARKER = "__nsfw__"
 
@@ -212,6 +215,7 @@ class RunwareTestServer:
         self._client: httpx.AsyncClient | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._tasks: dict[str, _Task] = {}
+        self._failed_once: set[str] = set()
         self._runners: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._images: dict[str, _ImageRecord] = {}
@@ -558,6 +562,7 @@ class RunwareTestServer:
 
     def _reset_state(self) -> None:
         self._tasks.clear()
+        self._failed_once.clear()
         self._images.clear()
         self._image_cache.clear()
         self._faults.clear()
@@ -848,6 +853,9 @@ class RunwareTestServer:
         loop = asyncio.get_running_loop()
         prompt = str(task.payload.get("positivePrompt", ""))
         fail = _FAIL_RE.search(prompt)
+        fail_once = FAIL_ONCE_MARKER in prompt and prompt not in self._failed_once
+        if fail_once:
+            self._failed_once.add(prompt)
         try:
             for index in range(task.number_results):
                 wait = task.accepted_at + task.delay + index * task.stagger - loop.time()
@@ -856,6 +864,9 @@ class RunwareTestServer:
                 if fail:
                     code = fail.group(1) or TASK_FAILED
                     self._record_error(task, code, "The task failed (scripted by a __fail__ prompt marker).")
+                    break
+                if fail_once:
+                    self._record_error(task, TASK_FAILED, "The task failed (scripted by __fail_once__).")
                     break
                 try:
                     await self._produce(task, index)
