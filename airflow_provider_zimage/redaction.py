@@ -8,9 +8,14 @@ credential is handled once.
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+log = logging.getLogger(__name__)
 
 REDACTED = "<redacted>"
 _URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)(?:[^\s/?#@'\"]*@)?([^\s?#'\"]*)(\?[^\s#'\"]*)?")
@@ -45,3 +50,45 @@ def without_query(url: str) -> str:
 def query_secrets(url: str) -> list[str]:
     """The values a token or a presigned signature hides in, to mask each on its own wherever it shows."""
     return [value for _, value in parse_qsl(urlsplit(url).query) if len(value) >= 8]
+
+
+def mask_credentials(*values: str | None) -> None:
+    """Register credentials with Airflow's secrets masker (task logs, rendered fields), one by one.
+
+    Only values the masker will keep: empty ones and ones shorter than `[logging]
+    min_length_masked_secret` (which it cannot mask without blanking ordinary words) are left out,
+    because handing one over makes every successful task log "Skipping masking for a secret as it's
+    too short". Short values still go through `redact` wherever the provider raises or records text.
+    """
+    from airflow.sdk.log import mask_secret
+
+    from airflow_provider_zimage.compat import conf
+
+    shortest = conf.getint("logging", "min_length_masked_secret", fallback=5)
+    for value in values:
+        if isinstance(value, str) and len(value) >= shortest:
+            mask_secret(value)
+
+
+def connection_extras(conn: Any, conn_id: str | None = None) -> dict[str, Any]:
+    """A connection's extras, read without `Connection.extra_dejson`.
+
+    `extra_dejson` hands every extra value to the secrets masker, so ordinary settings (`device`
+    "cpu", `dtype` "auto") reach it and it logs "Skipping masking for a secret as it's too short" in
+    every task. Airflow masks the password and the whole extra text when it loads a connection; the
+    extras that are credentials are masked one by one by the caller (`mask_credentials`).
+    """
+    raw = conn.extra
+    if isinstance(raw, dict):
+        return dict(raw)
+    if not raw:
+        return {}
+    try:
+        extra = json.loads(raw)
+    except ValueError:
+        extra = None
+    if not isinstance(extra, dict):
+        # Never the text itself: it may hold a secret.
+        log.warning("The extra of connection %r is not a JSON object; it is ignored", conn_id or conn.conn_id)
+        return {}
+    return extra

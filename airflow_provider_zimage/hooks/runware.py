@@ -40,7 +40,7 @@ from airflow_provider_zimage.protocol import (
     TaskStatus,
     ZImageConflictError,
 )
-from airflow_provider_zimage.redaction import redact, without_query
+from airflow_provider_zimage.redaction import connection_extras, mask_credentials, redact, without_query
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,13 @@ class ConnectionSettings:
 
     @classmethod
     def from_connection(cls, conn: Any) -> ConnectionSettings:
-        extra: dict[str, Any] = dict(conn.extra_dejson or {})
+        extra = connection_extras(conn)
         # Airflow < 3.2 UIs store form fields with an `extra__zimage__` prefix.
         for key in list(extra):
             if key.startswith("extra__zimage__"):
                 extra.setdefault(key.removeprefix("extra__zimage__"), extra.pop(key))
+        # The extras that are credentials; Airflow has masked the password already.
+        mask_credentials(extra.get("api_key"), extra.get("webhook_secret"))
 
         def num(name: str, default: float) -> float:
             value = extra.get(name)

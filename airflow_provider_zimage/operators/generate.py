@@ -32,7 +32,7 @@ from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
 from airflow_provider_zimage.inbox import WebhookInbox, default_inbox_path
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult, estimate_cost
 from airflow_provider_zimage.outcomes import Action, TaskWait, timed_out
-from airflow_provider_zimage.redaction import query_secrets, redact, without_query
+from airflow_provider_zimage.redaction import mask_credentials, query_secrets, redact, without_query
 from airflow_provider_zimage.storage import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
 from airflow_provider_zimage.uploads import S3_PROTOCOLS, presign_put, store_uploaded, upload_target
@@ -230,8 +230,9 @@ class ZImageGenerateOperator(BaseOperator):
         "lora",
         "zimage_conn_id",
     )
-    # Prompts have no renderer: the UI shows them as wrapped plain text (a code renderer such as "py"
-    # draws one cut-off line).
+    # Prompts get no code renderer ("py" would colour them as Python). Airflow 3's Rendered Templates
+    # tab ignores renderers anyway (it guesses a language from the value, apache/airflow#39527) and
+    # draws every value unwrapped; the provider's "Z-Image images" tab shows the prompts wrapped.
     template_fields_renderers = {"lora": "json"}
     operator_extra_links = (ZImageImageLink(),)
     ui_color = "#f4e1ff"
@@ -570,12 +571,10 @@ class ZImageGenerateOperator(BaseOperator):
         The fields are credentials (webhook token, presigned signature): they are masked in task logs
         and scrubbed from errors before anything can print them, and never logged whole.
         """
-        from airflow.sdk.log import mask_secret
-
         base_url = secret = None
         if self.delivery == "webhook":
             base_url, secret = self._webhook_settings(settings)
-            mask_secret(secret)
+            mask_credentials(secret)
         if self.upload_to_storage and job.directory.protocol not in S3_PROTOCOLS:
             raise AirflowFailException(
                 f"upload_to_storage=True needs an s3:// output_path (got {job.directory}); Runware can "
@@ -596,8 +595,7 @@ class ZImageGenerateOperator(BaseOperator):
                 credentials += query_secrets(url)
                 update["upload_endpoint"] = url
                 self.log.info("Runware will upload the image to %s (presigned PUT)", target)
-            for credential in credentials:
-                mask_secret(credential)
+            mask_credentials(*credentials)
             try:
                 return hook.submit([request.model_copy(update=update)])
             except ZImageError as exc:

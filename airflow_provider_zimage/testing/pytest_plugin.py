@@ -11,7 +11,7 @@ user's test needs no conftest to get them:
 * `zimage_connection`: the `zimage_default` connection (`AIRFLOW_CONN_ZIMAGE_DEFAULT`) pointing at it;
 * `zimage_output`: `[zimage] output_path` set to a fresh folder, where the operators store images;
 * `tiny_zimage_model` and `zimage_local_connection`: a tiny random-weight Z-Image checkpoint built
-  offline, and a local-backend connection that runs it on the CPU (needs the `local` extra).
+  offline, and a local-backend connection that runs it (needs the `local` extra).
 
 Nothing here imports Airflow, the provider's operators or torch when pytest loads the plugin: Airflow
 reads `AIRFLOW_HOME` the moment it is imported, and a plugin is loaded before any conftest can set it,
@@ -212,12 +212,14 @@ def tiny_zimage_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def zimage_local_connection(
     tiny_zimage_model: Path, zimage_conn_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> ZImageTestConnection:
-    """The `zimage_default` connection on the local backend, running `tiny_zimage_model` on the CPU.
+    """The `zimage_default` connection on the local backend, running `tiny_zimage_model`.
 
     A DAG that leaves the backend to its connection then generates with diffusers in the test process;
-    images cost 0. Ask for small sizes (128-256 px) to keep the test fast.
+    images cost 0. The device is `auto` (the GPU if there is one, else the CPU): an extra as short as
+    "cpu" would make Airflow log "Skipping masking for a secret as it's too short" when it loads the
+    connection. Ask for small sizes (128-256 px) to keep the test fast.
     """
-    extra = {"backend": "local", "model_path": str(tiny_zimage_model), "device": "cpu"}
+    extra = {"backend": "local", "model_path": str(tiny_zimage_model)}
     uri = json.dumps({"conn_type": "zimage", "extra": extra})
     env_var = conn_env_var(zimage_conn_id)
     monkeypatch.setenv(env_var, uri)
