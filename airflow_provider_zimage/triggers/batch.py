@@ -88,7 +88,7 @@ class ZImageBatchTrigger(BaseTrigger):
         max_poll_interval: float = 10.0,
         max_consecutive_errors: int = MAX_CONSECUTIVE_ERRORS,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # BaseTrigger.__init__ has no annotations
         self.task_uuids = dict(task_uuids)
         self.zimage_conn_id = zimage_conn_id
         self.deadline = deadline
