@@ -38,6 +38,7 @@ install-floor: $(STAMP_FLOOR)
 lint: install
 	$(VENV)/bin/ruff check airflow_provider_zimage tests dags bench scripts
 	$(VENV)/bin/ruff format --check airflow_provider_zimage tests dags bench scripts
+	$(VENV)/bin/mypy  # strict on airflow_provider_zimage/ ([tool.mypy] in pyproject.toml)
 
 # `python -m build`, then the wheel alone (no dev or local extra) in a fresh venv: imports, providers
 # manager, DagBag of dags/, dag.test() of zimage_quickstart (scripts/wheel_smoke.py; about a minute).

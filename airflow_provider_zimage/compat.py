@@ -18,7 +18,7 @@ except ImportError:  # Airflow < 3.2: the Task SDK has no configuration of its o
 try:
     from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 except ImportError:  # Airflow < 3.2: only AirflowException is in the SDK, and the same class in core
-    from airflow.exceptions import (  # type: ignore[assignment,no-redef]
+    from airflow.exceptions import (  # type: ignore[assignment,no-redef,attr-defined]
         AirflowException,
         AirflowFailException,
         TaskDeferred,
@@ -27,7 +27,7 @@ except ImportError:  # Airflow < 3.2: only AirflowException is in the SDK, and t
 try:
     from airflow.sdk.bases.hook import BaseHook
 except ImportError:  # Airflow 3.0: hooks were still core
-    from airflow.hooks.base import BaseHook  # type: ignore[no-redef,assignment]
+    from airflow.hooks.base import BaseHook  # type: ignore[no-redef,assignment,attr-defined]
 
 try:
     from airflow.sdk.plugins_manager import AirflowPlugin

@@ -714,7 +714,8 @@ class ImageInferenceRequest(_WireModel):
 
     def to_wire(self) -> dict[str, Any]:
         """The task object as Runware expects it; unset parameters are left to Runware's defaults."""
-        return _dump(self)
+        wire: dict[str, Any] = _dump(self)
+        return wire
 
     def fingerprint(self) -> str:
         """Identify the picture this request makes, so a retried or re-run task never pays for it twice.

@@ -153,7 +153,7 @@ class TaskWait:
     def task_uuid(self) -> str:
         return self.status.task_uuid
 
-    def answer(self, response: RunwareResponse) -> Outcome:
+    def answer(self, response: RunwareResponse | TaskStatus) -> Outcome:
         self.errors_in_a_row = 0
         self._reloaded = False
         self.status.merge(response)

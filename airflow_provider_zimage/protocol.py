@@ -84,7 +84,7 @@ class TaskStatus:
     results: list[ImageResult] = field(default_factory=list)
     errors: list[ApiErrorDetail] = field(default_factory=list)
 
-    def merge(self, response: RunwareResponse) -> TaskStatus:
+    def merge(self, response: RunwareResponse | TaskStatus) -> TaskStatus:
         seen = {r.image_uuid for r in self.results}
         for result in response.results:
             if result.task_uuid != self.task_uuid:
@@ -285,8 +285,8 @@ class RetryPolicy:
     def delay(
         self, attempt: int, error: ZImageAPIError | None = None, rng: random.Random | None = None
     ) -> float:
-        cap = min(self.max_delay, self.base_delay * (2**attempt))
-        rand = (rng or random).uniform(0.0, cap / 2)
+        cap: float = min(self.max_delay, self.base_delay * (2**attempt))  # int ** int is Any to mypy
+        rand: float = (rng or random).uniform(0.0, cap / 2)
         backoff = cap / 2 + rand
         if error is not None and error.retry_after is not None:
             return min(self.max_retry_after, max(backoff, error.retry_after))

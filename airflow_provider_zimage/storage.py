@@ -29,6 +29,7 @@ connection is used and raises ``RuntimeError`` inside a running event loop.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as dt
 import hashlib
@@ -277,7 +278,7 @@ class ImageArtifact:
 
     @classmethod
     def describe(
-        cls, target: ObjectStoragePath, payload: bytes, fmt: str, width: int, height: int
+        cls, target: ObjectStoragePath, payload: builtins.bytes, fmt: str, width: int, height: int
     ) -> ImageArtifact:
         """The record of bytes already checked by `check_image` and stored at `target`."""
         return cls(

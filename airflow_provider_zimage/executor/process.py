@@ -83,7 +83,8 @@ class ExecutorProcess:
         return self.url.removesuffix("/v1")
 
     def health(self) -> dict[str, Any]:
-        return httpx.get(f"{self.origin}/health", timeout=10).json()
+        health: dict[str, Any] = httpx.get(f"{self.origin}/health", timeout=10).json()
+        return health
 
     def metrics(self) -> str:
         return httpx.get(f"{self.origin}/metrics", timeout=10).text

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -137,9 +137,12 @@ def _base_url(conn: Any, extra: dict[str, Any]) -> str:
 
 
 # One AsyncClient per event loop and transport settings: triggers share connection pools.
-_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, httpx.AsyncClient]] = (
-    weakref.WeakKeyDictionary()
-)
+_async_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[Any, ...], httpx.AsyncClient]
+] = weakref.WeakKeyDictionary()
+
+# protocol.parse_response or parse_poll_response: (status code, body, headers) -> the parsed answer.
+Parser = Callable[[int, bytes, Mapping[str, str]], RunwareResponse]
 
 _LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=100)
 _loop_users: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
@@ -257,7 +260,9 @@ class ZImageHook(BaseHook):
         self.__dict__.pop("settings", None)
         self._settings = self._explicit_settings
 
-    def _post(self, payload: list[dict[str, Any]], parse: Any = protocol.parse_response) -> RunwareResponse:
+    def _post(
+        self, payload: list[dict[str, Any]], parse: Parser = protocol.parse_response
+    ) -> RunwareResponse:
         settings = self.settings
         headers = self._auth_headers(settings)
         attempt = 0
@@ -283,7 +288,7 @@ class ZImageHook(BaseHook):
         return client
 
     async def _apost(
-        self, payload: list[dict[str, Any]], parse: Any = protocol.parse_response
+        self, payload: list[dict[str, Any]], parse: Parser = protocol.parse_response
     ) -> RunwareResponse:
         settings = await self.asettings()
         headers = self._auth_headers(settings)

@@ -202,7 +202,7 @@ def quiet_progress_bars() -> None:
     except ImportError:  # pragma: no cover - a dependency of diffusers' Z-Image pipelines
         pass
     try:
-        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import disable_progress_bars  # type: ignore[attr-defined]
 
         disable_progress_bars()
     except ImportError:  # pragma: no cover

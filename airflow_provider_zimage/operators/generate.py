@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import urlsplit
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
@@ -240,7 +240,7 @@ class ZImageGenerateOperator(BaseOperator):
     """Mapped instances are labelled by the start of their prompt unless `map_index_template` is given."""
 
     @property
-    def map_index_template(self) -> str | None:  # type: ignore[override]
+    def map_index_template(self) -> str | None:
         explicit = self.__dict__.get("_zimage_map_index_template")
         return self.DEFAULT_MAP_INDEX_TEMPLATE if explicit is None else explicit
 
@@ -692,7 +692,8 @@ class ZImageGenerateOperator(BaseOperator):
             return
         total = round(sum(i.get("cost") or 0.0 for i in images), 6)
         for outlet in outlets:
-            context["outlet_events"][outlet].extra = {"images": images, "total_cost": total}
+            extra: dict[str, Any] = {"images": images, "total_cost": total}
+            context["outlet_events"][outlet].extra = extra
 
 
 async def _first_event(trigger: ZImageTaskTrigger, limit: float | None = None) -> dict[str, Any] | None:
@@ -700,7 +701,7 @@ async def _first_event(trigger: ZImageTaskTrigger, limit: float | None = None) -
 
     async def first() -> dict[str, Any]:
         async for event in trigger.run():
-            return event.payload
+            return cast(dict[str, Any], event.payload)
         raise AirflowException(f"{type(trigger).__name__} ended without an event")
 
     if limit is None:

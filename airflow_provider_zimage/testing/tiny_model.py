@@ -161,7 +161,7 @@ def is_built(path: str | os.PathLike[str]) -> bool:
     """True when `path` holds a complete tiny checkpoint of the current BUILD_VERSION."""
     marker = Path(path) / MARKER
     try:
-        return json.loads(marker.read_text())["version"] == BUILD_VERSION
+        return bool(json.loads(marker.read_text())["version"] == BUILD_VERSION)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

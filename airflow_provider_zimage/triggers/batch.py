@@ -104,7 +104,7 @@ class ZImageBatchTrigger(BaseTrigger):
         inbox_interval: float = 1.0,
         not_before: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # BaseTrigger.__init__ has no annotations
         self.task_uuids = dict(task_uuids)
         self.zimage_conn_id = zimage_conn_id
         self.deadline = deadline

@@ -17,7 +17,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from pydantic import BaseModel, ConfigDict
@@ -36,6 +36,9 @@ MAX_EVENT_BYTES = 64 * 1024
 _INLINE_IMAGE_KEYS = ("imageBase64Data", "imageDataURI")
 
 
+EventOutcome = Literal["store", "retry", "fail", "regenerate"]
+
+
 class TaskEvent(BaseModel):
     """The one event a `ZImageTaskTrigger` yields; operators validate it before trusting it.
 
@@ -46,7 +49,7 @@ class TaskEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    outcome: Literal["store", "retry", "fail", "regenerate"]
+    outcome: EventOutcome
     task_uuid: str
     results: list[dict[str, Any]] = []
     refetch: bool = False
@@ -66,7 +69,7 @@ class TaskEvent(BaseModel):
         if len(json.dumps(slim)) > MAX_EVENT_BYTES:
             slim, refetch = [], True
         return cls(
-            outcome=outcome.action.value,
+            outcome=cast(EventOutcome, outcome.action.value),  # pydantic refuses any other value
             task_uuid=task_uuid,
             results=slim if outcome.action is Action.STORE else [],
             refetch=refetch and outcome.action is Action.STORE,
@@ -114,7 +117,7 @@ class ZImageTaskTrigger(BaseTrigger):
         inbox_interval: float = 0.25,
         not_before: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # BaseTrigger.__init__ has no annotations
         self.task_uuid = task_uuid
         self.zimage_conn_id = zimage_conn_id
         self.expected_results = expected_results

@@ -86,7 +86,7 @@ User = Annotated[Any, Depends(current_user)]
 
 async def dag_reader(request: Request, user: User) -> str:
     """The path's `dag_id`, once the caller is known to be allowed to read it."""
-    dag_id = request.path_params["dag_id"]
+    dag_id: str = request.path_params["dag_id"]
     if not await asyncio.to_thread(may_read_dag, user, dag_id):
         raise HTTPException(status_code=403, detail=f"not allowed to read DAG {dag_id!r}")
     return dag_id

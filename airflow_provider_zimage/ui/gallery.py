@@ -214,13 +214,15 @@ def read_run(
     total = 0.0
     for task, index, task_segment, map_segment, manifest in entries:
         result.manifests += 1
-        request = manifest.get("request") if isinstance(manifest.get("request"), Mapping) else {}
+        request: Mapping[str, Any] = (
+            manifest["request"] if isinstance(manifest.get("request"), Mapping) else {}
+        )
         images = [i for i in manifest.get("images") or [] if isinstance(i, Mapping)]
         cost = manifest.get("total_cost")
         total += float(cost) if cost is not None else sum(float(i.get("cost") or 0.0) for i in images)
         result.skipped_nsfw += int(manifest.get("skipped_nsfw") or 0)
         for image in images:
-            own = image.get("request") if isinstance(image.get("request"), Mapping) else {}
+            own: Mapping[str, Any] = image["request"] if isinstance(image.get("request"), Mapping) else {}
             uri = _text(image.get("uri"))
             width, height = int(image.get("width") or 0), int(image.get("height") or 0)
             result.cards.append(
@@ -252,7 +254,7 @@ def read_run(
             )
         for failed in manifest.get("failed") or []:
             item = failed if isinstance(failed, Mapping) else {"reason": failed}
-            own = item.get("request") if isinstance(item.get("request"), Mapping) else {}
+            own = item["request"] if isinstance(item.get("request"), Mapping) else {}
             result.failures.append(
                 Failure(
                     task_id=task,

@@ -57,7 +57,8 @@ def load_openapi(directory: str | None = None) -> dict[str, Any]:
     matches = sorted(base.glob("003_*.txt"))
     if not matches:
         raise FileNotFoundError(f"no 003_*.txt OpenAPI seed in {base}")
-    return json.loads(matches[0].read_text(encoding="utf-8"))
+    schema: dict[str, Any] = json.loads(matches[0].read_text(encoding="utf-8"))
+    return schema
 
 
 def task_item_schema(directory: str | None = None) -> dict[str, Any]:
