@@ -1,12 +1,15 @@
 """
 ### zimage_content_pipeline: product rows in, product shots, a contact sheet and a gallery out
 
-1. `read_products` reads the product rows shipped with this DAG (`data/products.csv`).
+1. `read_products` reads the product rows shipped with this DAG (`data/products.csv`, or the CSV file
+   named by the `ZIMAGE_PRODUCTS_CSV` environment variable: your product table).
 2. `build_requests` turns each row into the keyword arguments of one image request, in Python: the size
    comes from the run's params and each product's seed from its SKU (so a product always gets the same
    picture), and mapped values reach the operator as real integers.
 3. `generate` maps `ZImageGenerateOperator` over those requests with `expand_kwargs`: one task instance
-   per product, each retried, reused and paid for on its own.
+   per product, each retried, reused and paid for on its own. `reuse="content"`: a product whose
+   request (prompt, seed, size, model, connection) was stored by an earlier run under the same output
+   path is copied from it, not generated again, so tomorrow's run pays only for the rows that changed.
 4. `contact_sheet` reads every image back through `ObjectStoragePath` (from the URIs in the manifest
    entries the operator returned) and writes `contact_sheet.png` (one PNG grid, Pillow) and
    `gallery.html` into the run's folder, next to the images:
@@ -97,7 +100,8 @@ with DAG(
 
     @task
     def read_products() -> list[dict[str, str]]:
-        with PRODUCTS_CSV.open(newline="", encoding="utf-8") as handle:
+        source = Path(os.environ.get("ZIMAGE_PRODUCTS_CSV") or PRODUCTS_CSV)
+        with source.open(newline="", encoding="utf-8") as handle:
             return list(csv.DictReader(handle))
 
     @task
@@ -121,6 +125,8 @@ with DAG(
         model="runware:z-image@turbo",
         negative_prompt=NEGATIVE_PROMPT,
         output_format="JPG",
+        # The seed comes from the SKU, so an unchanged row is the same picture: reuse it, pay nothing.
+        reuse="content",
         # Label each mapped instance by its product's SKU in the UI (the operator's default label is
         # the start of the prompt); build_requests keeps the order of read_products.
         map_index_template="{{ ti.xcom_pull(task_ids='read_products')[ti.map_index]['sku'] }}",

@@ -260,6 +260,41 @@ def test_content_pipeline_on_the_tiny_local_model_as_make_demo_runs_it(examples,
     assert all(e["cost"] == 0.0 for e in entries)
 
 
+def test_content_pipeline_pays_on_day_two_only_for_the_changed_row(
+    examples, runware, output, tmp_path, monkeypatch
+):
+    """SKU-derived seeds and reuse="content": an unchanged product is copied from yesterday's run (cost
+    0, `reused_from`), only the edited row is generated and paid for."""
+    day1 = pendulum.datetime(2026, 6, 1, tz="UTC")
+    first = run(examples, "zimage_content_pipeline", logical_date=day1)
+    assert runware.stats["total_accepted"] == len(products())
+    yesterday = {m["map_index"]: m["images"][0] for m in manifests(run_dir(output, first.dag_id, first))}
+
+    rows = products()
+    rows[2]["color"] = "forest green"  # one product re-coloured overnight
+    table = tmp_path / "products.csv"
+    with table.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    monkeypatch.setenv("ZIMAGE_PRODUCTS_CSV", str(table))
+    second = run(examples, "zimage_content_pipeline", logical_date=day1.add(days=1))
+    assert second.run_id != first.run_id
+    assert runware.stats["total_accepted"] == len(rows) + 1  # exactly the changed row was paid for
+    today = manifests(run_dir(output, second.dag_id, second))
+    assert [m["map_index"] for m in today] == list(range(len(rows)))
+    for manifest in today:
+        [image] = check_images(manifest, RUNWARE_SIZE)
+        before = yesterday[manifest["map_index"]]
+        if manifest["map_index"] == 2:
+            assert "forest green" in manifest["request"]["positivePrompt"]
+            assert "reused_from" not in image and image["sha256"] != before["sha256"]
+        else:
+            assert image["reused_from"] == before["uri"] and image["cost"] == 0.0
+            assert image["sha256"] == before["sha256"] and image["uri"] != before["uri"]
+    assert xcom(second, "contact_sheet")["images"] == len(rows)
+
+
 # -- zimage_daily_backfill ------------------------------------------------------------------------------
 
 
