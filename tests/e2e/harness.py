@@ -90,6 +90,7 @@ class Component:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    env: dict[str, str] = field(default_factory=dict)  # on top of the deployment's, for this one only
 
     @property
     def running(self) -> bool:
@@ -344,7 +345,7 @@ class Deployment:
             raise E2EError(f"{name} is already running")
         with open(comp.log_path, "ab") as log:
             log.write(f"\n===== start #{comp.starts + 1} at {time.time():.3f} =====\n".encode())
-        comp.proc = self._popen(comp.argv, comp.log_path, self._env)
+        comp.proc = self._popen(comp.argv, comp.log_path, {**self._env, **comp.env})
         comp.starts += 1
 
     def kill_component(self, name: str, sig: int = signal.SIGKILL, *, timeout: float = 30) -> None:
