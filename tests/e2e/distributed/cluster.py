@@ -139,6 +139,7 @@ class ClusterDeployment(Deployment):
         self.executor: ExecutorProcess | None = None
         self.executor_starts = 0
         self.timings: dict[str, float] = {}
+        self.cpu_of_killed: dict[str, float] = {}  # CPU seconds of the processes each kill ended
 
     # -- infrastructure ---------------------------------------------------------------------------
 
@@ -332,10 +333,10 @@ class ClusterDeployment(Deployment):
 
     def kill_executor(self) -> None:
         assert self.executor is not None
+        self._remember_cpu(EXECUTOR, self.tree(EXECUTOR))
         self.executor.kill()
 
-    def restart_executor(self) -> None:
-        self.kill_executor()
+    def start_executor(self) -> None:
         self._start_executor()
 
     # -- Airflow ----------------------------------------------------------------------------------
@@ -473,6 +474,7 @@ class ClusterDeployment(Deployment):
         """SIGKILL a component and every process below it at once (a machine losing power): unlike a
         process-group kill this also reaches task runners that started a session of their own."""
         victims = self.tree(name)
+        self._remember_cpu(name, victims)
         for proc in victims:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.send_signal(signal.SIGKILL)
@@ -516,8 +518,24 @@ class ClusterDeployment(Deployment):
             out[infra.name] = round(total, 1)
         return out
 
+    def _remember_cpu(self, name: str, procs: list[psutil.Process]) -> None:
+        total = 0.0
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                t = proc.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+        self.cpu_of_killed[name] = self.cpu_of_killed.get(name, 0.0) + total
+
     def cpu_seconds(self) -> dict[str, float]:
-        return {**super().cpu_seconds(), **self.infra_cpu_seconds()}
+        """Per component over the whole run: live processes plus those a scenario killed."""
+        live = {**super().cpu_seconds(), **self.infra_cpu_seconds()}
+        for name, spent in self.cpu_of_killed.items():
+            live[name] = round(live.get(name, 0.0) + spent, 1)
+        return live
+
+    def infra_log(self, name: str) -> str:
+        path = self.component_logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def executor_log(self) -> str:
         return self.executor.log() if self.executor is not None else ""
