@@ -125,6 +125,24 @@ def _marked_processes(run_id: str) -> list[psutil.Process]:
     return found
 
 
+def cpu_of(procs: Iterable[psutil.Process]) -> float:
+    """CPU seconds of these processes, their reaped children included."""
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def cpu_of_tree(pid: int) -> float:
+    try:
+        root = psutil.Process(pid)
+        return cpu_of([root, *root.children(recursive=True)])
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
 # -- the deployment -------------------------------------------------------------------------------------
 
 
@@ -407,14 +425,7 @@ class Deployment:
         for comp in comps:
             if comp.proc is None or comp.proc.poll() is not None:
                 continue
-            total = 0.0
-            with contextlib.suppress(psutil.NoSuchProcess):
-                root = psutil.Process(comp.proc.pid)
-                for proc in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                        t = proc.cpu_times()
-                        total += t.user + t.system + t.children_user + t.children_system
-            out[comp.name] = round(total, 1)
+            out[comp.name] = round(cpu_of_tree(comp.proc.pid), 1)
         return out
 
     def leftover_processes(self) -> list[int]:

@@ -53,6 +53,8 @@ from tests.e2e.harness import (
     DeploymentConfig,
     E2EError,
     _marked_processes,
+    cpu_of,
+    cpu_of_tree,
     free_port,
     wait_until,
 )
@@ -507,24 +509,11 @@ class ClusterDeployment(Deployment):
     def infra_cpu_seconds(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for infra in self.infra.values():
-            total = 0.0
-            for pid in infra.pids:
-                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                    root = psutil.Process(pid)
-                    for proc in [root, *root.children(recursive=True)]:
-                        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                            t = proc.cpu_times()
-                            total += t.user + t.system + t.children_user + t.children_system
-            out[infra.name] = round(total, 1)
+            out[infra.name] = round(sum(cpu_of_tree(pid) for pid in infra.pids), 1)
         return out
 
     def _remember_cpu(self, name: str, procs: list[psutil.Process]) -> None:
-        total = 0.0
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                t = proc.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-        self.cpu_of_killed[name] = self.cpu_of_killed.get(name, 0.0) + total
+        self.cpu_of_killed[name] = self.cpu_of_killed.get(name, 0.0) + cpu_of(procs)
 
     def cpu_seconds(self) -> dict[str, float]:
         """Per component over the whole run: live processes plus those a scenario killed."""
