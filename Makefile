@@ -9,7 +9,7 @@ VENV_FLOOR := .venv-af31
 PY_FLOOR := $(VENV_FLOOR)/bin/python
 STAMP_FLOOR := $(VENV_FLOOR)/.installed-$(shell cat pyproject.toml requirements-cpu.txt constraints-af31-cpu.txt 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install install-floor test test-floor lint wheel-smoke e2e demo demo-ui bench clean constraints constraints-floor
+.PHONY: install install-floor test test-floor lint wheel-smoke e2e e2e-distributed e2e-distributed-packages demo demo-ui bench clean constraints constraints-floor
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,22 @@ test-floor: install-floor
 e2e: install
 	$(PY) -m pytest -q -m e2e tests/e2e --timeout=3000 -p no:randomly -rs
 	$(PY) -m tests.e2e.report
+
+# The production shape: PostgreSQL, Redis, CeleryExecutor, two schedulers, two triggerers, two Celery
+# workers (default and gpu queues) next to a zimage-executor, nodes SIGKILLed mid-run. Not part of
+# `make test` (see docs/reliability.md for its wall time); writes tests/e2e/results-distributed.json and
+# prints the README's second Reliability table (`python -m tests.e2e.report --distributed --write`).
+e2e-distributed: install e2e-distributed-packages
+	$(PY) -m pytest -q -m e2e_distributed tests/e2e/distributed --timeout=3600 -p no:randomly -rs
+	$(PY) -m tests.e2e.report --distributed
+
+# Debian's postgresql and redis-server, installed when missing (as root; otherwise says what to install).
+e2e-distributed-packages:
+	@if ! command -v redis-server >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server; \
+	  else echo "make e2e-distributed needs: sudo apt-get install -y postgresql redis-server" >&2; exit 1; fi; \
+	fi
 
 # Runs dags/zimage_quickstart and dags/zimage_content_pipeline in a throwaway Airflow under .demo/:
 # RUNWARE_API_KEY=... for the Runware API, ZIMAGE_MODEL_PATH=... for local weights, neither for a tiny

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ def verify_stored(artifacts: Path, dag_id: str, run_id: str) -> StoredImages:
             out.failed[(manifest["task_id"], int(manifest["map_index"]))] = manifest.get("failed") or []
         key = (manifest["task_id"], int(manifest["map_index"]))
         out.entries[key] = manifest.get("images") or []
+        # A batch manifest has no task of its own: each of its images names the task that made it.
+        out.task_uuids.update(i["task_uuid"] for i in manifest.get("images") or [] if i.get("task_uuid"))
         for image in manifest.get("images") or []:
             file = Path(str(image["uri"]).removeprefix("file://"))
             if not file.is_file():
@@ -73,6 +76,30 @@ def ledger_generations(artifacts: Path, dag_id: str, run_id: str) -> dict[str, i
         submissions = json.loads(path.read_text())["submissions"].values()
         out[path.parent.name] = max((int(s["generation"]) for s in submissions), default=0)
     return out
+
+
+def executor_stats(log: str) -> dict[str, Any]:
+    """The zimage-executor's accepted submissions, read from its log in the shape of the Runware test
+    server's `/stats` (`accepted`: taskUUID -> times), so `check_paid_once` judges both backends.
+
+    Each process start logs "listening on" once; "Accepted task" lines before it are tasks a restarted
+    executor resumes from its `--output-dir`, not new submissions: they are counted apart (`resumed`).
+    """
+    accepted: dict[str, int] = {}
+    resumed: dict[str, int] = {}
+    listening = True  # a log read from an offset starts inside a running process
+    for line in log.splitlines():
+        if "Loaded " in line and " task record(s)" in line:
+            listening = False  # a new process reading what the previous one left
+        elif " listening on " in line:
+            listening = True
+        elif (found := _ACCEPTED.search(line)) is not None:
+            counts = accepted if listening else resumed
+            counts[found.group(1)] = counts.get(found.group(1), 0) + 1
+    return {"accepted": accepted, "resumed": resumed, "total_accepted": sum(accepted.values())}
+
+
+_ACCEPTED = re.compile(r"Accepted task (\S+):")
 
 
 def duplicate_submissions(stats: dict[str, Any]) -> int:

@@ -91,7 +91,7 @@ class Component:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
-    env: dict[str, str] | None = None  # None: the deployment's Airflow environment
+    env: dict[str, str] = field(default_factory=dict)  # on top of the deployment's, for this one only
 
     @property
     def running(self) -> bool:
@@ -124,6 +124,24 @@ def _marked_processes(run_id: str) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
     return found
+
+
+def cpu_of(procs: Iterable[psutil.Process]) -> float:
+    """CPU seconds of these processes, their reaped children included."""
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def cpu_of_tree(pid: int) -> float:
+    try:
+        root = psutil.Process(pid)
+        return cpu_of([root, *root.children(recursive=True)])
+    except psutil.NoSuchProcess:
+        return 0.0
 
 
 # -- the deployment -------------------------------------------------------------------------------------
@@ -367,7 +385,7 @@ class Deployment:
             raise E2EError(f"{name} is already running")
         with open(comp.log_path, "ab") as log:
             log.write(f"\n===== start #{comp.starts + 1} at {time.time():.3f} =====\n".encode())
-        comp.proc = self._popen(comp.argv, comp.log_path, comp.env or self._env)
+        comp.proc = self._popen(comp.argv, comp.log_path, {**self._env, **comp.env})
         comp.starts += 1
 
     def kill_component(self, name: str, sig: int = signal.SIGKILL, *, timeout: float = 30) -> None:
@@ -471,14 +489,7 @@ class Deployment:
         for comp in comps:
             if comp.proc is None or comp.proc.poll() is not None:
                 continue
-            total = 0.0
-            with contextlib.suppress(psutil.NoSuchProcess):
-                root = psutil.Process(comp.proc.pid)
-                for proc in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                        t = proc.cpu_times()
-                        total += t.user + t.system + t.children_user + t.children_system
-            out[comp.name] = round(total, 1)
+            out[comp.name] = round(cpu_of_tree(comp.proc.pid), 1)
         return out
 
     def leftover_processes(self) -> list[int]:

@@ -1,7 +1,9 @@
 """Turn the e2e figures (results.json) into the Markdown table of docs/reliability.md.
 
     python -m tests.e2e.report [results.json]            # print the table
-    python -m tests.e2e.report [results.json] --write    # replace it in docs/reliability.md
+    python -m tests.e2e.report [results.json] --write    # replace it in the README
+    python -m tests.e2e.report --distributed [--write]   # the same for results-distributed.json
+
 
 The table sits between two HTML comments in the document, so a re-run updates figures and leaves the
 prose alone.
@@ -21,6 +23,8 @@ DEFAULT_RESULTS = HERE / "results.json"
 DOC = HERE.parents[1] / "README.md"
 START = "<!-- e2e-results:start -->"
 END = "<!-- e2e-results:end -->"
+DIST_START = "<!-- e2e-distributed:start -->"
+DIST_END = "<!-- e2e-distributed:end -->"
 
 
 def results_path() -> Path:
@@ -58,6 +62,38 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(rows + foot)
 
 
+def distributed_table(results: dict[str, Any]) -> str:
+    """The distributed deployment's table: which nodes ran, what was killed, and its own footer."""
+    rows = [
+        "| # | Scenario | Nodes | Faults injected | Images expected | Stored (sha256 verified) "
+        "| Duplicate submissions | Wall time |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for s in sorted(results.get("scenarios", []), key=lambda s: str(s["number"])):
+        head = f"| {s['number']} | {s['title']} | {s['nodes']} | {s['faults']} |"
+        if s.get("skipped") or s.get("xfailed"):
+            rows.append(f"{head} - | - | - | {'xfail' if s.get('xfailed') else 'skipped'}: "
+                        f"{s.get('skipped') or s.get('xfailed')} |")  # fmt: skip
+            continue
+        rows.append(
+            f"{head} {s['expected']} | {s['stored']} | {s['duplicate_submissions']} | {s['wall_s']:.0f} s |"
+        )
+    env = results.get("environment", {})
+    cpu = env.get("cpu_s_by_component") or {}
+    cpu_text = ", ".join(f"{k} {v:.0f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])) or "?"
+    settings = ", ".join(f"{k} {v}" for k, v in sorted((env.get("settings") or {}).items())) or "?"
+    foot = [
+        "",
+        f"Measured {env.get('date', '?')} on {env.get('cpus', '?')} CPU cores, "
+        f"{env.get('memory_gib', '?')} GiB, Airflow {env.get('airflow', '?')}, Python "
+        f"{env.get('python', '?')}, {env.get('deployment', '?')}; every node on one machine (loopback). "
+        f"Deployment start {env.get('startup_s', '?')} s {json.dumps(env.get('startup_breakdown_s') or {})}; "
+        f"whole run {results.get('total_wall_s', '?')} s. Settings: {settings}. "
+        f"CPU seconds per component over the whole run: {cpu_text}.",
+    ]
+    return "\n".join(rows + foot)
+
+
 def details(results: dict[str, Any]) -> str:
     """One line of secondary figures per scenario (retries, conflicts, faults counted by the server)."""
     lines = []
@@ -69,7 +105,10 @@ def details(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render(results: dict[str, Any]) -> str:
+def render(results: dict[str, Any], *, distributed: bool = False) -> str:
+    if distributed:
+        body = distributed_table(results)
+        return f"{DIST_START}\n{body}\n\nPer-scenario details:\n\n{details(results)}\n{DIST_END}"
     return f"{START}\n{table(results)}\n\nPer-scenario details:\n\n{details(results)}\n{END}"
 
 
@@ -77,18 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("results", nargs="?", type=Path, default=None)
     parser.add_argument("--write", action="store_true", help=f"update the table in {DOC}")
+    parser.add_argument("--distributed", action="store_true", help="the CeleryExecutor deployment's figures")
     args = parser.parse_args(argv)
-    results = json.loads((args.results or results_path()).read_text())
-    block = render(results)
+    if args.distributed:
+        from tests.e2e.distributed.settings import results_path as dist_results_path
+
+        default, start, end = dist_results_path(), DIST_START, DIST_END
+    else:
+        default, start, end = results_path(), START, END
+    results = json.loads((args.results or default).read_text())
+    block = render(results, distributed=args.distributed)
     if not args.write:
         print(block)
         return 0
     text = DOC.read_text()
-    if START not in text or END not in text:
-        print(f"{DOC} has no {START} ... {END} block", file=sys.stderr)
+    if start not in text or end not in text:
+        print(f"{DOC} has no {start} ... {end} block", file=sys.stderr)
         return 1
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
     DOC.write_text(head + block + tail)
     print(f"updated {DOC}")
     return 0

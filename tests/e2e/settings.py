@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -77,7 +78,8 @@ def executor_support() -> str | None:
 class Results:
     """Figures of this run, written after every scenario so an interrupted run still leaves some."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
         self.started = time.monotonic()
         self.data: dict[str, Any] = {
             "environment": {
@@ -99,7 +101,7 @@ class Results:
 
     def flush(self) -> None:
         self.data["total_wall_s"] = round(time.monotonic() - self.started)
-        path = results_path()
+        path = self.path or results_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
 
