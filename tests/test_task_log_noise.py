@@ -29,7 +29,7 @@ API_KEY = "rw-api-key-7d1e42b9"
 @pytest.fixture
 def masked(monkeypatch) -> list[Any]:
     """Every value handed to Airflow's secrets masker from now on, and its short-secret warning reset."""
-    from airflow.sdk.log import _secrets_masker
+    from airflow.sdk._shared.secrets_masker import _secrets_masker
 
     masker_class = type(_secrets_masker())
     handed: list[Any] = []
@@ -102,7 +102,7 @@ def test_reading_a_connection_hands_nothing_short_to_the_masker_and_masks_its_se
     conn, secrets, masked
 ):
     from airflow.sdk import Connection
-    from airflow.sdk.log import _secrets_masker
+    from airflow.sdk._shared.secrets_masker import _secrets_masker
 
     ConnectionSettings.from_connection(
         Connection(
