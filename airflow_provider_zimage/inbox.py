@@ -167,6 +167,28 @@ class WebhookInbox:
             directory.fs.rm(directory.path, recursive=True)
 
 
+class InboxHealth:
+    """Whether the inbox could be read on the last look, logged only when that changes.
+
+    A failing inbox never ends a wait (getResponse polling after the grace period still finds the
+    results), so a line per look would only bury the one that matters: when it started and stopped.
+    """
+
+    def __init__(self, log: logging.Logger | Any) -> None:
+        self.log = log
+        self.failing = False
+
+    def failed(self, exc: Exception) -> None:
+        if not self.failing:
+            self.log.warning("Cannot read the webhook inbox, relying on polling until it works: %s", exc)
+        self.failing = True
+
+    def readable(self) -> None:
+        if self.failing:
+            self.log.info("The webhook inbox is readable again")
+        self.failing = False
+
+
 class BatchInboxWatch:
     """A batch's view of the inbox: what arrived for its pending tasks, read in one look.
 
@@ -177,18 +199,13 @@ class BatchInboxWatch:
 
     def __init__(self, inbox: str | None, log: logging.Logger | Any) -> None:
         self.inbox = WebhookInbox(inbox)
-        self.log = log
-        self.failing = False
+        self.health = InboxHealth(log)
 
     def check(self, task_uuids: Collection[str]) -> RunwareResponse:
         try:
             answer = self.inbox.responses(task_uuids)
         except Exception as exc:
-            if not self.failing:
-                self.log.warning("Cannot read the webhook inbox, relying on polling until it works: %s", exc)
-            self.failing = True
+            self.health.failed(exc)
             return RunwareResponse()
-        if self.failing:
-            self.log.info("The webhook inbox is readable again")
-            self.failing = False
+        self.health.readable()
         return answer

@@ -50,6 +50,7 @@ from airflow_provider_zimage.operators.generate import (
     REQUEST_ARGUMENTS,
     Delivery,
     build_image_request,
+    check_delivery,
     deferral_settle_seconds,
     webhook_delivery_settings,
 )
@@ -174,12 +175,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
         if reuse not in ("task", "content"):
             raise ValueError(f"reuse must be 'task' or 'content' (got {reuse!r})")
         self.reuse = reuse
-        if delivery not in ("polling", "webhook"):
-            raise ValueError(f"delivery must be 'polling' or 'webhook' (got {delivery!r})")
-        if webhook_grace_period < 0:
-            raise ValueError(f"webhook_grace_period must be >= 0 seconds (got {webhook_grace_period})")
-        if webhook_check_interval <= 0:
-            raise ValueError(f"webhook_check_interval must be > 0 seconds (got {webhook_check_interval})")
+        check_delivery(delivery, webhook_grace_period, webhook_check_interval)
         self.delivery = delivery
         self.webhook_grace_period = webhook_grace_period
         self.webhook_check_interval = webhook_check_interval

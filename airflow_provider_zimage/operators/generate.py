@@ -59,6 +59,16 @@ def deferral_settle_seconds() -> float:
 Delivery = Literal["polling", "webhook"]
 
 
+def check_delivery(delivery: str, webhook_grace_period: float, webhook_check_interval: float) -> None:
+    """The delivery arguments both operators take, refused at DAG parse time, before anything is paid."""
+    if delivery not in ("polling", "webhook"):
+        raise ValueError(f"delivery must be 'polling' or 'webhook' (got {delivery!r})")
+    if webhook_grace_period < 0:
+        raise ValueError(f"webhook_grace_period must be >= 0 seconds (got {webhook_grace_period})")
+    if webhook_check_interval <= 0:
+        raise ValueError(f"webhook_check_interval must be > 0 seconds (got {webhook_check_interval})")
+
+
 def _rendered_number(value: Any, kind: type[int] | type[float]) -> Any:
     """Jinja renders `seed="{{ ds_nodash }}"` as the string "20260101"; the request models are strict
     about types, so a templated number is converted back here. Anything else is left for validation to
@@ -352,16 +362,11 @@ class ZImageGenerateOperator(BaseOperator):
         if on_nsfw not in ("fail", "skip", "keep"):
             raise ValueError(f"on_nsfw must be 'fail', 'skip' or 'keep' (got {on_nsfw!r})")
         self.on_nsfw = on_nsfw
-        if delivery not in ("polling", "webhook"):
-            raise ValueError(f"delivery must be 'polling' or 'webhook' (got {delivery!r})")
+        check_delivery(delivery, webhook_grace_period, webhook_check_interval)
         if delivery == "webhook" and not wait_for_completion:
             raise ValueError(
                 "delivery='webhook' needs wait_for_completion=True: ZImageTaskSensor waits by polling"
             )
-        if webhook_grace_period < 0:
-            raise ValueError(f"webhook_grace_period must be >= 0 seconds (got {webhook_grace_period})")
-        if webhook_check_interval <= 0:
-            raise ValueError(f"webhook_check_interval must be > 0 seconds (got {webhook_check_interval})")
         self.delivery = delivery
         self.webhook_grace_period = webhook_grace_period
         self.webhook_check_interval = webhook_check_interval

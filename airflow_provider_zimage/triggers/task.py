@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 from airflow_provider_zimage import protocol
 from airflow_provider_zimage.hooks.runware import ZImageHook, loop_clients
-from airflow_provider_zimage.inbox import WebhookInbox
+from airflow_provider_zimage.inbox import InboxHealth, WebhookInbox
 from airflow_provider_zimage.models import ApiErrorDetail, ImageResult
 from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, Outcome, TaskWait, timed_out
 from airflow_provider_zimage.protocol import RunwareResponse
@@ -198,7 +198,7 @@ class _InboxWatch:
         self.task_uuid = task_uuid
         self.log = log
         self.seen: set[str] = set()
-        self.failing = False
+        self.health = InboxHealth(log)
 
     def _collect(self) -> tuple[set[str], RunwareResponse]:
         inbox = WebhookInbox(self.inbox)
@@ -209,13 +209,9 @@ class _InboxWatch:
         try:
             new, response = await asyncio.to_thread(self._collect)
         except Exception as exc:
-            if not self.failing:
-                self.log.warning("Cannot read the webhook inbox, relying on polling until it works: %s", exc)
-            self.failing = True
+            self.health.failed(exc)
             return RunwareResponse()
-        if self.failing:
-            self.log.info("The webhook inbox is readable again")
-            self.failing = False
+        self.health.readable()
         if new:
             self.log.info("Webhook inbox: %d new item(s) for task %s", len(new), self.task_uuid)
         self.seen |= new

@@ -14,6 +14,7 @@ from typing import Any
 
 from tests.e2e.checks import (
     StoredImages,
+    check_batch_summary,
     check_paid_once,
     check_xcoms_match,
     duplicate_submissions,
@@ -90,6 +91,15 @@ class Outcome:
                 **details,
             },
         }
+
+    def assert_batch_stored_once(self, requests: int) -> None:
+        """The batch scenarios' proof: one manifest with every request's image, each verified, each
+        taskUUID accepted once, and a summary XCom that agrees."""
+        key = ("generate", -1)
+        problems = check_paid_once(self.stats, self.stored, requests)
+        problems += check_batch_summary(self.stored, key, self.xcoms.get(key), requests)
+        assert self.run["state"] == "success", f"run {self.run['state']}: {self.states}"
+        assert not problems, "\n".join(problems[:20])
 
 
 def new_run_id(prefix: str) -> str:
