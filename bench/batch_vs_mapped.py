@@ -1,154 +1,254 @@
-"""N mapped `ZImageGenerateOperator` tasks vs one `ZImageBatchGenerateOperator`, both deferrable, in one run.
+"""N mapped `ZImageGenerateOperator` tasks vs one `ZImageBatchGenerateOperator`, in a real deployment.
 
-Both DAGs run through `dag.test()` (Airflow's in-process scheduler loop, SQLite, triggers run inline)
-against the Runware test server in its own process with a fixed generation delay. This is a proxy for a
-deployment, and an unfair one to (a): `dag.test()` runs task instances one at a time, so N mapped
-deferrable tasks take about N x delay here, where a real deployment runs them concurrently. It shows
-Airflow's per-task-instance cost (a task run, a deferral and a scheduler round
-each) against one task instance, not the figures of a multi-process scheduler/worker/triggerer setup.
-Prints wall time, images per minute, the ratio of wall time to the server's floor (delay + the time to
-download and store), CPU seconds of this process (scheduler + worker + triggerer are all in it here)
-and metadata-DB rows written. Then the re-run figures of the batch: the same run again, 1% of the rows
-changed, and `reuse="content"` under a new logical date, each with the submissions it paid for.
+The e2e harness's Airflow deployment (`tests/e2e/harness.py`: api-server, scheduler with the
+LocalExecutor, dag-processor and triggerer as separate processes, SQLite) against the Runware test
+server with a fixed generation delay, everything on this machine, one run:
 
-    .venv/bin/python bench/batch_vs_mapped.py [--n 1000 --delay 10]   (CI: --n 40 --delay 2)
+(a) N mapped `ZImageGenerateOperator` tasks, deferrable (`--mapped-n`, default N);
+(b) one `ZImageBatchGenerateOperator` over the same number of requests, deferrable;
+(floor) a bare client in this process, no Airflow: the same N requests submitted in chunks of 100
+    through `ZImageHook`, polled with batched `getResponse` every 0.5 s, downloaded by 8 threads and
+    written with their sha256, which is the API's own speed plus download and store.
+
+Printed for (a) and (b): wall time (trigger to DAG run success, and the image task instance's own
+duration), images per minute, the ratio of wall time to the floor, CPU seconds of each Airflow
+component over the run (the scheduler's figure includes its LocalExecutor workers and their task
+processes), metadata-DB rows added, and submissions paid. Then the batch's re-run figures: the same
+DAG run cleared and run again, a new run with 1% of the rows changed, and a new run of the same rows
+under `reuse="content"` (each with what it paid).
+
+    .venv/bin/python bench/batch_vs_mapped.py [--n 1000 --mapped-n 1000 --delay 10]
+    (quick look: --n 100 --delay 2)
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import hashlib
 import json
-import os
+import sqlite3
 import sys
-import tempfile
 import time
+import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-_home = tempfile.mkdtemp(prefix="zimage-bench-batch-")
-os.environ["AIRFLOW_HOME"] = _home
-os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_home}/airflow.db"
-os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
-os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = os.path.join(_home, "dags")
 
-MAPPED = """
-import pendulum
-from airflow.sdk import DAG
-from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
+from tests.e2e.dags import HEADER
+from tests.e2e.harness import Deployment, DeploymentConfig
 
-with DAG("bench_mapped", schedule=None, start_date=pendulum.datetime(2026, 1, 1), catchup=False):
+MAPPED = "bench_mapped"
+BATCH = "bench_batch"
+POLL = {"poll_interval": 0.5, "max_poll_interval": 2.0}
+
+DAGS = {
+    MAPPED: """
+with DAG({dag_id!r}, schedule=None, start_date=START, catchup=False,
+         default_args={{"retries": 3, "retry_delay": timedelta(seconds=2)}}):
+    @task
+    def rows():
+        return [{{"prompt": f"mapped catalogue row {{i}}", "seed": 50_000 + i}} for i in range({n})]
+
     ZImageGenerateOperator.partial(
-        task_id="generate", width=256, height=256, output_path=PARAMS["output"], deferrable=True,
-        defer_after=0, poll_interval=0.5, max_poll_interval=2.0,
-    ).expand_kwargs(PARAMS["requests"])
-"""
-
-BATCH = """
-import pendulum
-from airflow.sdk import DAG
+        task_id="generate", width=256, height=256, deferrable=True, **json.loads({poll!r}),
+    ).expand_kwargs(rows())
+""",
+    BATCH: """
 from airflow_provider_zimage.operators.batch import ZImageBatchGenerateOperator
 
-with DAG(PARAMS["dag_id"], schedule=None, start_date=pendulum.datetime(2026, 1, 1), catchup=False):
+with DAG({dag_id!r}, schedule=None, start_date=START, catchup=False,
+         default_args={{"retries": 3, "retry_delay": timedelta(seconds=2)}}):
+    @task
+    def rows(**context):
+        # A product table: the first `changed` rows got new packaging since the last run.
+        changed = int(context["dag_run"].conf.get("changed", 0))
+        return [
+            {{"prompt": f"catalogue row {{i}}" + (" (new packaging)" if i < changed else ""),
+              "seed": 10_000 + i}}
+            for i in range({n})
+        ]
+
     ZImageBatchGenerateOperator(
-        task_id="generate", requests=PARAMS["requests"], width=256, height=256, output_path=PARAMS["output"],
-        deferrable=True, defer_after=0, poll_interval=0.5, max_poll_interval=2.0, reuse=PARAMS["reuse"],
+        task_id="generate", requests=rows(), width=256, height=256, deferrable=True, reuse="content",
+        **json.loads({poll!r}),
     )
-"""
+""",
+}
 
 
-def db_rows() -> int:
-    from airflow.settings import engine
-    from sqlalchemy import MetaData, func, select
+def db_rows(db: Path) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return sum(conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables)
 
-    meta = MetaData()
-    meta.reflect(engine)
-    with engine.connect() as conn:
-        return sum(
-            conn.execute(select(func.count()).select_from(t)).scalar() or 0 for t in meta.tables.values()
+
+def accepted(deployment: Deployment) -> int:
+    assert deployment.control is not None
+    return int(deployment.control.stats()["total_accepted"])
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after.get(k, 0.0) - before.get(k, 0.0), 1) for k in after if k != "runware"}
+
+
+def measure(
+    deployment: Deployment, dag_id: str, *, conf: dict[str, Any] | None = None, clear: str = ""
+) -> dict:
+    """One DAG run (or, with `clear`, that run cleared and run again): wall, CPU, DB rows, paid."""
+    api = deployment.api
+    assert api is not None
+    rows0, cpu0, paid0 = (
+        db_rows(deployment.home / "airflow.db"),
+        deployment.cpu_seconds(),
+        accepted(deployment),
+    )
+    started = time.monotonic()
+    if clear:
+        run_id = clear
+        resp = api.request(
+            "POST",
+            f"/api/v2/dags/{dag_id}/clearTaskInstances",
+            json={"dag_run_id": run_id, "task_ids": ["generate"], "dry_run": False, "only_failed": False},
         )
+        resp.raise_for_status()
+    else:
+        run_id = f"bench_{uuid.uuid4().hex[:8]}"
+        api.trigger(dag_id, run_id, conf)
+    run = api.wait_dag_run(dag_id, run_id, timeout=3600)
+    wall = time.monotonic() - started
+    if run["state"] != "success":
+        raise SystemExit(f"{dag_id} {run_id} ended {run['state']}: see {deployment.component_logs}")
+    tis = [ti for ti in api.task_instances(dag_id, run_id) if ti["task_id"] == "generate"]
+    # The image task(s) from the first start to the last end: what the run spent making images.
+    task_wall = (
+        max(datetime.fromisoformat(t["end_date"]) for t in tis)
+        - min(datetime.fromisoformat(t["start_date"]) for t in tis)
+    ).total_seconds()
+    return {
+        "run_id": run_id,
+        "wall": wall,
+        "task_wall": task_wall,
+        "task_instances": len(tis),
+        "tries": sum(int(t["try_number"]) for t in tis),
+        "cpu": cpu_delta(cpu0, deployment.cpu_seconds()),
+        "rows": db_rows(deployment.home / "airflow.db") - rows0,
+        "paid": accepted(deployment) - paid0,
+    }
 
 
-def run(name: str, source: str, logical_date: Any = None, **params: Any) -> dict[str, float]:
-    from tests.dagtest import run_dag
+def bare_client(deployment: Deployment, n: int, folder: Path) -> float:
+    """The floor: the same work without Airflow, from this process, with the hook the operators use."""
+    from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
+    from airflow_provider_zimage.models import ImageInferenceRequest
 
-    rows0, cpu0, t0 = db_rows(), time.process_time(), time.perf_counter()
-    dag_run = run_dag(name, source, logical_date=logical_date, **params)
-    wall = time.perf_counter() - t0
-    if dag_run.state != "success":
-        raise SystemExit(f"{name} ended {dag_run.state}")
-    return {"wall": wall, "cpu": time.process_time() - cpu0, "rows": db_rows() - rows0}
+    folder.mkdir(parents=True)
+    settings = ConnectionSettings(base_url=deployment.runware_url, api_key=deployment.config.api_key)
+    requests = [
+        ImageInferenceRequest.build(
+            model="runware:z-image@turbo",
+            positivePrompt=f"bare client catalogue row {i}",
+            width=256,
+            height=256,
+            seed=90_000 + i,
+        )
+        for i in range(n)
+    ]
+    with ZImageHook("bench", settings=settings) as hook:
+        started = time.monotonic()
+        for i in range(0, n, 100):
+            hook.submit(requests[i : i + 100])
+        pending = [r.task_uuid for r in requests]
+        results: dict[str, Any] = {}
+        while pending:
+            time.sleep(0.5)
+            for i in range(0, len(pending), 100):
+                for result in hook.get_responses(pending[i : i + 100]).results:
+                    results[result.task_uuid] = result
+            pending = [u for u in pending if u not in results]
 
+        def store(item: tuple[str, Any]) -> str:
+            data = hook.download(item[1])
+            tmp = folder / f".{item[0]}.tmp"
+            tmp.write_bytes(data)
+            tmp.rename(folder / f"{item[0]}.png")
+            return hashlib.sha256(data).hexdigest()
 
-def accepted(url: str) -> int:
-    from urllib.parse import urlsplit
-
-    import httpx
-
-    parts = urlsplit(url)
-    return int(httpx.get(f"{parts.scheme}://{parts.netloc}/_control/stats").json()["total_accepted"])
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            digests = list(pool.map(store, results.items()))
+        elapsed = time.monotonic() - started
+    assert len(set(digests)) == n, "the bare client stored fewer distinct images than it asked for"
+    return elapsed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--n", type=int, default=1000, help="images of the batch (and the floor)")
+    parser.add_argument("--mapped-n", type=int, default=None, help="mapped task instances (default --n)")
     parser.add_argument("--delay", type=float, default=10.0, help="server-side seconds per generation")
+    parser.add_argument("--skip-mapped", action="store_true", help="only the batch, the floor and re-runs")
     args = parser.parse_args()
+    mapped_n = args.n if args.mapped_n is None else args.mapped_n
+    changed = max(1, args.n // 100)
 
-    import pendulum
-    from airflow.utils import db
+    sources = {
+        MAPPED: HEADER + DAGS[MAPPED].format(dag_id=MAPPED, n=mapped_n, poll=json.dumps(POLL)),
+        BATCH: HEADER + DAGS[BATCH].format(dag_id=BATCH, n=args.n, poll=json.dumps(POLL)),
+    }
+    with Deployment(sources, DeploymentConfig(runware_delay=args.delay)) as deployment:
+        assert deployment.control is not None
+        deployment.wait_for_dags([MAPPED, BATCH])
+        deployment.control.configure(delay=args.delay)
+        floor = bare_client(deployment, args.n, deployment.home / "bare")
+        mapped = None if args.skip_mapped else measure(deployment, MAPPED)
+        batch = measure(deployment, BATCH)
+        again = measure(deployment, BATCH, clear=batch["run_id"])
+        one_pct = measure(deployment, BATCH, conf={"changed": changed})
+        next_day = measure(deployment, BATCH, conf={"changed": changed})
 
-    from bench._server import server_process
-
-    db.initdb()
-    out = f"file://{_home}/artifacts"
-    requests = [{"prompt": f"catalogue row {i}", "seed": 10_000 + i} for i in range(args.n)]
-    with server_process("--api-key", "bench-key", "--delay", str(args.delay)) as url:
-        os.environ["AIRFLOW_CONN_ZIMAGE_DEFAULT"] = json.dumps(
-            {"conn_type": "zimage", "host": url, "password": "bench-key", "extra": {"timeout": 60}}
-        )
-        mapped = run("bench_mapped", MAPPED, output=out, requests=requests)
-        paid_mapped = accepted(url)
-        day1 = pendulum.datetime(2026, 5, 1, tz="UTC")
-        batch = run(
-            "bench_batch", BATCH, day1, dag_id="bench_batch", output=out, requests=requests, reuse="content"
-        )
-        paid_batch = accepted(url) - paid_mapped
-        again = run(
-            "bench_batch", BATCH, day1, dag_id="bench_batch", output=out, requests=requests, reuse="content"
-        )
-        paid_again = accepted(url) - paid_mapped - paid_batch
-        changed = [dict(r) for r in requests]
-        n_changed = max(1, args.n // 100)
-        for r in changed[:n_changed]:
-            r["prompt"] += " (new packaging)"
-        ch = run(
-            "bench_batch", BATCH, day1, dag_id="bench_batch", output=out, requests=changed, reuse="content"
-        )
-        paid_changed = accepted(url) - paid_mapped - paid_batch - paid_again
-        day2 = pendulum.datetime(2026, 5, 2, tz="UTC")
-        run("bench_batch", BATCH, day2, dag_id="bench_batch", output=out, requests=changed, reuse="content")
-        paid_day2 = accepted(url) - paid_mapped - paid_batch - paid_again - paid_changed
-
-    # The floor is the generation delay alone (download and store are not added), so the ratio is an
-    # upper bound of the one the issue asks for.
-    floor = args.delay
     print(
-        f"images              {args.n}, server delay {args.delay:g} s "
-        "(floor = the delay; download and store not added)"
+        f"{args.n} images (mapped: {mapped_n}), 256x256, server delay {args.delay:g} s per image; "
+        f"Airflow deployment: {Path(sys.executable).parent.parent.name}, SQLite, LocalExecutor, "
+        f"parallelism {deployment.config.parallelism}"
     )
-    for label, f, paid in (("mapped", mapped, paid_mapped), ("batch", batch, paid_batch)):
+    print(f"floor (bare client: submit, batched getResponse, 8 downloads at once, store): {floor:.1f} s")
+    print(
+        f"{'':<7} {'images':>6} {'run wall s':>10} {'task wall s':>11} {'images/min':>10} "
+        f"{'run/floor':>9} {'task/floor':>10} {'DB rows':>7} {'paid':>5}  CPU s by component"
+    )
+    for label, f, count in (("mapped", mapped, mapped_n), ("batch", batch, args.n)):
+        if f is None:
+            continue
         print(
-            f"{label:<8} wall {f['wall']:8.2f} s  {args.n * 60 / f['wall']:8.1f} images/min  "
-            f"ratio to floor {f['wall'] / floor:6.2f}  CPU {f['cpu']:7.2f} s  "
-            f"DB rows {f['rows']:6d}  paid {paid}"
+            f"{label:<7} {count:>6} {f['wall']:>10.1f} {f['task_wall']:>11.1f} "
+            f"{count * 60 / f['wall']:>10.0f} "
+            f"{f['wall'] / floor:>9.2f} {f['task_wall'] / floor:>10.2f} {f['rows']:>7} {f['paid']:>5}  "
+            f"{json.dumps(f['cpu'])} (total {sum(f['cpu'].values()):.0f}); tries {f['tries']}"
         )
-    print(f"batch vs mapped     {mapped['wall'] / batch['wall']:.1f}x the images per minute")
-    print(f"re-run same run     paid {paid_again} (wall {again['wall']:.2f} s)")
-    print(f"{n_changed} row(s) changed    paid {paid_changed} (wall {ch['wall']:.2f} s)")
-    print(f"reuse=content, next logical date: paid {paid_day2}")
+    if mapped is not None:
+        rate = (args.n / batch["wall"]) / (mapped_n / mapped["wall"])
+        print(f"batch vs mapped: {rate:.1f}x the images per minute")
+    print(f"re-run (the same DAG run cleared): paid {again['paid']}, wall {again['wall']:.1f} s")
+    print(
+        f"new run, {changed} of {args.n} rows changed: paid {one_pct['paid']}, wall {one_pct['wall']:.1f} s"
+    )
+    print(f"new run, same rows, reuse='content': paid {next_day['paid']}, wall {next_day['wall']:.1f} s")
+    print(
+        json.dumps(
+            {
+                "floor": floor,
+                "mapped": mapped,
+                "batch": batch,
+                "again": again,
+                "changed": one_pct,
+                "next_day": next_day,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
