@@ -313,6 +313,19 @@ def poll_waits(task_uuid: str, timeout: float, initial: float = 1.0, cap: float 
         yield delay
 
 
+#: First wait between getResponse polls when the operator is given no `poll_interval`, by backend. A
+#: Runware Turbo image takes about a second; a zimage-executor answers a queued image in 0.1-1 s, and
+#: the worker slot a task holds while it waits is what a mapped DAG on one machine runs short of.
+DEFAULT_POLL_INTERVALS = {"runware": 1.0, "executor": 0.1}
+
+
+def first_poll_interval(poll_interval: float | None, backend: str) -> float:
+    """The operator's `poll_interval` when given, else the default for the connection's backend."""
+    if poll_interval is not None:
+        return poll_interval
+    return DEFAULT_POLL_INTERVALS.get(backend, DEFAULT_POLL_INTERVALS["runware"])
+
+
 def poll_delays(initial: float = 1.0, cap: float = 10.0, factor: float = 1.5) -> Iterator[float]:
     """Waits between getResponse polls: fast at first (turbo images take about a second), then backing
     off to `cap` so a long queue wait costs few requests. Endless; the caller owns the deadline."""

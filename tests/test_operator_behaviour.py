@@ -237,3 +237,43 @@ def test_templated_numbers_rendered_as_strings_are_accepted(zimage_conn, output_
 def test_a_templated_value_that_is_not_a_number_is_refused_naming_it(zimage_conn, output_dir):
     with pytest.raises(AirflowFailException, match="seed"):
         generate(output_dir, seed="tomorrow").execute({"ti": FakeTI()})
+
+
+@pytest.mark.parametrize(("backend", "first_wait"), [("runware", 1.0), ("executor", 0.1)])
+def test_without_a_poll_interval_the_connection_backend_decides_how_soon_a_task_looks_again(
+    runware_server, output_dir, monkeypatch, backend, first_wait
+):
+    """A zimage-executor answers a queued image in a fraction of a second: a task on it looks again
+    after 0.1 s, not after Runware's 1 s, both while it holds a worker slot and once deferred."""
+    from airflow_provider_zimage.compat import TaskDeferred
+    from airflow_provider_zimage.hooks.runware import ZImageHook
+    from airflow_provider_zimage.testing.pytest_plugin import connection_json
+
+    monkeypatch.setenv("AIRFLOW_CONN_ZIMAGE_DEFAULT", connection_json(runware_server, backend=backend))
+    # An executor's /health names its weights (the fingerprint's origin); the test server has no /health.
+    served = {"models": [{"model": "runware:z-image@turbo", "weights": "w1"}]}
+    monkeypatch.setattr(ZImageHook, "executor_health", lambda self: served)
+    base = {"task_id": "generate", "width": 256, "height": 256, "output_path": output_dir}
+
+    # Ready 0.6 s after the submission: Runware's cadence looks at 0 s and 1 s; the executor's at
+    # 0, 0.1, 0.25, 0.48 and 0.81 s.
+    op = ZImageGenerateOperator(prompt="a teapot __delay:0.6__", **base)
+    (image,) = op.execute({"ti": FakeTI()})
+    polls = runware_server.stats["get_response_polls"]
+    assert polls == 2 if backend == "runware" else polls >= 4, polls
+    assert Path(image["uri"].removeprefix("file://")).exists()
+
+    deferring = ZImageGenerateOperator(
+        prompt="a slow teapot __delay:60__", deferrable=True, defer_after=0, **base
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        deferring.execute({"ti": FakeTI()})
+    assert deferred.value.trigger.poll_interval == first_wait
+
+    # An explicit poll_interval is kept whatever the backend.
+    explicit = ZImageGenerateOperator(
+        prompt="a slower teapot __delay:60__", deferrable=True, defer_after=0, poll_interval=2.5, **base
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        explicit.execute({"ti": FakeTI()})
+    assert deferred.value.trigger.poll_interval == 2.5

@@ -102,6 +102,8 @@ class ZImageBatchGenerateOperator(BaseOperator):
         Runware failed; a retry resubmits only those, under a new generation.
     :param download_concurrency: images fetched and stored at once.
     :param defer_after: with deferrable=True, seconds of in-process polling before deferring.
+    :param poll_interval: first wait between batched getResponse polls (growing by 1.5x up to
+        `max_poll_interval`); None: 1 s on Runware, 0.1 s on a zimage-executor (the connection's backend).
     :param reuse: "task" reuses what this task instance stored before; "content" also copies a seeded
         request's image stored before by any run, DAG or task under the same output_path (cost 0,
         `reused_from`); see `content_index`.
@@ -130,7 +132,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
         on_nsfw: NsfwPolicy = "fail",
         force: bool = False,
         timeout: float = 3600.0,
-        poll_interval: float = 1.0,
+        poll_interval: float | None = None,
         max_poll_interval: float = 10.0,
         defer_after: float = 5.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -297,6 +299,7 @@ class _BatchRun:
         # delivery="webhook": (public base URL, secret) and the inbox the API server writes to.
         self.webhook = webhook
         self.inbox = BatchInboxWatch(None, op.log) if webhook is not None else None
+        self.poll_interval = protocol.DEFAULT_POLL_INTERVALS["runware"]  # the connection's, once `go` runs
 
     # -- what each request needs ---------------------------------------------------------------------
 
@@ -348,8 +351,9 @@ class _BatchRun:
         if waiting:
             self.log.info("Reattaching to %d submitted task(s) without paying again", len(waiting))
         hook = ZImageHook(self.op.zimage_conn_id)
+        self.poll_interval = protocol.first_poll_interval(self.op.poll_interval, hook.settings.backend)
         defer_at = time.time() + self.op.defer_after
-        delays = protocol.poll_delays(self.op.poll_interval, self.op.max_poll_interval)
+        delays = protocol.poll_delays(self.poll_interval, self.op.max_poll_interval)
         next_poll = 0.0
         errors_in_a_row = 0
         with hook, ThreadPoolExecutor(self.op.download_concurrency) as pool:
@@ -577,7 +581,7 @@ class _BatchRun:
                 task_uuids={u: e.expected_results for u, e in waiting.items()},
                 zimage_conn_id=self.op.zimage_conn_id,
                 deadline=deadline,
-                poll_interval=self.op.poll_interval,
+                poll_interval=self.poll_interval,
                 max_poll_interval=self.op.max_poll_interval,
                 webhook_inbox=str(default_inbox_path()) if webhook else None,
                 # One grace period for the batch, from its last submission: a few chunks' spread of

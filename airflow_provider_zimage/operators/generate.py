@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
-from airflow_provider_zimage import content_index
+from airflow_provider_zimage import content_index, protocol
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, conf
 from airflow_provider_zimage.exceptions import (
     ZImageError,
@@ -210,6 +210,8 @@ class ZImageGenerateOperator(BaseOperator):
     :param force: regenerate even when this task instance already stored images for the same request.
     :param max_cost_usd: refuse, before submitting, a request whose catalog estimate exceeds this.
     :param on_nsfw: what to do with images Runware flags NSFW: fail, skip or keep.
+    :param poll_interval: first wait between getResponse polls (growing by 1.5x up to
+        `max_poll_interval`); None: 1 s on Runware, 0.1 s on a zimage-executor (the connection's backend).
     :param timeout: seconds to wait for Runware before the task fails (retries reattach, never resubmit).
     :param delivery: "polling" (getResponse) or "webhook": Runware POSTs results to the webhook plugin
         on the API server (connection extras `webhook_base_url` and `webhook_secret`, or
@@ -297,7 +299,7 @@ class ZImageGenerateOperator(BaseOperator):
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         wait_for_completion: bool = True,
         defer_after: float = 5.0,
-        poll_interval: float = 1.0,
+        poll_interval: float | None = None,
         max_poll_interval: float = 10.0,
         timeout: float = 3600.0,
         output_path: str | None = None,
@@ -503,14 +505,15 @@ class ZImageGenerateOperator(BaseOperator):
         # Measured from the first accepted submission: a retry that reattaches gets what is left.
         deadline = (submission.submitted_at or time.time()) + self.timeout
         wait = TaskWait(submission.task_uuid, job.expected_results)
+        poll_interval = protocol.first_poll_interval(self.poll_interval, backend)
         if self.delivery == "webhook":
             # The worker waits the way the triggerer would, on the inbox first (no polling before the
             # grace period); deferrable, only for `defer_after` seconds.
             limit = self.defer_after if self.deferrable else None
-            event = asyncio.run(_first_event(self._trigger(wait, deadline), limit))
+            event = asyncio.run(_first_event(self._trigger(wait, deadline, poll_interval), limit))
             if event is not None:
                 return self.execute_complete(context, event)
-            self._defer(wait, deadline)
+            self._defer(wait, deadline, poll_interval)
         # Look before deferring, and keep looking for `defer_after` seconds: a Turbo image is ready in
         # about a second, and a trigger that fires that fast meets Airflow's deferral race.
         until = min(deadline, time.time() + self.defer_after) if self.deferrable else deadline
@@ -519,21 +522,21 @@ class ZImageGenerateOperator(BaseOperator):
                 hook,
                 wait,
                 until=until,
-                poll_interval=self.poll_interval,
+                poll_interval=poll_interval,
                 max_poll_interval=self.max_poll_interval,
             )
             if outcome.action is Action.STORE:
                 return self._store(context, job, wait.status.results, hook, submission.task_uuid)
         if outcome.action is Action.WAIT and self.deferrable and time.time() < deadline:
-            self._defer(wait, deadline)
+            self._defer(wait, deadline, poll_interval)
         if outcome.action is Action.WAIT:
             outcome = timed_out(wait.status)
         end_try(job, submission.task_uuid, outcome)
 
-    def _defer(self, wait: TaskWait, deadline: float) -> None:
+    def _defer(self, wait: TaskWait, deadline: float, poll_interval: float) -> None:
         self.log.info("Task %s not ready after %gs: deferring", wait.task_uuid, self.defer_after)
         self.defer(
-            trigger=self._trigger(wait, deadline, deferred=True),
+            trigger=self._trigger(wait, deadline, poll_interval, deferred=True),
             method_name="execute_complete",
             timeout=timedelta(seconds=max(0.0, deadline - time.time()) + 60),
         )
@@ -612,7 +615,9 @@ class ZImageGenerateOperator(BaseOperator):
     def _webhook_settings(self, settings: ConnectionSettings) -> tuple[str, str]:
         return webhook_delivery_settings(settings, self.zimage_conn_id)
 
-    def _trigger(self, wait: TaskWait, deadline: float, *, deferred: bool = False) -> ZImageTaskTrigger:
+    def _trigger(
+        self, wait: TaskWait, deadline: float, poll_interval: float, *, deferred: bool = False
+    ) -> ZImageTaskTrigger:
         webhook = self.delivery == "webhook"
         now = time.time()
         return ZImageTaskTrigger(
@@ -620,7 +625,7 @@ class ZImageGenerateOperator(BaseOperator):
             zimage_conn_id=self.zimage_conn_id,
             expected_results=wait.status.expected_results,
             deadline=deadline,
-            poll_interval=self.poll_interval,
+            poll_interval=poll_interval,
             max_poll_interval=self.max_poll_interval,
             webhook_inbox=str(default_inbox_path()) if webhook else None,
             poll_after=now + self.webhook_grace_period if webhook else 0.0,
