@@ -3,7 +3,8 @@
 A small index file per fingerprint (`{output_path}/_zimage_content/{fingerprint}.json`), written after
 the image was verified and stored, lists that picture's stored images. Any later run, DAG or task under
 the same output_path that asks for the same fingerprint (picture-only request fingerprint, plus model and
-connection) gets a copy in its own folder, with `reused_from` and cost 0. The index is a hint, never the
+connection) gets a copy in its own folder, with `reused_from` and cost 0 (made by the object store
+itself where it can copy, `ArtifactStore.copy_image`). The index is a hint, never the
 truth: an entry whose file is gone or whose sha256 no longer matches is ignored and the image is
 generated again. Unseeded requests are never looked up (the user asked for a new random picture).
 
@@ -66,7 +67,7 @@ def reuse(store: ArtifactStore, fingerprint: str, directory: Any) -> list[dict[s
     copies = []
     for image, payload in sources:
         name = str(image.get("image_uuid") or as_path(str(image["uri"])).stem)
-        artifact = store.write_image(directory, name, payload)
+        artifact = store.copy_image(str(image["uri"]), directory, name, payload)
         # The copy's own location and hash; what the picture is (seed, model, imageUUID) is the source's.
         copies.append(
             {

@@ -45,6 +45,7 @@ from typing import Any
 
 from airflow.sdk import ObjectStoragePath
 
+from airflow_provider_zimage.compat import storage_location
 from airflow_provider_zimage.exceptions import ZImageError
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ _LOCAL_PROTOCOLS = frozenset({"", "file", "local"})
 _SINGLE_PUT_PROTOCOLS = frozenset(
     {"s3", "s3a", "s3n", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"}
 )
+
+# Object stores whose fsspec `copy` of one object is a copy inside the service (S3 CopyObject, GCS
+# rewrite, Azure copy blob): the bytes never travel through the worker, and the new key appears whole.
+_SERVER_COPY_PROTOCOLS = frozenset({"s3", "s3a", "s3n", "gs", "gcs", "az", "abfs", "abfss"})
 
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._=-]")
 _MAX_SEGMENT_LEN = 200
@@ -531,6 +536,33 @@ class ArtifactStore:
             artifact.sha256,
         )
         return artifact
+
+    def copy_image(
+        self, source: ObjectStoragePath | str, directory: ObjectStoragePath | str, name: str, payload: bytes
+    ) -> ImageArtifact:
+        """Store again an image already verified at `source` (its bytes are `payload`, read by the caller
+        to check its sha256).
+
+        Within one object store reached through the same connection the copy is made by the service
+        (`reuse="content"` over a catalogue then uploads nothing); elsewhere the bytes are written
+        atomically, as `write_image` does.
+        """
+        src = as_path(source)
+        fmt, width, height = check_image(payload, name, None, None)
+        target = as_path(directory) / _image_name(name, fmt)
+        same_store = storage_location(src)[:2] == storage_location(target)[:2]
+        if src.protocol == target.protocol and src.protocol in _SERVER_COPY_PROTOCOLS and same_store:
+            src.fs.copy(src.path, target.path)
+            size = int(target.fs.info(target.path).get("size", -1))
+            if size != len(payload):
+                raise ZImageStorageError(
+                    f"server-side copy of {src} to {target} holds {size} bytes, expected {len(payload)}"
+                )
+            log.info("Copied %s to %s in the store (%d bytes)", src, target, len(payload))
+        else:
+            write_bytes_atomic(target, payload)
+            log.info("Copied %s to %s (%d bytes)", src, target, len(payload))
+        return ImageArtifact.describe(target, payload, fmt, width, height)
 
     def write_manifest(
         self, directory: ObjectStoragePath | str, manifest: Mapping[str, Any]

@@ -42,7 +42,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DIST_NAME = "airflow-provider-zimage"
 PACKAGE = "airflow_provider_zimage"
-DAG_IDS = {"zimage_quickstart", "zimage_content_pipeline", "zimage_daily_backfill", "zimage_local_gpu"}
+DAG_IDS = {
+    "zimage_quickstart",
+    "zimage_content_pipeline",
+    "zimage_catalogue",
+    "zimage_daily_backfill",
+    "zimage_local_gpu",
+}
 MODULES = [
     f"{PACKAGE}.operators.generate",
     f"{PACKAGE}.operators.batch",

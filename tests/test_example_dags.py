@@ -33,7 +33,13 @@ pytestmark = pytest.mark.usefixtures("airflow_db")
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "dags"
-DAG_IDS = {"zimage_quickstart", "zimage_content_pipeline", "zimage_daily_backfill", "zimage_local_gpu"}
+DAG_IDS = {
+    "zimage_quickstart",
+    "zimage_content_pipeline",
+    "zimage_catalogue",
+    "zimage_daily_backfill",
+    "zimage_local_gpu",
+}
 RUNWARE_SIZE = 256
 LOCAL_SIZE = 128  # the smallest size the API accepts: the tiny model takes about a second per image on a CPU
 
@@ -293,6 +299,56 @@ def test_content_pipeline_pays_on_day_two_only_for_the_changed_row(
             assert image["reused_from"] == before["uri"] and image["cost"] == 0.0
             assert image["sha256"] == before["sha256"] and image["uri"] != before["uri"]
     assert xcom(second, "contact_sheet")["images"] == len(rows)
+
+
+# -- zimage_catalogue -----------------------------------------------------------------------------------
+
+
+def published(result: Any) -> list[dict[str, str]]:
+    """The rows of the catalogue.csv a run published, read through the path its XCom names."""
+    target = Path(xcom(result, "publish")["catalogue"].removeprefix("file://"))
+    with target.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_catalogue_is_one_batch_task_and_day_two_pays_only_for_the_changed_row(
+    examples, runware, output, tmp_path, monkeypatch
+):
+    """The whole table in one task instance (one manifest, a small summary XCom), published as a CSV a
+    shop import reads; the next day, with one row edited, only that row is submitted and paid for."""
+    day1 = pendulum.datetime(2026, 6, 1, tz="UTC")
+    first = run(examples, "zimage_catalogue", logical_date=day1)
+    rows = products()
+    assert runware.stats["total_accepted"] == len(rows)
+    summary = xcom(first, "generate")
+    assert set(summary) == {"manifest_uri", "images", "failed", "reused", "total_cost"}
+    assert (summary["images"], summary["failed"], summary["reused"]) == (len(rows), 0, 0)
+    [manifest] = manifests(run_dir(output, first.dag_id, first))
+    assert len(check_images(manifest, RUNWARE_SIZE)) == len(rows)
+    day1_csv = published(first)
+    assert [r["sku"] for r in day1_csv] == [p["sku"] for p in rows]
+    by_uri = {e["uri"]: e for e in manifest["images"]}
+    assert all(by_uri[r["uri"]]["sha256"] == r["sha256"] and not r["reused_from"] for r in day1_csv)
+
+    rows[4]["color"] = "emerald green"  # one product re-coloured overnight
+    table = tmp_path / "products.csv"
+    with table.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    monkeypatch.setenv("ZIMAGE_PRODUCTS_CSV", str(table))
+    second = run(examples, "zimage_catalogue", logical_date=day1.add(days=1))
+    assert runware.stats["total_accepted"] == len(rows) + 1  # exactly the changed row was paid for
+    assert xcom(second, "generate")["reused"] == len(rows) - 1
+    day2_csv = published(second)
+    [today] = manifests(run_dir(output, second.dag_id, second))
+    check_images(today, RUNWARE_SIZE)
+    for before, after in zip(day1_csv, day2_csv, strict=True):
+        if after["sku"] == rows[4]["sku"]:
+            assert not after["reused_from"] and after["sha256"] != before["sha256"]
+        else:
+            assert after["reused_from"] == before["uri"] and float(after["cost"]) == 0.0
+            assert after["sha256"] == before["sha256"] and after["uri"] != before["uri"]
 
 
 # -- zimage_daily_backfill ------------------------------------------------------------------------------

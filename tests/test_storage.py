@@ -468,3 +468,53 @@ async def test_s3_from_async_code_via_to_thread(moto_s3_server: MotoS3Server, s3
     uri = f"s3://{MOTO_CONN_ID}@{s3_bucket}/inbox/evt.json"
     await asyncio.to_thread(write_json_atomic, uri, {"event": 1})
     assert await asyncio.to_thread(read_json, uri) == {"event": 1}
+
+
+@pytest.mark.s3
+def test_s3_content_reuse_is_a_copy_inside_the_store(
+    moto_s3_server: MotoS3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+):
+    """`reuse="content"` on S3: yesterday's image appears in today's folder without the worker
+    uploading its bytes again (CopyObject), and it verifies like any stored image."""
+    from airflow_provider_zimage import content_index
+
+    store = ArtifactStore(f"s3://{MOTO_CONN_ID}@{s3_bucket}/shop")
+    day1 = store.task_dir("shop", "scheduled__day1", "shots", None)
+    png = make_image("PNG", (32, 16))
+    art = store.write_image(day1, "img-1", png)
+    content_index.record(store, "f" * 64, [{**art.to_dict(), "image_uuid": "img-1", "seed": 7}])
+
+    day2 = store.task_dir("shop", "scheduled__day2", "shots", None)
+    uploads: list[str] = []
+    fs = as_path(day2).fs
+    real_pipe = fs.pipe_file
+
+    def pipe_file(path: str, value: bytes, **kwargs: object) -> object:
+        uploads.append(path)
+        return real_pipe(path, value, **kwargs)
+
+    monkeypatch.setattr(fs, "pipe_file", pipe_file)
+    copies = content_index.reuse(store, "f" * 64, day2)
+
+    assert copies is not None and len(copies) == 1
+    copy = copies[0]
+    assert copy["uri"].endswith(f"/{safe_segment('scheduled__day2')}/shots/unmapped/img-1.png")
+    assert copy["reused_from"] == art.uri and copy["cost"] == 0.0 and copy["seed"] == 7
+    assert verify(copy) and copy["sha256"] == art.sha256
+    assert not [p for p in uploads if p.endswith(".png")], f"image bytes uploaded again: {uploads}"
+    client = moto_s3_server.client()
+    key = f"shop/shop/{safe_segment('scheduled__day2')}/shots/unmapped/img-1.png"
+    assert client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == png
+
+
+def test_local_content_reuse_writes_an_atomic_copy(store: ArtifactStore, tmp_path: Path):
+    """On a local disk there is no service to copy for us: the verified bytes are written again."""
+    from airflow_provider_zimage import content_index
+
+    day1 = store.task_dir("shop", "scheduled__day1", "shots", None)
+    art = store.write_image(day1, "img-1", make_image("PNG", (32, 16)))
+    content_index.record(store, "e" * 64, [{**art.to_dict(), "image_uuid": "img-1"}])
+    day2 = store.task_dir("shop", "scheduled__day2", "shots", None)
+    (copy,) = content_index.reuse(store, "e" * 64, day2) or []
+    assert verify(copy) and copy["sha256"] == art.sha256 and copy["uri"] != art.uri
+    assert files_in(Path(as_path(day2).path)) == ["img-1.png"]  # no temp file left behind
