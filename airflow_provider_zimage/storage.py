@@ -478,8 +478,15 @@ class ArtifactStore:
     and finds its manifest, instead of generating, and paying for, the same images again.
     """
 
-    def __init__(self, base: ObjectStoragePath | str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        base: ObjectStoragePath | str | os.PathLike[str] | None = None,
+        *,
+        image_log_level: int = logging.INFO,
+    ) -> None:
         self._base = default_output_path() if base is None else as_path(base)
+        # A batch of thousands logs its progress instead of one line per stored image (DEBUG keeps them).
+        self.image_log_level = image_log_level
 
     @classmethod
     def from_config(cls) -> ArtifactStore:
@@ -526,7 +533,8 @@ class ArtifactStore:
         fmt, width, height = check_image(payload, name, expected_format, expected_size)
         target = write_bytes_atomic(as_path(directory) / _image_name(name, fmt), payload)
         artifact = ImageArtifact.describe(target, payload, fmt, width, height)
-        log.info(
+        log.log(
+            self.image_log_level,
             "Stored %s (%s %dx%d, %d bytes, sha256 %s)",
             target,
             fmt,
@@ -558,10 +566,12 @@ class ArtifactStore:
                 raise ZImageStorageError(
                     f"server-side copy of {src} to {target} holds {size} bytes, expected {len(payload)}"
                 )
-            log.info("Copied %s to %s in the store (%d bytes)", src, target, len(payload))
+            log.log(
+                self.image_log_level, "Copied %s to %s in the store (%d bytes)", src, target, len(payload)
+            )
         else:
             write_bytes_atomic(target, payload)
-            log.info("Copied %s to %s (%d bytes)", src, target, len(payload))
+            log.log(self.image_log_level, "Copied %s to %s (%d bytes)", src, target, len(payload))
         return ImageArtifact.describe(target, payload, fmt, width, height)
 
     def write_manifest(

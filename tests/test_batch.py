@@ -193,6 +193,21 @@ def test_deferrable_waits_in_one_trigger_and_a_rerun_pays_nothing(zimage_conn, o
     one_submission_each(zimage_conn, 30)
 
 
+def test_the_batch_reports_what_runware_charged_per_image_and_in_total(zimage_conn, output_dir):
+    """A paid batch must not say it cost $0: every task asks for its cost, and the summary adds it up."""
+    ti = FakeTI("manual__cost", dag_id="catalogue_cost")
+    summary = run_try(batch(output_dir, rows(5)), ti)
+    tasks = [t for body in zimage_conn.request_bodies for t in body if t.get("taskType") == "imageInference"]
+    assert len(tasks) == 5 and all(t.get("includeCost") is True for t in tasks)
+    entries = read_manifest_entries(summary["manifest_uri"])
+    assert all(e["cost"] > 0 for e in entries)
+    assert (
+        summary["total_cost"] == pytest.approx(sum(e["cost"] for e in entries)) and summary["total_cost"] > 0
+    )
+    opted_out = run_try(batch(output_dir, rows(2, "no cost"), include_cost=False), FakeTI("manual__nc"))
+    assert all(not e.get("cost") for e in read_manifest_entries(opted_out["manifest_uri"]))
+
+
 def test_a_deleted_image_is_regenerated_and_the_rest_reused(zimage_conn, output_dir):
     ti = FakeTI("manual__deleted", dag_id="catalogue_deleted")
     summary = run_try(batch(output_dir, rows(5)), ti)
@@ -334,3 +349,21 @@ def test_the_single_image_operator_reuses_content_too_and_shares_the_index_with_
     # Unseeded, or reuse="task": a new picture.
     single(seed=None).execute({"ti": FakeTI("manual__s3", dag_id="single_d")})
     assert zimage_conn.stats["total_accepted"] == 3
+
+
+def test_the_task_log_shows_progress_not_a_line_per_image(zimage_conn, output_dir, caplog, capfd):
+    """A 5,000-image catalogue must not write 5,000 "Stored" lines into the task log (the Airflow UI
+    loads it whole): progress lines with done/total, rate and cost, per-image detail only at DEBUG."""
+    import logging
+
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO):
+        run_try(batch(output_dir, rows(40, "quiet")), FakeTI("manual__quiet", dag_id="quiet_log"))
+    # Airflow's task loggers print through structlog (captured output), the package's through logging.
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    lines += [line for line in capfd.readouterr().out.splitlines() if "[info" in line or "[warn" in line]
+    assert not [m for m in lines if "Stored file://" in m], lines[:5]
+    progress = [m for m in lines if "Batch progress: " in m]
+    assert progress and "40/40 stored" in progress[-1] and "images/min" in progress[-1]
+    assert "cost so far $" in progress[-1]
+    assert len(lines) < 30, lines

@@ -16,6 +16,7 @@ Orchestration only: requests are built by `operators.generate.build_image_reques
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -205,7 +206,9 @@ class ZImageBatchGenerateOperator(BaseOperator):
                 raise AirflowFailException(
                     f"requests[{index}].upload_endpoint: not supported by the batch operator"
                 )
-            args = {"model": self.model, **self.defaults, **item}
+            # includeCost on, as ZImageGenerateOperator's default: without it Runware reports no cost and
+            # the manifest, the XCom's total_cost and the spend page would say a paid batch cost $0.
+            args = {"model": self.model, "include_cost": True, **self.defaults, **item}
             try:
                 request = build_image_request(args)
             except ZImageValidationError as exc:
@@ -240,7 +243,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
                 f"the limit ${self.max_cost_usd:.4f}"
             )
         ref = TaskInstanceRef.from_context(context)
-        store = ArtifactStore(self.output_path or default_output_path())
+        store = ArtifactStore(self.output_path or default_output_path(), image_log_level=logging.DEBUG)
         directory = store.task_dir(ref.dag_id, ref.run_id, ref.task_id, ref.map_index)
         ledgers = BatchLedgerStore(directory)
         ledger = ledgers.load(
