@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from airflow_provider_zimage.state import derive_task_uuid
@@ -113,7 +113,9 @@ class BatchLedger:
             "task_id": self.task_id,
             "run_id": self.run_id,
             "map_index": self.map_index,
-            "entries": {str(i): asdict(e) for i, e in sorted(self.entries.items())},
+            # A shallow copy per entry, not dataclasses.asdict: asdict deep-copies every image dict and
+            # was half the cost of each save of a 1,000-request ledger.
+            "entries": {str(i): dict(vars(e)) for i, e in sorted(self.entries.items())},
         }
 
     @classmethod
@@ -142,4 +144,5 @@ class BatchLedgerStore:
             return BatchLedger(dag_id, task_id, run_id, map_index)
 
     def save(self, ledger: BatchLedger) -> None:
-        write_json_atomic(self.path, ledger.to_dict())
+        # Compact: rewritten after every chunk and every round of results, by machines for machines.
+        write_json_atomic(self.path, ledger.to_dict(), indent=None)

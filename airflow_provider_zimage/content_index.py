@@ -40,7 +40,11 @@ def record(store: ArtifactStore, fingerprint: str, images: list[dict[str, Any]])
     """Remember where this picture is stored; call only after every image was written and verified."""
     if not images:
         return
-    write_json_atomic(index_path(store, fingerprint), {"version": INDEX_VERSION, "images": images})
+    # Not fsynced: an entry lost or emptied by a power cut is unreadable, hence ignored (one more
+    # payment later), and a catalogue of thousands would otherwise wait on thousands of disk flushes.
+    write_json_atomic(
+        index_path(store, fingerprint), {"version": INDEX_VERSION, "images": images}, durable=False
+    )
 
 
 def reuse(store: ArtifactStore, fingerprint: str, directory: Any) -> list[dict[str, Any]] | None:

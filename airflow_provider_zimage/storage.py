@@ -336,7 +336,7 @@ def _temp_name(final_name: str) -> str:
     return f".{final_name}.{uuid.uuid4().hex}.tmp"
 
 
-def _write_local_atomic(target: str, data: bytes) -> None:
+def _write_local_atomic(target: str, data: bytes, durable: bool = True) -> None:
     directory = os.path.dirname(target) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, _temp_name(os.path.basename(target)))
@@ -346,13 +346,15 @@ def _write_local_atomic(target: str, data: bytes) -> None:
         with open(tmp, "xb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    if durable:
+        _fsync_dir(directory)
 
 
 def _write_generic_atomic(path: ObjectStoragePath, data: bytes) -> None:
@@ -371,18 +373,23 @@ def _write_generic_atomic(path: ObjectStoragePath, data: bytes) -> None:
 
 
 def write_bytes_atomic(
-    path: ObjectStoragePath | str | os.PathLike[str], data: bytes | bytearray | memoryview
+    path: ObjectStoragePath | str | os.PathLike[str],
+    data: bytes | bytearray | memoryview,
+    *,
+    durable: bool = True,
 ) -> ObjectStoragePath:
     """Write ``data`` so that ``path`` holds either its previous content or all of ``data``, never a prefix.
 
     Creates parent directories where the storage has them. See the module docstring for the mechanism
-    per kind of storage.
+    per kind of storage. `durable=False` skips the fsyncs on a local disk (still all or nothing for a
+    reader; after a power cut the file may be empty): for hints such as the content index, which are
+    ignored when unreadable.
     """
     target = as_path(path)
     payload = bytes(data)
     protocol = target.protocol
     if protocol in _LOCAL_PROTOCOLS:
-        _write_local_atomic(target.path, payload)
+        _write_local_atomic(target.path, payload, durable)
     elif protocol in _SINGLE_PUT_PROTOCOLS:
         target.fs.pipe_file(target.path, payload)
     else:
@@ -405,20 +412,30 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def dumps_json(obj: Any) -> bytes:
-    """Deterministic encoding (sorted keys, UTF-8, trailing newline) so identical content diffs empty."""
+def dumps_json(obj: Any, *, indent: int | None = 2) -> bytes:
+    """Deterministic encoding (sorted keys, UTF-8, trailing newline) so identical content diffs empty.
+
+    `indent=None` is compact, and several times faster (only then does `json` use its C encoder): for
+    files rewritten often and read by machines, such as a batch ledger of thousands of requests.
+    """
     try:
         text = json.dumps(
-            obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False, default=_json_default
+            obj, indent=indent, sort_keys=True, ensure_ascii=False, allow_nan=False, default=_json_default
         )
     except (TypeError, ValueError) as exc:
         raise ZImageStorageError(f"cannot encode as JSON: {exc}") from exc
     return (text + "\n").encode("utf-8")
 
 
-def write_json_atomic(path: ObjectStoragePath | str | os.PathLike[str], obj: Any) -> ObjectStoragePath:
+def write_json_atomic(
+    path: ObjectStoragePath | str | os.PathLike[str],
+    obj: Any,
+    *,
+    durable: bool = True,
+    indent: int | None = 2,
+) -> ObjectStoragePath:
     """Encode first, then write atomically: an unencodable object leaves the old file untouched."""
-    return write_bytes_atomic(path, dumps_json(obj))
+    return write_bytes_atomic(path, dumps_json(obj, indent=indent), durable=durable)
 
 
 def read_json(path: ObjectStoragePath | str | os.PathLike[str]) -> Any | None:

@@ -496,12 +496,6 @@ class _BatchRun:
             try:
                 entry.images = future.result()
                 self.ledger.record(entry, "stored")
-                if self.op.reuse == "content" and self.prepared[entry.index].request.seed is not None:
-                    images = [{k: v for k, v in i.items() if k != "index"} for i in entry.images]
-                    try:
-                        content_index.record(self.store, entry.fingerprint, images)
-                    except ZImageError as exc:  # a lost hint costs a future payment, not this image
-                        self.log.warning("Could not index requests[%d] for reuse: %s", entry.index, exc)
                 self.done_here += 1
             except ZImageTaskFailed as exc:  # NSFW with on_nsfw="fail": Runware made it, we refuse it
                 self.ledger.record(entry, "failed", str(exc))
@@ -541,6 +535,17 @@ class _BatchRun:
             images.append(
                 {**manifest_entry(artifact.to_dict(), result, model=request.model), "index": entry.index}
             )
+        if self.op.reuse == "content" and request.seed is not None:
+            # In the download thread, after the images were verified and written: thousands of index
+            # files are written in parallel, not one by one between two polls.
+            try:
+                content_index.record(
+                    self.store,
+                    entry.fingerprint,
+                    [{k: v for k, v in i.items() if k != "index"} for i in images],
+                )
+            except ZImageError as exc:  # a lost hint costs a future payment, not this image
+                self.log.warning("Could not index requests[%d] for reuse: %s", entry.index, exc)
         self._discard_inbox(entry)
         return images
 
