@@ -153,6 +153,16 @@ def check_images(manifest: dict[str, Any], size: int) -> list[dict[str, Any]]:
     return manifest["images"]
 
 
+def use_products(rows: list[dict[str, str]], folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the product DAGs at an edited copy of the table (`ZIMAGE_PRODUCTS_CSV`), as a user would."""
+    table = folder / "products.csv"
+    with table.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    monkeypatch.setenv("ZIMAGE_PRODUCTS_CSV", str(table))
+
+
 def run_dir(root: Path, dag_id: str, run_: Any) -> Path:
     from airflow_provider_zimage.storage import safe_segment
 
@@ -278,12 +288,7 @@ def test_content_pipeline_pays_on_day_two_only_for_the_changed_row(
 
     rows = products()
     rows[2]["color"] = "forest green"  # one product re-coloured overnight
-    table = tmp_path / "products.csv"
-    with table.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    monkeypatch.setenv("ZIMAGE_PRODUCTS_CSV", str(table))
+    use_products(rows, tmp_path, monkeypatch)
     second = run(examples, "zimage_content_pipeline", logical_date=day1.add(days=1))
     assert second.run_id != first.run_id
     assert runware.stats["total_accepted"] == len(rows) + 1  # exactly the changed row was paid for
@@ -331,12 +336,7 @@ def test_catalogue_is_one_batch_task_and_day_two_pays_only_for_the_changed_row(
     assert all(by_uri[r["uri"]]["sha256"] == r["sha256"] and not r["reused_from"] for r in day1_csv)
 
     rows[4]["color"] = "emerald green"  # one product re-coloured overnight
-    table = tmp_path / "products.csv"
-    with table.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    monkeypatch.setenv("ZIMAGE_PRODUCTS_CSV", str(table))
+    use_products(rows, tmp_path, monkeypatch)
     second = run(examples, "zimage_catalogue", logical_date=day1.add(days=1))
     assert runware.stats["total_accepted"] == len(rows) + 1  # exactly the changed row was paid for
     assert xcom(second, "generate")["reused"] == len(rows) - 1
