@@ -569,26 +569,25 @@ class ArtifactStore:
         to check its sha256).
 
         Within one object store reached through the same connection the copy is made by the service
-        (`reuse="content"` over a catalogue then uploads nothing); elsewhere the bytes are written
-        atomically, as `write_image` does.
+        (`reuse="content"` over a catalogue then uploads nothing); elsewhere `write_image` stores the
+        verified bytes again.
         """
         src = as_path(source)
+        target_dir = as_path(directory)
+        same_store = storage_location(src)[:2] == storage_location(target_dir)[:2]
+        if not (
+            src.protocol == target_dir.protocol and src.protocol in _SERVER_COPY_PROTOCOLS and same_store
+        ):
+            return self.write_image(target_dir, name, payload)
         fmt, width, height = check_image(payload, name, None, None)
-        target = as_path(directory) / _image_name(name, fmt)
-        same_store = storage_location(src)[:2] == storage_location(target)[:2]
-        if src.protocol == target.protocol and src.protocol in _SERVER_COPY_PROTOCOLS and same_store:
-            src.fs.copy(src.path, target.path)
-            size = int(target.fs.info(target.path).get("size", -1))
-            if size != len(payload):
-                raise ZImageStorageError(
-                    f"server-side copy of {src} to {target} holds {size} bytes, expected {len(payload)}"
-                )
-            log.log(
-                self.image_log_level, "Copied %s to %s in the store (%d bytes)", src, target, len(payload)
+        target = target_dir / _image_name(name, fmt)
+        src.fs.copy(src.path, target.path)
+        size = int(target.fs.info(target.path).get("size", -1))
+        if size != len(payload):
+            raise ZImageStorageError(
+                f"server-side copy of {src} to {target} holds {size} bytes, expected {len(payload)}"
             )
-        else:
-            write_bytes_atomic(target, payload)
-            log.log(self.image_log_level, "Copied %s to %s (%d bytes)", src, target, len(payload))
+        log.log(self.image_log_level, "Copied %s to %s in the store (%d bytes)", src, target, len(payload))
         return ImageArtifact.describe(target, payload, fmt, width, height)
 
     def write_manifest(
