@@ -302,7 +302,6 @@ class _BatchRun:
         # delivery="webhook": (public base URL, secret) and the inbox the API server writes to.
         self.webhook = webhook
         self.inbox = BatchInboxWatch(None, op.log) if webhook is not None else None
-        self.poll_interval = protocol.DEFAULT_POLL_INTERVALS["runware"]  # the connection's, once `go` runs
 
     # -- what each request needs ---------------------------------------------------------------------
 
@@ -354,9 +353,9 @@ class _BatchRun:
         if waiting:
             self.log.info("Reattaching to %d submitted task(s) without paying again", len(waiting))
         hook = ZImageHook(self.op.zimage_conn_id)
-        self.poll_interval = protocol.first_poll_interval(self.op.poll_interval, hook.settings.backend)
+        poll_interval = protocol.first_poll_interval(self.op.poll_interval, hook.settings.backend)
         defer_at = time.time() + self.op.defer_after
-        delays = protocol.poll_delays(self.poll_interval, self.op.max_poll_interval)
+        delays = protocol.poll_delays(poll_interval, self.op.max_poll_interval)
         next_poll = 0.0
         errors_in_a_row = 0
         with hook, ThreadPoolExecutor(self.op.download_concurrency) as pool:
@@ -394,7 +393,7 @@ class _BatchRun:
                 if not waiting and not unsent:
                     break
                 if self.op.deferrable and time.time() >= defer_at and waiting:
-                    self._defer(waiting)
+                    self._defer(waiting, poll_interval)
                 pause = next_poll - time.time()
                 if self.inbox is not None:
                     pause = min(pause, self.op.webhook_check_interval)
@@ -578,7 +577,7 @@ class _BatchRun:
             cost,
         )
 
-    def _defer(self, waiting: dict[str, BatchEntry]) -> None:
+    def _defer(self, waiting: dict[str, BatchEntry], poll_interval: float) -> None:
         now = time.time()
         deadline = min((e.submitted_at or now) for e in waiting.values()) + self.op.timeout
         latest = max((e.submitted_at or now) for e in waiting.values())
@@ -589,7 +588,7 @@ class _BatchRun:
                 task_uuids={u: e.expected_results for u, e in waiting.items()},
                 zimage_conn_id=self.op.zimage_conn_id,
                 deadline=deadline,
-                poll_interval=self.poll_interval,
+                poll_interval=poll_interval,
                 max_poll_interval=self.op.max_poll_interval,
                 webhook_inbox=str(default_inbox_path()) if webhook else None,
                 # One grace period for the batch, from its last submission: a few chunks' spread of
