@@ -172,11 +172,14 @@ def get_provider_info() -> dict[str, Any]:
                         "default": None,
                     },
                     "allowed_image_hosts": {
-                        "description": "Comma-separated hosts, besides im.runware.ai and the connection's "
-                        "own host, that result images may be downloaded from (redirects included).",
+                        "description": "Comma-separated origins, besides https://im.runware.ai and the "
+                        "connection's own origin (scheme, host and port of its base URL), that result images "
+                        "may be downloaded from, every redirect hop included. An entry is host (https on 443 "
+                        "only), host:port (https), or http(s)://host[:port]; a bare host never opens its "
+                        "other ports or plain HTTP.",
                         "version_added": "0.2.0",
                         "type": "string",
-                        "example": "images.example.com",
+                        "example": "images.example.com, http://minio.internal:9000",
                         "default": None,
                     },
                     "deferral_settle_seconds": {

@@ -167,6 +167,7 @@ def test_a_redirect_loop_on_an_allowed_origin_fails_instead_of_storing_the_redir
 
 # -- what an origin is -----------------------------------------------------------------------------------
 
+
 def refused(url: str, settings: ConnectionSettings = RUNWARE) -> str:
     with pytest.raises(ZImagePermanentError) as info:
         ZImageHook(settings=settings).download(result(url))
@@ -206,7 +207,8 @@ def test_a_refusal_names_the_origin_but_not_the_query() -> None:
 def test_configured_entries_name_origins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(
         "AIRFLOW__ZIMAGE__ALLOWED_IMAGE_HOSTS",
-        "Images.Example.com, cdn.example.com:8443, http://minio.internal:9000, [::1]:8080, http://[::1]",
+        "Images.Example.com, cdn.example.com:8443, http://minio.internal:9000, [::1]:8080, http://[::1], "
+        "http://zimage_executor:8765",
     )
     origins = {str(o) for o in runware.allowed_image_origins(RUNWARE)}
     assert origins == {
@@ -217,6 +219,7 @@ def test_configured_entries_name_origins(monkeypatch: pytest.MonkeyPatch) -> Non
         "http://minio.internal:9000",
         "https://[::1]:8080",
         "http://[::1]:80",
+        "http://zimage_executor:8765",
     }
 
 
@@ -229,7 +232,8 @@ def test_ipv6_literals_compare_by_address(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.parametrize(
-    "entry", ["images.example.com/path", "ftp://images.example.com", "user@images.example.com", "host:notaport"]
+    "entry",
+    ["images.example.com/path", "ftp://images.example.com", "user@images.example.com", "host:notaport"],
 )
 def test_a_malformed_allowed_image_hosts_entry_is_named(entry: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIRFLOW__ZIMAGE__ALLOWED_IMAGE_HOSTS", entry)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
 import logging
+import re
 import time
 import uuid
 import weakref
@@ -19,7 +21,6 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -396,17 +397,20 @@ class ZImageHook(BaseHook):
             return inline
         url = _require_url(result)
         settings = self.settings
-        hosts = allowed_image_hosts(settings)
+        origins = allowed_image_origins(settings)
         attempt = 0
         while True:
             try:
                 # No Authorization header: image URLs are public and may live on another host.
-                target = check_image_url(url, hosts)
+                target = check_image_url(url, origins)
                 for _ in range(_MAX_REDIRECTS + 1):
                     resp = self.get_conn().get(target)
-                    if not resp.is_redirect:
+                    hop = _redirect_target(resp, origins)
+                    if hop is None:
                         break
-                    target = check_image_url(str(resp.next_request.url), hosts)  # type: ignore[union-attr]
+                    target = hop
+                else:
+                    raise _too_many_redirects()
                 _raise_for_download(resp)
                 return resp.content
             except Exception as exc:
@@ -494,16 +498,19 @@ class ZImageHook(BaseHook):
         url = _require_url(result)
         settings = await self.asettings()
         client = await self.get_async_conn()
-        hosts = allowed_image_hosts(settings)
+        origins = allowed_image_origins(settings)
         attempt = 0
         while True:
             try:
-                target = check_image_url(url, hosts)
+                target = check_image_url(url, origins)
                 for _ in range(_MAX_REDIRECTS + 1):
                     resp = await client.get(target)
-                    if not resp.is_redirect:
+                    hop = _redirect_target(resp, origins)
+                    if hop is None:
                         break
-                    target = check_image_url(str(resp.next_request.url), hosts)  # type: ignore[union-attr]
+                    target = hop
+                else:
+                    raise _too_many_redirects()
                 _raise_for_download(resp)
                 return resp.content
             except Exception as exc:
@@ -564,35 +571,118 @@ def _require_url(result: ImageResult) -> str:
     return result.image_url
 
 
-# Runware serves result images from this host; a connection's own host (a proxy, the test server, a
+# Runware serves result images from this origin; a connection's own origin (a proxy, the test server, a
 # local executor) serves them too. Anything else must be named in `[zimage] allowed_image_hosts`.
-RUNWARE_IMAGE_HOSTS = frozenset({"im.runware.ai"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _MAX_REDIRECTS = 5
+# Labels of letters, digits, "-" and "_" (Docker and Kubernetes service names use "_" too).
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+_ENTRY_FORMS = "host (https on 443), host:port (https), http://host[:port] or https://host[:port]"
 
 
-def allowed_image_hosts(settings: ConnectionSettings) -> frozenset[str]:
+@dataclass(frozen=True)
+class ImageOrigin:
+    """Scheme, host and port: what a download is allowed by. A host alone is not enough, because the
+    same host's other ports (an executor's admin listener, a proxy's internal one) are other services."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def of(cls, url: httpx.URL) -> ImageOrigin:
+        """Compared in one normal form: lower case, ASCII (IDNA) names, compressed IP literals and the
+        scheme's default port written out, so `HTTPS://Host:443` and `https://host` are one origin."""
+        host = url.raw_host.decode("ascii").lower()
+        with contextlib.suppress(ValueError):
+            host = ipaddress.ip_address(host).compressed
+        return cls(url.scheme, host, url.port or _DEFAULT_PORTS.get(url.scheme, 0))
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}" if self.port else f"{self.scheme}://{host}"
+
+
+RUNWARE_IMAGE_ORIGINS = frozenset({ImageOrigin("https", "im.runware.ai", 443)})
+
+
+def allowed_image_origins(settings: ConnectionSettings) -> frozenset[ImageOrigin]:
     """Where a worker may fetch image bytes: a webhook item or a poll answer names the URL, and must not
-    be able to make a worker fetch an internal address (cloud metadata, an admin port)."""
-    hosts = set(RUNWARE_IMAGE_HOSTS)
-    own = urlsplit(settings.base_url).hostname
-    if own:
-        hosts.add(own.lower())
+    be able to make a worker fetch an internal address (cloud metadata, another port of the API host)."""
+    origins = set(RUNWARE_IMAGE_ORIGINS)
+    with contextlib.suppress(httpx.InvalidURL, UnicodeError):
+        own = httpx.URL(settings.base_url)
+        if own.scheme in _DEFAULT_PORTS and own.raw_host:
+            origins.add(ImageOrigin.of(own))
     configured = _conf_value("zimage", "allowed_image_hosts") or ""
-    hosts |= {h.strip().lower() for h in configured.split(",") if h.strip()}
-    return frozenset(hosts)
+    origins |= {_configured_origin(e.strip()) for e in configured.split(",") if e.strip()}
+    return frozenset(origins)
 
 
-def check_image_url(url: str, hosts: frozenset[str]) -> str:
-    """The URL if its host is allowed; refused (permanently: a retry would fetch the same URL) if not."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    if parts.scheme not in ("http", "https") or host not in hosts:
+def _configured_origin(entry: str) -> ImageOrigin:
+    """One `allowed_image_hosts` entry. Without a scheme it means https, and without a port the scheme's
+    default: a bare host opens https on 443 only, never its other ports or plain http."""
+    text = entry
+    if "://" not in text:
+        if text.count(":") > 1 and not text.startswith("["):
+            text = f"[{text}]"  # a bare IPv6 literal
+        text = f"https://{text}"
+    try:
+        url = httpx.URL(text)
+        origin = ImageOrigin.of(url)
+    except (httpx.InvalidURL, UnicodeError):
+        url, origin = None, None
+    if (
+        url is None
+        or origin is None
+        or url.scheme not in _DEFAULT_PORTS
+        or url.userinfo
+        or url.path not in ("", "/")
+        or url.query
+        or url.fragment
+        or not 0 < origin.port < 65536
+        or not (":" in origin.host or _HOST_NAME.fullmatch(origin.host))
+    ):
         raise ZImagePermanentError(
-            f"refusing to download an image from {parts.scheme}://{host or '?'}: only "
-            + ", ".join(sorted(hosts))
-            + " are allowed (add hosts to [zimage] allowed_image_hosts)"
+            f"[zimage] allowed_image_hosts: cannot read the entry {entry!r}; "
+            f"write each entry as {_ENTRY_FORMS}"
         )
-    return url
+    return origin
+
+
+def check_image_url(url: str | httpx.URL, origins: frozenset[ImageOrigin]) -> httpx.URL:
+    """The URL to fetch, parsed by httpx itself so that what is checked is what is fetched; refused
+    (permanently: a retry would fetch the same URL) off the allowed origins. The refusal names the
+    origin only: a path or query may hold a presigned credential."""
+    try:
+        parsed = url if isinstance(url, httpx.URL) else httpx.URL(url)
+        origin = ImageOrigin.of(parsed)
+    except (httpx.InvalidURL, UnicodeError):
+        raise ZImagePermanentError("refusing to download an image from a URL that does not parse") from None
+    if parsed.userinfo:
+        raise ZImagePermanentError(
+            f"refusing to download an image from {origin}: the URL carries userinfo (user:password@), "
+            "which image URLs never need"
+        )
+    if origin.scheme not in _DEFAULT_PORTS or not origin.host or origin not in origins:
+        allowed = ", ".join(sorted(map(str, origins)))
+        raise ZImagePermanentError(
+            f"refusing to download an image from {origin}: only {allowed} are allowed (add the origin, "
+            "with its port, to [zimage] allowed_image_hosts)"
+        )
+    return parsed
+
+
+def _redirect_target(resp: httpx.Response, origins: frozenset[ImageOrigin]) -> httpx.URL | None:
+    """The next hop of a redirect, checked like the first URL (httpx has already resolved a relative
+    Location against the request); None when the answer is not a redirect."""
+    if not resp.is_redirect or resp.next_request is None:
+        return None
+    return check_image_url(resp.next_request.url, origins)
+
+
+def _too_many_redirects() -> ZImagePermanentError:
+    return ZImagePermanentError(f"image download stopped after {_MAX_REDIRECTS} redirects")
 
 
 def _conf_value(section: str, key: str) -> str | None:
