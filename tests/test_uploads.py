@@ -110,11 +110,13 @@ def test_upload_to_storage_refuses_what_one_upload_url_cannot_carry(kwargs, name
         ZImageGenerateOperator(task_id="t", prompt="two images", upload_to_storage=True, **kwargs)
 
 
-def test_a_user_upload_endpoint_is_sent_as_given(zimage_conn, output_dir):
+def test_a_user_upload_endpoint_is_sent_as_given(zimage_conn, output_dir, monkeypatch):
     from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
     from airflow_provider_zimage.testing.runware_server import HTTPSink
 
     with HTTPSink() as sink:
+        # The image is fetched back from the endpoint's origin, which the user allows like any image host.
+        monkeypatch.setenv("AIRFLOW__ZIMAGE__ALLOWED_IMAGE_HOSTS", sink.url)
         endpoint = f"{sink.url}/bucket/image.jpg?signature=abc123"
         op = ZImageGenerateOperator(
             task_id="generate", prompt="own endpoint", output_path=output_dir, upload_endpoint=endpoint
