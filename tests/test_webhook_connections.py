@@ -193,7 +193,7 @@ def test_deliveries_nobody_collects_are_removed_after_the_ttl(webhooks, app_stat
     response = httpx.post(signed_url(webhooks, TASK_A), json=result_item(TASK_A))
     assert response.status_code == 200, response.text
     deadline = time.monotonic() + 10  # the sweep runs after the answer
-    while any(p.exists() for p in stale) and time.monotonic() < deadline:
+    while any(p.parent.exists() for p in stale) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(p.exists() for p in stale)
     fresh = webhooks.stored()
