@@ -66,7 +66,9 @@ async def one_task(mode: str, delay: float, index: int, api: str, inbox: str) ->
     )
     webhook = mode == "webhook"
     if webhook:
-        request = request.model_copy(update={"webhook_url": webhook_url(api, request.task_uuid, SECRET, expires=token_expiry(600))})
+        request = request.model_copy(
+            update={"webhook_url": webhook_url(api, request.task_uuid, SECRET, expires=token_expiry(600))}
+        )
     started = time.perf_counter()
     await ZImageHook().asubmit([request])
     trigger = ZImageTaskTrigger(

@@ -16,7 +16,6 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import urlencode
 
 import httpx
@@ -74,7 +73,9 @@ def two_teams(webhooks: WebhookSetup, monkeypatch: pytest.MonkeyPatch) -> Webhoo
     return webhooks
 
 
-async def outcome_of_waiting_task(setup: WebhookSetup, task_uuid: str, conn_id: str = "zimage_default") -> dict:
+async def outcome_of_waiting_task(
+    setup: WebhookSetup, task_uuid: str, conn_id: str = "zimage_default"
+) -> dict:
     """What a deferred task waiting on the inbox sees within a second (no polling: the grace is long)."""
     trigger = ZImageTaskTrigger(
         task_uuid=task_uuid,
@@ -142,7 +143,9 @@ async def test_a_token_team_b_mints_for_its_own_connection_reaches_only_team_bs_
 
 async def test_each_connections_task_is_woken_by_its_own_connections_webhook(two_teams):
     for conn_id, secret, task in (("zimage_default", SECRET, TASK_A), ("teamb", SECRET_B, TASK_B)):
-        response = httpx.post(signed_url(two_teams, task, secret=secret, conn_id=conn_id), json=result_item(task))
+        response = httpx.post(
+            signed_url(two_teams, task, secret=secret, conn_id=conn_id), json=result_item(task)
+        )
         assert response.status_code == 200, response.text
         event = await outcome_of_waiting_task(two_teams, task, conn_id)
         assert event["outcome"] == "store"
@@ -155,61 +158,66 @@ async def test_each_connections_task_is_woken_by_its_own_connections_webhook(two
 # -- tokens expire --------------------------------------------------------------------------------------
 
 
-def test_an_expired_token_is_refused_while_an_unexpired_one_for_the_same_task_is_accepted(webhooks, caplog):
+def test_an_expired_token_is_refused_while_an_unexpired_one_for_the_same_task_is_accepted(two_teams, caplog):
+    setup = two_teams
     now = int(time.time())
-    expired = signed_url(webhooks, TASK_A, expires=now - 1)
+    expired = signed_url(setup, TASK_A, expires=now - 1)
     with caplog.at_level(logging.INFO, logger="airflow_provider_zimage"):
         response = httpx.post(expired, json=result_item(TASK_A))
     assert response.status_code == 403 and "expired" in response.text
     assert "expired" in caplog.text
-    assert webhooks.stored() == []
+    assert setup.stored() == []
 
     # Moving the expiry in the URL breaks the signature.
     token = v2_token(SECRET, "zimage_default", TASK_A, now - 1)
-    moved = f"{webhooks.api}/zimage/webhooks/{TASK_A}?token={token}&expires={now + 3600}"
+    moved = f"{setup.api}/zimage/webhooks/{TASK_A}?token={token}&expires={now + 3600}"
     assert httpx.post(moved, json=result_item(TASK_A)).status_code == 403
-    assert webhooks.stored() == []
+    assert setup.stored() == []
 
-    assert httpx.post(signed_url(webhooks, TASK_A), json=result_item(TASK_A)).status_code == 200
-    assert len(webhooks.stored()) == 1
+    assert httpx.post(signed_url(setup, TASK_A), json=result_item(TASK_A)).status_code == 200
+    assert len(setup.stored()) == 1
 
 
 # -- what nobody waits for is swept, and one request stores a bounded number of items -------------------
 
 
-def test_deliveries_nobody_collects_are_removed_after_the_ttl(webhooks, app_state, monkeypatch):
+def test_deliveries_nobody_collects_are_removed_after_the_ttl(two_teams, app_state, monkeypatch):
+    setup = two_teams
     monkeypatch.setenv("AIRFLOW__ZIMAGE__WEBHOOK_INBOX_TTL", "3600")
     app_state.inbox_sweep_interval = 0  # sweep on the next delivery, not once in 10 minutes
     two_days_ago = time.time() - 2 * 86400
     stale = [
-        webhooks.inbox / "teamb" / TASK_B / "result-late.json",  # a late or replayed delivery
-        webhooks.inbox / TASK_B / "result-from-0.2.json",  # the layout before connections
+        setup.inbox / "teamb" / TASK_B / "result-late.json",  # a late or replayed delivery
+        setup.inbox / TASK_B / "result-from-0.2.json",  # the layout before connections
     ]
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result_item(TASK_B)))
         os.utime(path, (two_days_ago, two_days_ago))
 
-    response = httpx.post(signed_url(webhooks, TASK_A), json=result_item(TASK_A))
+    response = httpx.post(signed_url(setup, TASK_A), json=result_item(TASK_A))
     assert response.status_code == 200, response.text
     deadline = time.monotonic() + 10  # the sweep runs after the answer
     while any(p.parent.exists() for p in stale) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(p.exists() for p in stale)
-    fresh = webhooks.stored()
+    fresh = setup.stored()
     assert [p.name for p in fresh] == [f"result-{result_item(TASK_A)['imageUUID']}.json"]
-    assert not (webhooks.inbox / TASK_B).exists()  # emptied folders go too
+    assert not (setup.inbox / TASK_B).exists()  # emptied folders go too
+    assert not (setup.inbox / "teamb").exists()
 
 
-def test_one_request_cannot_store_thousands_of_items(webhooks):
+def test_one_request_cannot_store_thousands_of_items(two_teams):
     from airflow_provider_zimage.webhooks.app import MAX_ITEMS_PER_WEBHOOK
 
-    url = signed_url(webhooks, TASK_A)
+    setup = two_teams
+
+    url = signed_url(setup, TASK_A)
     flood = {"data": [result_item(TASK_A, n) for n in range(2000)]}
     response = httpx.post(url, json=flood)
     assert response.status_code == 413
     assert str(MAX_ITEMS_PER_WEBHOOK) in response.text
-    assert webhooks.stored() == []
+    assert setup.stored() == []
 
     most = [result_item(TASK_A, n) for n in range(MAX_ITEMS_PER_WEBHOOK)]
     response = httpx.post(url, json=most)

@@ -76,7 +76,9 @@ class WebhookSetup:
         """The tokens of the webhook URLs the operator sent Runware."""
         from urllib.parse import parse_qs, urlsplit
 
-        urls = [t["webhookURL"] for body in self.server.request_bodies for t in body or [] if t.get("webhookURL")]
+        urls = [
+            t["webhookURL"] for body in self.server.request_bodies for t in body or [] if t.get("webhookURL")
+        ]
         return [parse_qs(urlsplit(u).query)["token"][0] for u in urls]
 
     def stored(self) -> list[Path]:
