@@ -222,3 +222,15 @@ def test_one_request_cannot_store_thousands_of_items(two_teams):
     most = [result_item(TASK_A, n) for n in range(MAX_ITEMS_PER_WEBHOOK)]
     response = httpx.post(url, json=most)
     assert response.status_code == 200 and response.json() == {"stored": MAX_ITEMS_PER_WEBHOOK}
+
+
+def test_the_sweep_reads_object_ages_on_s3_too(moto_s3_server, s3_bucket):
+    from airflow_provider_zimage.inbox import WebhookInbox, sweep
+    from tests.s3_server import MOTO_CONN_ID
+
+    inbox = f"s3://{MOTO_CONN_ID}@{s3_bucket}/inbox"
+    WebhookInbox(inbox, conn_id="teamb").put(TASK_B, {"result-x.json": result_item(TASK_B)})
+    assert sweep(inbox, ttl=3600) == 0  # fresh: kept
+    assert moto_s3_server.list_keys(s3_bucket) != []
+    assert sweep(inbox, ttl=3600, now=time.time() + 7200) == 1
+    assert moto_s3_server.list_keys(s3_bucket) == []

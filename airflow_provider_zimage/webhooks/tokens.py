@@ -92,8 +92,9 @@ def secret_for_connection(conn_id: str) -> str | None:
     """The secret tokens of `conn_id`'s tasks are signed with, as the worker that signed them chose it.
 
     A connection that cannot be read falls back to the configured secret, exactly as the operator
-    does when the connection has no `webhook_secret` extra. Two connections sharing that fallback
-    still cannot post for each other: the connection is part of the signed message.
+    does when the connection has no `webhook_secret` extra. Connections sharing that fallback share
+    trust (its holder can sign for any of them); only a token issued for one cannot be replayed for
+    another, since the connection is part of the signed message.
     """
     from airflow_provider_zimage.hooks.runware import ZImageHook
 
