@@ -197,6 +197,15 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "s3://aws_default@my-bucket/zimage-inbox",
                         "default": None,
                     },
+                    "webhook_inbox_ttl": {
+                        "description": "Seconds after which the webhook plugin removes inbox items that "
+                        "no task collected (late, replayed or unknown deliveries); at least 60, a day when "
+                        "unset.",
+                        "version_added": "0.3.0",
+                        "type": "float",
+                        "example": "86400",
+                        "default": None,
+                    },
                 },
             }
         },

@@ -8,8 +8,15 @@ Object storage is what both reach and what survives them, so an accepted webhook
 Layout, one object per finished item so that Runware's retries and duplicate deliveries overwrite an
 object with identical bytes instead of adding one::
 
-    {inbox}/{taskUUID}/result-{imageUUID}.json
-    {inbox}/{taskUUID}/error-{sha256(code, message)[:16]}.json
+    {inbox}/{conn_id}/{taskUUID}/result-{imageUUID}.json
+    {inbox}/{conn_id}/{taskUUID}/error-{sha256(code, message)[:16]}.json
+
+Each connection has its own part: the API server writes a delivery into the part of the connection
+whose secret checked its token, and a task reads only its own connection's part, so a connection's
+secret can never put results in front of another connection's task (`webhooks.tokens`).
+
+What nobody collects (a late or replayed delivery, a task that gave up) is removed by `sweep` once it
+is older than `[zimage] webhook_inbox_ttl`; the webhook app runs it now and then (`webhooks.app`).
 
 The inbox is `[zimage] webhook_inbox`, by default `file://{AIRFLOW_HOME}/zimage-webhook-inbox`; that
 default only works when the API server and the triggerer share a disk (one machine, or `dag.test()`).
@@ -24,7 +31,9 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Collection, Iterable, Mapping
+from datetime import datetime, timezone
 from typing import Any
 
 from airflow.sdk import ObjectStoragePath
@@ -44,6 +53,8 @@ from airflow_provider_zimage.storage import (
 log = logging.getLogger(__name__)
 
 DEFAULT_INBOX_DIR = "zimage-webhook-inbox"
+DEFAULT_INBOX_TTL = 86400.0
+"""A day: far longer than a delivery waits for its trigger, short enough that junk does not pile up."""
 
 
 class ForeignTaskError(ValueError):
@@ -55,6 +66,76 @@ def default_inbox_path() -> ObjectStoragePath:
     if configured:
         return as_path(configured)
     return as_path(os.path.join(_airflow_home(), DEFAULT_INBOX_DIR))
+
+
+def inbox_ttl() -> float:
+    """`[zimage] webhook_inbox_ttl` in seconds (default a day).
+
+    :raises ValueError: naming the option, for a value that is not a number of seconds of at least 60.
+    """
+    configured = _conf_get("zimage", "webhook_inbox_ttl")
+    if not configured:
+        return DEFAULT_INBOX_TTL
+    try:
+        ttl = float(configured)
+    except ValueError:
+        ttl = -1.0
+    if not ttl >= 60:  # also refuses NaN
+        raise ValueError(f"[zimage] webhook_inbox_ttl must be a number of seconds >= 60 (got {configured!r})")
+    return ttl
+
+
+def _modified(info: Mapping[str, Any]) -> float | None:
+    """Epoch seconds an object was last written, from whichever key its filesystem reports."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+                return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+    return None
+
+
+def sweep(base: ObjectStoragePath | str | None, ttl: float, now: float | None = None) -> int:
+    """Remove every inbox object older than `ttl` seconds (every connection, and the layout of 0.2);
+    returns how many. One recursive listing; on local disks the folders it empties go too.
+
+    Safe beside running tasks: a delivery is read within a few seconds of arriving, and a task whose
+    delivery was removed finishes by polling `getResponse`, as after any lost webhook.
+    """
+    root = default_inbox_path() if base is None else as_path(base)
+    fs = root.fs
+    fs.invalidate_cache(root.path)
+    cutoff = (time.time() if now is None else now) - ttl
+    try:
+        listed = fs.find(root.path, detail=True)
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    parents: set[str] = set()
+    for path, info in listed.items():
+        modified = _modified(info)
+        if modified is None or modified >= cutoff:
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another API server swept it first
+            fs.rm_file(path)
+            removed += 1
+        parents.add(str(path).rstrip("/").rsplit("/", 1)[0])
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        # Object stores have no folders; a local one keeps empty ones unless they are removed.
+        top = str(root.path).rstrip("/")
+        for parent in sorted(parents, key=len, reverse=True):
+            while parent.startswith(top + "/"):
+                try:
+                    os.rmdir(parent)
+                except OSError:  # not empty (or gone): its parents are not empty either
+                    break
+                parent = parent.rsplit("/", 1)[0]
+    return removed
 
 
 def inbox_entries(task_uuid: str, body: Any) -> dict[str, dict[str, Any]]:
@@ -93,8 +174,11 @@ def inbox_entries(task_uuid: str, body: Any) -> dict[str, dict[str, Any]]:
 class WebhookInbox:
     """The inbox on any ObjectStoragePath; see the module docstring for the layout and why."""
 
-    def __init__(self, base: ObjectStoragePath | str | None = None) -> None:
-        self.base = default_inbox_path() if base is None else as_path(base)
+    def __init__(self, base: ObjectStoragePath | str | None = None, *, conn_id: str) -> None:
+        self.root = default_inbox_path() if base is None else as_path(base)
+        self.conn_id = conn_id
+        self.base = self.root / safe_segment(conn_id)
+        """This connection's part of the inbox: everything below reads and writes only there."""
 
     def task_dir(self, task_uuid: str) -> ObjectStoragePath:
         return self.base / safe_segment(task_uuid)
@@ -136,7 +220,8 @@ class WebhookInbox:
         return protocol.parse_response(200, json.dumps({"data": items}).encode())
 
     def listed_tasks(self) -> set[str]:
-        """Names of the task folders the inbox holds, from one listing (cache dropped, as in `names`)."""
+        """Names of the task folders the connection's part holds, from one listing (cache dropped, as in
+        `names`)."""
         fs = self.base.fs
         fs.invalidate_cache(self.base.path)
         try:
@@ -197,8 +282,8 @@ class BatchInboxWatch:
     calls `check` through `asyncio.to_thread`.
     """
 
-    def __init__(self, inbox: str | None, log: logging.Logger | Any) -> None:
-        self.inbox = WebhookInbox(inbox)
+    def __init__(self, inbox: str | None, log: logging.Logger | Any, *, conn_id: str) -> None:
+        self.inbox = WebhookInbox(inbox, conn_id=conn_id)
         self.health = InboxHealth(log)
 
     def check(self, task_uuids: Collection[str]) -> RunwareResponse:

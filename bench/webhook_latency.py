@@ -56,7 +56,7 @@ async def one_task(mode: str, delay: float, index: int, api: str, inbox: str) ->
     from airflow_provider_zimage.hooks.runware import ZImageHook
     from airflow_provider_zimage.models import ImageInferenceRequest
     from airflow_provider_zimage.triggers.task import ZImageTaskTrigger
-    from airflow_provider_zimage.webhooks.tokens import webhook_url
+    from airflow_provider_zimage.webhooks.tokens import token_expiry, webhook_url
 
     request = ImageInferenceRequest.build(
         model="runware:z-image@turbo",
@@ -66,7 +66,9 @@ async def one_task(mode: str, delay: float, index: int, api: str, inbox: str) ->
     )
     webhook = mode == "webhook"
     if webhook:
-        request = request.model_copy(update={"webhook_url": webhook_url(api, request.task_uuid, SECRET)})
+        request = request.model_copy(
+            update={"webhook_url": webhook_url(api, request.task_uuid, SECRET, expires=token_expiry(600))}
+        )
     started = time.perf_counter()
     await ZImageHook().asubmit([request])
     trigger = ZImageTaskTrigger(

@@ -10,12 +10,13 @@ import logging
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from airflow_provider_zimage.compat import AirflowFailException
 from airflow_provider_zimage.operators.batch import read_manifest_entries
-from airflow_provider_zimage.webhooks.tokens import webhook_token
+from airflow_provider_zimage.webhooks.tokens import TOKEN_GRACE_SECONDS, webhook_token
 from tests.conftest import zimage_connection_json
 from tests.dagtest import FakeTI, run_dag, task_states
 from tests.test_batch import batch, one_submission_each, rows, run_try
@@ -100,14 +101,18 @@ def test_a_deferred_batch_is_woken_by_webhooks_without_polling(wh, output_dir, c
     sent = [t for body in wh.server.request_bodies for t in body or [] if t.get("webhookURL")]
     assert len(sent) == 25
     for item in sent:
-        token = webhook_token(SECRET, item["taskUUID"])
-        assert item["webhookURL"] == f"{wh.api}/zimage/webhooks/{item['taskUUID']}?token={token}"
+        url = urlsplit(item["webhookURL"])
+        assert f"{url.scheme}://{url.netloc}{url.path}" == f"{wh.api}/zimage/webhooks/{item['taskUUID']}"
+        query = parse_qs(url.query)
+        expires = int(query["expires"][0])
+        assert time.time() + 3600 < expires < time.time() + 3600 + TOKEN_GRACE_SECONDS + 60  # timeout 3600
+        assert query["token"] == [webhook_token(SECRET, "zimage_default", item["taskUUID"], expires)]
 
     # The secret and the tokens stay out of logs, the XCom summary and the manifest.
     logs = caplog.text + "".join(capfd.readouterr())
     assert f"Runware will POST the results to {wh.api}/zimage/webhooks/<taskUUID>" in logs
     manifest = Path(got["summary"]["manifest_uri"].removeprefix("file://")).read_text()
-    tokens = [webhook_token(SECRET, t["taskUUID"]) for t in sent]
+    tokens = wh.sent_tokens()
     for text in (logs, json.dumps(got), manifest):
         assert SECRET not in text
         assert not any(token in text for token in tokens)

@@ -5,6 +5,8 @@ uvicorn on loopback, with the Runware test server POSTing real webhooks to the U
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import threading
@@ -21,7 +23,7 @@ from airflow_provider_zimage.inbox import WebhookInbox
 from airflow_provider_zimage.models import ImageInferenceRequest
 from airflow_provider_zimage.testing.runware_server.server import RunwareTestServer
 from airflow_provider_zimage.triggers.task import ZImageTaskTrigger
-from airflow_provider_zimage.webhooks.tokens import webhook_token
+from airflow_provider_zimage.webhooks.tokens import token_expiry, webhook_token, webhook_url
 from tests.conftest import zimage_connection_json
 from tests.dagtest import FakeTI, run_dag, task_states
 from tests.test_operator_dag import MAPPED_DAG
@@ -65,6 +67,19 @@ class WebhookSetup:
     def url(self, task_uuid: str, token: str | None = None) -> str:
         query = "" if token is None else f"?token={token}"
         return f"{self.api}/zimage/webhooks/{task_uuid}{query}"
+
+    def signed(self, task_uuid: str, secret: str = SECRET, conn_id: str = "zimage_default") -> str:
+        """The URL an operator of `conn_id` would send Runware, signed with `secret`."""
+        return webhook_url(self.api, task_uuid, secret, conn_id, expires=token_expiry(600))
+
+    def sent_tokens(self) -> list[str]:
+        """The tokens of the webhook URLs the operator sent Runware."""
+        from urllib.parse import parse_qs, urlsplit
+
+        urls = [
+            t["webhookURL"] for body in self.server.request_bodies for t in body or [] if t.get("webhookURL")
+        ]
+        return [parse_qs(urlsplit(u).query)["token"][0] for u in urls]
 
     def stored(self) -> list[Path]:
         return sorted(p for p in self.inbox.rglob("*") if p.is_file())
@@ -131,7 +146,8 @@ def test_a_webhook_wakes_the_deferred_task_without_polling(webhooks, output_dir,
     assert webhooks.stored() == []  # the inbox is cleared once the images are stored
 
     # The secret and the per-task tokens stay out of logs (task logs go to stdout), XCom and manifests.
-    tokens = [webhook_token(SECRET, e["task_uuid"]) for e in collected]
+    tokens = webhooks.sent_tokens()
+    assert len(tokens) == 3
     logs = caplog.text + "".join(capfd.readouterr())
     assert f"Runware will POST the results to {webhooks.api}/zimage/webhooks/" in logs
     manifests = "".join(p.read_text() for p in root.rglob("manifest.json"))
@@ -226,6 +242,7 @@ def small_body_limit() -> Iterator[int]:
         ("forged token", 403),
         ("token of another task", 403),
         ("token under another secret", 403),
+        ("token of 0.2, without expiry", 403),
         ("oversized body", 413),
         ("oversized body, no length", 413),
         ("malformed JSON", 400),
@@ -234,17 +251,20 @@ def small_body_limit() -> Iterator[int]:
     ],
 )
 def test_refused_webhooks_store_nothing(webhooks, small_body_limit, case, status):
-    token = webhook_token(SECRET, TASK)
+    expires = token_expiry(600)
+    token = webhook_token(SECRET, "zimage_default", TASK, expires)
     body: bytes | Iterator[bytes] = json.dumps(ITEM).encode()
-    url = webhooks.url(TASK, token)
+    url = f"{webhooks.url(TASK, token)}&expires={expires}"
     if case == "no token":
         url = webhooks.url(TASK)
     elif case == "forged token":
-        url = webhooks.url(TASK, "0" * 64)
+        url = f"{webhooks.url(TASK, '0' * 64)}&expires={expires}"
     elif case == "token of another task":
-        url = webhooks.url(TASK, webhook_token(SECRET, OTHER))
+        url = webhooks.signed(OTHER).replace(OTHER, TASK)
     elif case == "token under another secret":
-        url = webhooks.url(TASK, webhook_token("not-the-secret", TASK))
+        url = webhooks.signed(TASK, secret="not-the-secret")
+    elif case == "token of 0.2, without expiry":
+        url = webhooks.url(TASK, hmac.new(SECRET.encode(), TASK.encode(), hashlib.sha256).hexdigest())
     elif case == "oversized body":
         body = json.dumps({**ITEM, "pad": "x" * small_body_limit}).encode()
     elif case == "oversized body, no length":
@@ -263,7 +283,7 @@ def test_refused_webhooks_store_nothing(webhooks, small_body_limit, case, status
 
 
 def test_duplicate_deliveries_in_either_shape_are_stored_once(webhooks):
-    url = webhooks.url(TASK, webhook_token(SECRET, TASK))
+    url = webhooks.signed(TASK)
     item = {**ITEM, "imageURL": "https://im.runware.ai/x.jpg", "seed": 7, "cost": 0.0013, "status": "success"}
     error = {"taskUUID": TASK, "code": "uploadFailed", "message": "the upload failed"}
     bodies = [
@@ -280,7 +300,7 @@ def test_duplicate_deliveries_in_either_shape_are_stored_once(webhooks):
     names = [p.name for p in webhooks.stored()]  # one result, one error, however often and however sent
     assert len(names) == 2
     assert f"result-{ITEM['imageUUID']}.json" in names and any(n.startswith("error-") for n in names)
-    inbox = WebhookInbox(f"file://{webhooks.inbox}")
+    inbox = WebhookInbox(f"file://{webhooks.inbox}", conn_id="zimage_default")
     response = inbox.read(TASK, inbox.names(TASK))
     assert [r.image_uuid for r in response.results] == [ITEM["imageUUID"]]
     assert response.results[0].seed == 7
@@ -290,8 +310,8 @@ def test_duplicate_deliveries_in_either_shape_are_stored_once(webhooks):
 def test_a_webhook_for_a_connection_with_its_own_secret(webhooks, monkeypatch):
     other = zimage_connection_json(webhooks.server, webhook_secret="another-secret-42")
     monkeypatch.setenv("AIRFLOW_CONN_ZIMAGE_OTHER", other)
-    good = f"{webhooks.url(TASK, webhook_token('another-secret-42', TASK))}&conn_id=zimage_other"
-    under_default = f"{webhooks.url(TASK, webhook_token(SECRET, TASK))}&conn_id=zimage_other"
+    good = webhooks.signed(TASK, secret="another-secret-42", conn_id="zimage_other")
+    under_default = webhooks.signed(TASK, secret=SECRET, conn_id="zimage_other")
     assert httpx.post(under_default, json=ITEM).status_code == 403
     assert httpx.post(good, json=ITEM).status_code == 200
     assert len(webhooks.stored()) == 1
@@ -307,9 +327,8 @@ async def test_partial_webhooks_and_polls_merge_into_one_set_of_results(webhooks
     await asyncio.to_thread(server.wait_idle)
     polled = await ZImageHook().aget_response(req.task_uuid)
     one = polled.results[0].model_dump(by_alias=True, exclude_none=True)
-    token = webhook_token(SECRET, req.task_uuid)
     async with httpx.AsyncClient() as client:
-        response = await client.post(webhooks.url(req.task_uuid, token), json={**one, "status": "success"})
+        response = await client.post(webhooks.signed(req.task_uuid), json={**one, "status": "success"})
     assert response.status_code == 200
     polls_before = server.stats["get_response_polls"]
 
@@ -386,8 +405,7 @@ async def test_an_inbox_on_s3_carries_webhooks_from_the_api_server_to_the_trigge
     inbox = f"s3://{MOTO_CONN_ID}@{s3_bucket}/inbox"
     monkeypatch.setenv("AIRFLOW__ZIMAGE__WEBHOOK_INBOX", inbox)
     req = request("an s3 inbox")
-    token = webhook_token(SECRET, req.task_uuid)
-    url = webhooks.url(req.task_uuid, token)
+    url = webhooks.signed(req.task_uuid)
     await ZImageHook().asubmit([req.model_copy(update={"webhook_url": url})])
     await asyncio.to_thread(webhooks.server.wait_idle)
     assert webhooks.server.stats["webhook_deliveries"] == 1
@@ -402,5 +420,5 @@ async def test_an_inbox_on_s3_carries_webhooks_from_the_api_server_to_the_trigge
     events = [event async for event in trigger.run()]  # S3 calls from inside the running loop
     assert events[0].payload["outcome"] == "store"
     assert webhooks.server.stats["get_response_polls"] == 0
-    await asyncio.to_thread(WebhookInbox(inbox).discard, req.task_uuid)
+    await asyncio.to_thread(WebhookInbox(inbox, conn_id="zimage_default").discard, req.task_uuid)
     assert moto_s3_server.list_keys(s3_bucket) == []

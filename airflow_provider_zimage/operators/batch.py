@@ -61,7 +61,7 @@ from airflow_provider_zimage.redaction import redact_urls
 from airflow_provider_zimage.state import job_fingerprint
 from airflow_provider_zimage.storage import ArtifactStore, as_path, default_output_path, read_json, verify
 from airflow_provider_zimage.triggers.batch import POLL_BATCH, ZImageBatchTrigger, split_by_task
-from airflow_provider_zimage.webhooks.tokens import webhook_url
+from airflow_provider_zimage.webhooks.tokens import token_expiry, webhook_url
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -301,7 +301,7 @@ class _BatchRun:
         self._hooks: list[ZImageHook] = []
         # delivery="webhook": (public base URL, secret) and the inbox the API server writes to.
         self.webhook = webhook
-        self.inbox = BatchInboxWatch(None, op.log) if webhook is not None else None
+        self.inbox = BatchInboxWatch(None, op.log, conn_id=op.zimage_conn_id) if webhook is not None else None
 
     # -- what each request needs ---------------------------------------------------------------------
 
@@ -448,7 +448,10 @@ class _BatchRun:
         update: dict[str, Any] = {"task_uuid": task_uuid}
         if self.webhook is not None:
             base_url, secret = self.webhook
-            update["webhook_url"] = webhook_url(base_url, task_uuid, secret, self.op.zimage_conn_id)
+            expires = token_expiry(self.op.timeout)
+            update["webhook_url"] = webhook_url(
+                base_url, task_uuid, secret, self.op.zimage_conn_id, expires=expires
+            )
         return update
 
     def _poll(self, hook: ZImageHook, uuids: list[str]) -> RunwareResponse:

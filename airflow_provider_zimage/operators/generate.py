@@ -37,7 +37,7 @@ from airflow_provider_zimage.storage import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
 from airflow_provider_zimage.uploads import S3_PROTOCOLS, presign_put, store_uploaded, upload_target
 from airflow_provider_zimage.waiting import end_try, stored_later, wait_in_process
-from airflow_provider_zimage.webhooks.tokens import configured_secret, webhook_url
+from airflow_provider_zimage.webhooks.tokens import configured_secret, token_expiry, webhook_url
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -593,7 +593,8 @@ class ZImageGenerateOperator(BaseOperator):
             update: dict[str, Any] = {}
             credentials: list[str] = []
             if base_url is not None and secret is not None:
-                url = webhook_url(base_url, request.task_uuid, secret, self.zimage_conn_id)
+                expires = token_expiry(self.timeout)
+                url = webhook_url(base_url, request.task_uuid, secret, self.zimage_conn_id, expires=expires)
                 credentials += query_secrets(url)
                 update["webhook_url"] = url
                 self.log.info("Runware will POST the results to %s", without_query(url))
@@ -639,7 +640,7 @@ class ZImageGenerateOperator(BaseOperator):
         if self.delivery != "webhook":
             return
         try:
-            WebhookInbox().discard(task_uuid)
+            WebhookInbox(conn_id=self.zimage_conn_id).discard(task_uuid)
         except Exception as exc:  # leftovers are a few small files, not a reason to fail a paid task
             self.log.warning("Could not clear the webhook inbox of task %s: %s", task_uuid, exc)
 

@@ -82,7 +82,8 @@ class ZImageBatchTrigger(BaseTrigger):
 
     :param task_uuids: taskUUID -> expected results.
     :param deadline: epoch seconds; the event then lists what finished and the worker decides.
-    :param webhook_inbox: URI of the webhook inbox to watch; None polls only.
+    :param webhook_inbox: URI of the webhook inbox to watch (only `zimage_conn_id`'s part of it); None
+        polls only.
     :param poll_after: epoch seconds before which `getResponse` is not called (the webhook grace
         period); 0 polls at once.
     :param inbox_interval: seconds between two looks at the inbox.
@@ -138,7 +139,11 @@ class ZImageBatchTrigger(BaseTrigger):
         waits = {u: TaskWait(u, n) for u, n in self.task_uuids.items()}
         finished: dict[str, str] = {}
         delays = protocol.poll_delays(self.poll_interval, self.max_poll_interval)
-        watch = BatchInboxWatch(self.webhook_inbox, self.log) if self.webhook_inbox else None
+        watch = (
+            BatchInboxWatch(self.webhook_inbox, self.log, conn_id=self.zimage_conn_id)
+            if self.webhook_inbox
+            else None
+        )
         next_poll = self.poll_after
         errors_in_a_row = 0
         reported = -1

@@ -93,7 +93,8 @@ class ZImageTaskTrigger(BaseTrigger):
     :param poll_interval: first wait between polls; grows by 1.5x up to `max_poll_interval`.
     :param max_consecutive_errors: failed polls in a row (each already retried by the hook) tolerated
         before the try ends; the next try reattaches.
-    :param webhook_inbox: URI of the webhook inbox to watch; None for polling only.
+    :param webhook_inbox: URI of the webhook inbox to watch (only `zimage_conn_id`'s part of it); None
+        for polling only.
     :param poll_after: epoch seconds before which `getResponse` is not called (the webhook grace
         period); 0 polls at once.
     :param inbox_interval: seconds between two looks at the inbox.
@@ -157,7 +158,11 @@ class ZImageTaskTrigger(BaseTrigger):
             self.task_uuid, self.expected_results, max_consecutive_errors=self.max_consecutive_errors
         )
         delays = protocol.poll_delays(self.poll_interval, self.max_poll_interval)
-        watch = _InboxWatch(self.webhook_inbox, self.task_uuid, self.log) if self.webhook_inbox else None
+        watch = (
+            _InboxWatch(self.webhook_inbox, self.zimage_conn_id, self.task_uuid, self.log)
+            if self.webhook_inbox
+            else None
+        )
         next_poll = self.poll_after
         async with loop_clients():
             while True:
@@ -189,19 +194,23 @@ class ZImageTaskTrigger(BaseTrigger):
 class _InboxWatch:
     """The trigger's view of one task's inbox folder: lists it, reads only items not read before.
 
+    Only the folder in the task's own connection's part of the inbox: what was delivered under another
+    connection's secret is never read here, whatever taskUUID it names.
+
     A failing inbox is reported when it starts and stops failing, not on every look, and never ends
     the wait: polling after the grace period still finds the results.
     """
 
-    def __init__(self, inbox: str, task_uuid: str, log: Any) -> None:
+    def __init__(self, inbox: str, conn_id: str, task_uuid: str, log: Any) -> None:
         self.inbox = inbox
+        self.conn_id = conn_id
         self.task_uuid = task_uuid
         self.log = log
         self.seen: set[str] = set()
         self.health = InboxHealth(log)
 
     def _collect(self) -> tuple[set[str], RunwareResponse]:
-        inbox = WebhookInbox(self.inbox)
+        inbox = WebhookInbox(self.inbox, conn_id=self.conn_id)
         new = inbox.names(self.task_uuid) - self.seen
         return new, inbox.read(self.task_uuid, new) if new else RunwareResponse()
 

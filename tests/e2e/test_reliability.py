@@ -639,8 +639,6 @@ def test_7_secrets_never_leave_the_connection(deployment: Deployment, results: R
     Runs last, so it searches what every scenario above left, plus its own error paths (Runware refusing
     the key, Runware failing a task).
     """
-    from airflow_provider_zimage.webhooks.tokens import webhook_token
-
     assert deployment.control is not None
     fresh_server(deployment)
     deployment.control.faults({"queue": [{"status": 401, "task_type": "imageInference", "times": 1}]})
@@ -661,17 +659,9 @@ def test_7_secrets_never_leave_the_connection(deployment: Deployment, results: R
         "executor token": deployment.executor_token,
     }
     # Per-task webhook tokens are credentials too (each one authorises posting results for its task).
-    task_uuids: set[str | None] = set()
-    for path in deployment.artifacts.rglob("manifest.json"):
-        manifest = json.loads(path.read_text())
-        task_uuids.add(manifest.get("task_uuid"))
-        # A batch manifest names a taskUUID per image and per failed request.
-        listed = [*(manifest.get("images") or []), *(manifest.get("failed") or [])]
-        task_uuids |= {i.get("task_uuid") for i in listed}
-    tokens = {
-        f"webhook token of {u}": webhook_token(deployment.config.webhook_secret, u) for u in task_uuids if u
-    }
-    hits = find_literals(texts, {**secrets, **tokens})
+    # They sign an expiry chosen at submission, so they cannot be recomputed here: look for any token.
+    hits = find_literals(texts, secrets)
+    hits += [f"{where}: a webhook token" for where, t in texts.items() if re.search(r"token=[0-9a-f]{64}", t)]
     assert not hits, "secrets found:\n" + "\n".join(hits[:30])
     results.record(
         out.row(
@@ -682,7 +672,7 @@ def test_7_secrets_never_leave_the_connection(deployment: Deployment, results: R
             1,
             texts_searched=len(texts),
             megabytes_searched=round(sum(len(t) for t in texts.values()) / 1e6, 1),
-            literals_searched=len(secrets) + len(tokens),
+            literals_searched=len(secrets),
             secrets_found=len(hits),
         )
     )
