@@ -498,7 +498,9 @@ class ZImageGenerateOperator(BaseOperator):
         except ZImagePermanentError as exc:
             raise AirflowFailException(str(exc)) from None
         except ZImageError as exc:
-            raise AirflowException(f"submitting to Runware failed, Airflow may retry: {exc}") from None
+            raise AirflowException(
+                f"submitting the {job.task_kind} failed, Airflow may retry: {exc}"
+            ) from None
         if not self.wait_for_completion:
             return submission.task_uuid
 
@@ -692,6 +694,10 @@ class ZImageGenerateOperator(BaseOperator):
 
     def _finish(self, context: Context, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self._emit_asset_events(context, images)
+        from airflow_provider_zimage.ui.links import images_tab_url
+
+        ref = TaskInstanceRef.from_context(context)  # ids and `[api] base_url` only: nothing secret
+        self.log.info("Images tab: %s", images_tab_url(ref.dag_id, ref.run_id, ref.task_id, ref.map_index))
         return images
 
     def _emit_asset_events(self, context: Context, images: list[dict[str, Any]]) -> None:
