@@ -365,6 +365,22 @@ def test_the_extra_link_opens_the_images_tab_for_any_store_without_reading_xcom(
     assert images_tab_url("d", "r") == "https://airflow.example.com/dags/d/runs/r/plugin/zimage-images"
 
 
+def test_an_extra_link_stored_by_a_run_still_opens_when_the_ui_moves_to_another_port(monkeypatch):
+    """Airflow stores the link when the task ends; `make demo` and `make demo-ui` may use other ports."""
+    from airflow_provider_zimage.operators.generate import ZImageGenerateOperator, ZImageImageLink
+
+    class Key:
+        dag_id, run_id, task_id, map_index = "shop", "r", "generate", -1
+
+    op = ZImageGenerateOperator(task_id="generate", prompt="a lighthouse")
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "http://127.0.0.1:8080")
+    stored = ZImageImageLink().get_link(op, ti_key=Key())
+    assert stored == "/dags/shop/runs/r/tasks/generate/plugin/zimage-task-images"  # no host, no port
+    # Behind a proxy below a path, the path stays: the UI resolves the link against its own origin.
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com/team-a/")
+    assert ZImageImageLink().get_link(op, ti_key=Key()) == f"/team-a{stored}"
+
+
 def test_mapped_instances_are_labelled_by_the_start_of_their_prompt():
     import jinja2
 
