@@ -84,7 +84,8 @@ e2e-distributed-packages:
 demo: install
 	$(PY) scripts/demo.py
 
-# The Airflow UI of the last `make demo` on http://127.0.0.1:8080 (ZIMAGE_DEMO_PORT), no login, until Ctrl-C:
+# The Airflow UI of the last `make demo` on http://127.0.0.1:8080 (ZIMAGE_DEMO_PORT, read every time), no
+# login, until Ctrl-C; the task logs of the demo are in its Logs tab:
 # the Images tab URL that `make demo` printed opens there.
 demo-ui: install
 	$(PY) scripts/demo.py --ui

@@ -74,6 +74,13 @@ class GenerationJob:
         self.ledgers = LedgerStore(self.directory)
 
     @property
+    def task_kind(self) -> str:
+        """What the log calls a submission: a user looking for it must know which service to ask."""
+        return {"executor": "zimage-executor task", "local": "in-process job"}.get(
+            self.backend, "Runware task"
+        )
+
+    @property
     def expected_results(self) -> int:
         return self.request.number_results or 1
 
@@ -110,19 +117,20 @@ class GenerationJob:
         """
         ledger = self._ledger()
         submission = ledger.new_submission(self.fingerprint, self.expected_results)
+        kind = self.task_kind
         if submission.status == "submitted":
             log.info(
-                "Reattaching to Runware task %s (generation %d)", submission.task_uuid, submission.generation
+                "Reattaching to %s %s (generation %d)", kind, submission.task_uuid, submission.generation
             )
             return submission
         if submission.status == "intent" and submission.fingerprint in ledger.submissions:
-            log.info("Re-sending Runware task %s after an interrupted submit", submission.task_uuid)
+            log.info("Re-sending %s %s after an interrupted submit", kind, submission.task_uuid)
         ledger.record(submission, "intent")
         self.ledgers.save(ledger)
         send(self.request_for(submission))
         ledger.record(submission, "submitted")
         self.ledgers.save(ledger)
-        log.info("Submitted Runware task %s (generation %d)", submission.task_uuid, submission.generation)
+        log.info("Submitted %s %s (generation %d)", kind, submission.task_uuid, submission.generation)
         return submission
 
     def request_for(self, submission: Submission) -> ImageInferenceRequest:

@@ -22,8 +22,14 @@ generates again; the folders of earlier runs stay next to it until `make clean`.
 
 It ends with the URL of the content pipeline run's Images tab (the provider's plugin view in the Airflow
 UI). `make demo-ui` (`scripts/demo.py --ui`) serves that page: it starts `airflow api-server` on
-127.0.0.1:8080 (ZIMAGE_DEMO_PORT) over the same home and output folder, with the simple auth manager
-letting everyone in as admin (a throwaway, loopback-only Airflow), until Ctrl-C.
+127.0.0.1:8080 (ZIMAGE_DEMO_PORT, read each time `make demo-ui` starts, whatever port the demo itself
+ran with) over the same home and output folder, with the simple auth manager letting everyone in as admin
+(a throwaway, loopback-only Airflow), until Ctrl-C.
+
+`airflow dags test` runs every task in its own process and prints the task logs instead of writing log
+files, so the UI's Logs tab would have nothing to read. The demo echoes that output and also writes each
+task attempt's lines (between dag.test()'s "[DAG TEST] starting" and "end task" lines) as JSON log lines
+to the file Airflow's log reader opens for it: `[logging] base_log_folder` / `log_filename_template`.
 """
 
 from __future__ import annotations
@@ -32,14 +38,17 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / ".demo"
@@ -121,8 +130,16 @@ def choose_backend(env: Mapping[str, str], tiny_model_dir: Path) -> Backend:
 
 
 def ui_url(env: Mapping[str, str]) -> str:
-    """Where `make demo-ui` serves the Airflow UI (loopback only)."""
-    return f"http://127.0.0.1:{int(env.get('ZIMAGE_DEMO_PORT', '').strip() or 8080)}"
+    """Where `make demo-ui` serves the Airflow UI (loopback only): ZIMAGE_DEMO_PORT, default 8080."""
+    raw = env.get("ZIMAGE_DEMO_PORT", "").strip() or "8080"
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise SystemExit(f"ZIMAGE_DEMO_PORT must be a port number between 1 and 65535 (got {raw!r})")
+    return f"http://127.0.0.1:{int(raw)}"
+
+
+def rebase(url: str, base: str) -> str:
+    """`url` on the scheme, host and port of `base`: a URL the demo printed, for today's `make demo-ui`."""
+    return base.rstrip("/") + urlsplit(url)._replace(scheme="", netloc="").geturl()
 
 
 def airflow_env(backend: Backend, home: Path, output: Path, base: Mapping[str, str]) -> dict[str, str]:
@@ -165,6 +182,75 @@ def images_tab(env: Mapping[str, str], manifest: Mapping[str, Any]) -> str:
 
 def banner(text: str) -> None:
     print(f"\n{'=' * 100}\n{text}\n{'=' * 100}", flush=True)
+
+
+_TASK_START = re.compile(r"\[DAG TEST\] starting task_id=(?P<task>\S+) map_index=(?P<index>-?\d+)")
+_TASK_END = re.compile(r"\[DAG TEST\] end task task_id=\S+ map_index=-?\d+")
+_CONSOLE_LINE = re.compile(
+    r"^(?P<timestamp>\d{4}-\d\d-\d\dT[\d:.]+Z?) \[(?P<level>[a-z]+)\s*\] (?P<event>.*)$"
+)
+
+
+def _log_record(line: str) -> str:
+    """One printed line as the JSON line Airflow's log reader parses (level and time when it has them)."""
+    found = _CONSOLE_LINE.match(line)
+    if found is None:
+        return json.dumps({"event": line})
+    return json.dumps({"timestamp": found["timestamp"], "level": found["level"], "event": found["event"]})
+
+
+def write_task_logs(
+    lines: Iterable[str], dag_id: str, run_id: str, folder: Path, template: str
+) -> list[Path]:
+    """Each task attempt's lines of an `airflow dags test` transcript, in the file the UI reads for it.
+
+    dag.test() runs task instances one after the other and frames each attempt (deferrals included)
+    with "[DAG TEST] starting task_id=... map_index=..." and "... end task ...": the lines in between
+    are that attempt's log; the n-th frame of a task instance is its attempt n.
+    """
+    import jinja2
+
+    attempts: dict[tuple[str, int], int] = {}
+    logs: dict[Path, list[str]] = {}
+    current: list[str] | None = None
+    root = folder.resolve()
+    for line in lines:
+        if start := _TASK_START.search(line):
+            key = (start["task"], int(start["index"]))
+            attempts[key] = attempt = attempts.get(key, 0) + 1
+            ti = SimpleNamespace(
+                dag_id=dag_id, run_id=run_id, task_id=key[0], map_index=key[1], try_number=attempt
+            )
+            name = jinja2.Template(template).render(ti=ti, try_number=attempt)
+            path = (folder / name).resolve()
+            if not path.is_relative_to(root):
+                raise SystemExit(f"demo failed: log file {name!r} would be outside {folder}")
+            current = logs.setdefault(path, [])
+        if current is not None:
+            current.append(_log_record(line))
+        if _TASK_END.search(line):
+            current = None
+    for path, records in logs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{record}\n" for record in records))
+    return list(logs)
+
+
+def dags_test(dag_id: str, env: Mapping[str, str]) -> list[str]:
+    """`airflow dags test DAG_ID`, its output shown as it comes and returned (for `write_task_logs`)."""
+    command = [sys.executable, "-m", "airflow", "dags", "test", dag_id]
+    lines = []
+    with subprocess.Popen(
+        command, env=dict(env), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(line)
+            lines.append(line.rstrip("\n"))
+    if process.returncode != 0:
+        raise SystemExit(f"demo failed: `airflow dags test {dag_id}` exited with {process.returncode}")
+    sys.stdout.flush()
+    return lines
 
 
 def airflow(args: list[str], env: Mapping[str, str], *, quiet: bool = False) -> None:
@@ -264,9 +350,11 @@ def serve_last_run() -> int:
     last = json.loads(LAST_RUN.read_text())
     env = dict(os.environ)
     env.update(last["env"])
-    return serve_ui(
-        env, Path(last["env"]["AIRFLOW_HOME"]), [f"Images tab of the last demo run: {last['images_tab']}"]
-    )
+    # Today's ZIMAGE_DEMO_PORT, not the one the demo ran with (last-run.json remembers that one).
+    env["AIRFLOW__API__BASE_URL"] = ui_url(os.environ)
+    tab = rebase(last["images_tab"], env["AIRFLOW__API__BASE_URL"])
+    urls = [f"Images tab of the last demo run: {tab}", "Task logs: its Logs tab, from any task of that run."]
+    return serve_ui(env, Path(last["env"]["AIRFLOW_HOME"]), urls)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,12 +413,18 @@ def _run(
     pools_file.write_text(json.dumps(POOLS))
     airflow(["pools", "import", str(pools_file)], env, quiet=True)
 
-    runs = {}
+    from airflow.configuration import conf
+
+    logs = Path(conf.get("logging", "base_log_folder"))
+    log_template = conf.get("logging", "log_filename_template")
+    runs, task_logs = {}, 0
     for dag_id in DEMO_DAGS:
         banner(f"airflow dags test {dag_id}")
         before = run_folders(output, dag_id)
-        airflow(["dags", "test", dag_id], env)
+        transcript = dags_test(dag_id, env)
         runs[dag_id] = new_run_folder(output, dag_id, before)
+        run_id = json.loads(next(runs[dag_id].rglob("manifest.json")).read_text())["run_id"]
+        task_logs += len(write_task_logs(transcript, dag_id, run_id, logs, log_template))
 
     found = check_outputs(runs["zimage_quickstart"], runs["zimage_content_pipeline"])
     manifest = json.loads(found["quickstart manifest"].read_text())
@@ -343,6 +437,7 @@ def _run(
         f"Images ({len(images)}):        {found['images']}/<map index>/",
         f"Contact sheet:     {found['contact sheet']}",
         f"Gallery:           {found['gallery']}",
+        f"Task logs ({task_logs}):    {logs} (the UI's Logs tab reads them)",
     ]
     if executor is not None:
         health = executor.health()
@@ -362,7 +457,8 @@ def _run(
     LAST_RUN.write_text(json.dumps({"images_tab": tab, "env": {k: env[k] for k in keep}}, indent=2))
     lines += [
         f"Images tab:        {tab}",
-        "                   (the run's images and cost in the Airflow UI: `make demo-ui` serves it)",
+        "                   (the run's images and cost in the Airflow UI: `make demo-ui` serves it; "
+        "ZIMAGE_DEMO_PORT=... make demo-ui serves it on another port)",
     ]
     banner("\n".join(lines))
     return 0

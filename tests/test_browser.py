@@ -241,3 +241,38 @@ def test_mapped_instances_show_their_sku_labels(airflow):
         line.split(",")[0] for line in (REPO / "dags/data/products.csv").read_text().splitlines()[1:]
     )
     assert labels == skus
+
+
+def test_page_two_of_a_mapped_task_instance_opens_from_its_pager_and_a_missing_file_is_a_page(
+    airflow, browser_binary
+):
+    from airflow_provider_zimage.storage import ArtifactStore
+    from tests.test_ui import write_task
+
+    run_id = manifests(airflow)[0]["run_id"]
+    write_task(
+        ArtifactStore(airflow.output.as_uri()), DAG_ID, "many", 7, 150, run_id=run_id, real_images=False
+    )
+    frame = f"{airflow.url}/zimage/ui/dags/{DAG_ID}/runs/{quote(run_id, safe='')}"
+    with chromium(browser_binary) as open_page:
+        page = open_page()
+        page.call("Network.setCookie", name="_token", value=airflow.token(), url=airflow.url, httpOnly=True)
+        page.goto(f"{frame}/tasks/many?map_index=7")
+        page.wait_for("!!document.querySelector('.where')", what="page 1 of the mapped instance")
+        page.evaluate(
+            "[...document.querySelectorAll('nav.pages a')].find(a => a.innerText.startsWith('next')).click()"
+            " || true"
+        )
+        where = page.wait_for(
+            "(document.querySelector('.where')?.innerText || '').includes('page 2') && location.search",
+            what="page 2 after clicking next",
+        )
+        assert "map_index=7" in where and "page=2" in where
+        cards = page.evaluate("[...document.querySelectorAll('figure.card')].map(f => f.innerText)")
+        assert len(cards) == 50 and all("many[7]" in card for card in cards)
+        page.screenshot(ARTIFACTS / "mapped-page-2.png")
+
+        page.goto(f"{frame}/images/many/7/not-stored.jpg")
+        text = page.wait_for("document.body && document.body.innerText", what="the 404 page")
+        assert text.startswith("404 Not Found") and "not-stored.jpg" in text and '"detail"' not in text
+        page.screenshot(ARTIFACTS / "error-page.png")

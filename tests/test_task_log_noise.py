@@ -168,3 +168,61 @@ def test_a_local_quickstart_run_prints_no_masker_warning_and_no_progress_bars(tm
     assert not re.search(r"\d+%\|[^|\n]*\||\d+(\.\d+)?(it/s|s/it)\]", output), "a progress bar was printed"
     assert re.search(r"step \d+/\d+", output), "the provider's own per-step lines are the progress"
     assert not re.search(r"\[error\s*\]|ERROR", done.stderr), done.stderr[-4000:]
+
+
+# -- what the generate task's log says about where the images went ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("backend", "named", "not_named"),
+    [("runware", "Runware task", "zimage-executor"), ("executor", "zimage-executor task", "Runware")],
+)
+def test_the_submission_line_names_the_service_the_task_really_went_to(
+    backend, named, not_named, tmp_path, caplog
+):
+    from airflow_provider_zimage.generation import GenerationJob, TaskInstanceRef
+    from airflow_provider_zimage.models import ImageInferenceRequest
+    from airflow_provider_zimage.storage import ArtifactStore
+
+    job = GenerationJob(
+        TaskInstanceRef("shop", "generate", "manual__1", -1),
+        ImageInferenceRequest.build(model="runware:z-image@turbo", positive_prompt="a red ceramic mug"),
+        backend=backend,
+        origin="zimage_default",
+        store=ArtifactStore(tmp_path.as_uri()),
+    )
+    with caplog.at_level("INFO", logger="airflow_provider_zimage"):
+        submission = job.submit(lambda request: None)
+        job.submit(lambda request: None)  # a retry reattaches to the same task
+
+    lines = [r.getMessage() for r in caplog.records if submission.task_uuid in r.getMessage()]
+    assert lines == [
+        f"Submitted {named} {submission.task_uuid} (generation 0)",
+        f"Reattaching to {named} {submission.task_uuid} (generation 0)",
+    ]
+    assert not any(not_named in line for line in lines)
+
+
+def test_a_generate_task_prints_its_images_tab_once_with_the_configured_base_url(
+    zimage_conn, tmp_path, capfd, monkeypatch
+):
+    from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
+    from tests.dagtest import FakeTI
+
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "http://127.0.0.1:8093/")
+    op = ZImageGenerateOperator(
+        task_id="generate", prompt="a teapot on a desk", output_path=tmp_path.as_uri(), poll_interval=0.02
+    )
+    ti = FakeTI("manual__2026-03-01T10:00:00+00:00", dag_id="shop", map_index=2)
+    op.execute({"ti": ti})
+    op.execute({"ti": ti})  # a re-run that reuses the stored images says where they are too
+
+    tab = (
+        "http://127.0.0.1:8093/dags/shop/runs/manual__2026-03-01T10%3A00%3A00%2B00%3A00"
+        "/tasks/generate/mapped/2/plugin/zimage-task-images"
+    )
+    captured = capfd.readouterr()
+    lines = (captured.out + captured.err).splitlines()  # the task log as Airflow's structlog prints it
+    assert len([line for line in lines if f"Images tab: {tab} " in line]) == 2
+    assert sum("/plugin/zimage-task-images" in line for line in lines) == 2
+    assert not any(zimage_conn.api_key in line for line in lines)

@@ -365,6 +365,22 @@ def test_the_extra_link_opens_the_images_tab_for_any_store_without_reading_xcom(
     assert images_tab_url("d", "r") == "https://airflow.example.com/dags/d/runs/r/plugin/zimage-images"
 
 
+def test_an_extra_link_stored_by_a_run_still_opens_when_the_ui_moves_to_another_port(monkeypatch):
+    """Airflow stores the link when the task ends; `make demo` and `make demo-ui` may use other ports."""
+    from airflow_provider_zimage.operators.generate import ZImageGenerateOperator, ZImageImageLink
+
+    class Key:
+        dag_id, run_id, task_id, map_index = "shop", "r", "generate", -1
+
+    op = ZImageGenerateOperator(task_id="generate", prompt="a lighthouse")
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "http://127.0.0.1:8080")
+    stored = ZImageImageLink().get_link(op, ti_key=Key())
+    assert stored == "/dags/shop/runs/r/tasks/generate/plugin/zimage-task-images"  # no host, no port
+    # Behind a proxy below a path, the path stays: the UI resolves the link against its own origin.
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com/team-a/")
+    assert ZImageImageLink().get_link(op, ti_key=Key()) == f"/team-a{stored}"
+
+
 def test_mapped_instances_are_labelled_by_the_start_of_their_prompt():
     import jinja2
 
@@ -390,3 +406,62 @@ def test_the_plugin_declares_the_tabs_and_the_spend_view_for_the_ui():
         "zimage-spend": "nav",
     }
     assert views["zimage-images"]["href"] == "zimage/ui/dags/{DAG_ID}/runs/{RUN_ID}"
+
+
+# -- turning pages and refusals inside the tab -----------------------------------------------------------
+
+
+def pager_links(page: str) -> dict[str, str]:
+    """The pager's links by their text ("next ›", "last »"...), as the browser would resolve them."""
+    import html
+
+    return {
+        html.unescape(text): html.unescape(href)
+        for href, text in re.findall(r"<a href='([^']*)'>([^<]*)</a>", page)
+        if "page=" in href
+    }
+
+
+def test_page_two_of_a_mapped_task_instance_is_reachable_from_its_pager(api, token, store):
+    write_task(store, "big", "generate", 3, 150, real_images=False)
+    write_task(store, "big", "generate", 4, 150, real_images=False)  # another map index: never shown
+    auth = {"Authorization": f"Bearer {token}"}
+    first = api.get(f"{run_url('big')}/tasks/generate?map_index=3", headers=auth).text
+    assert "data-count='150'" in first and "page 1 of 2" in first
+    following = pager_links(first)["next ›"]
+    assert following.count("?") == 1, following
+    second = api.get(following, headers=auth)
+    assert second.status_code == 200, second.text
+    assert "page 2 of 2" in second.text and "data-count='150'" in second.text
+    thumbs = srcs(second.text, "thumbnails")
+    assert len(thumbs) == 50 and all("/generate/3/" in t for t in thumbs)
+    back = pager_links(second.text)["« first"]
+    assert "map_index=3" in back and "page 1 of 2" in api.get(back, headers=auth).text
+
+
+def test_a_refusal_or_a_missing_file_inside_the_tab_is_a_small_html_page_not_raw_json(
+    api, token, store, monkeypatch
+):
+    from airflow.api_fastapi.app import get_auth_manager
+
+    write_task(store, "shop", "generate", 0, 1)
+    manager = get_auth_manager()
+    monkeypatch.setattr(manager, "is_authorized_dag", lambda **kwargs: kwargs["details"].id == "shop")
+    auth = {"Authorization": f"Bearer {token}"}
+    hostile = "<img src=x onerror=alert(1)>"
+    forbidden = api.get(run_url(hostile), headers=auth)
+    assert forbidden.status_code == 403
+    assert forbidden.headers["content-type"].startswith("text/html")
+    assert "<img src=x" not in forbidden.text and "&lt;img src=x" in forbidden.text
+    assert "not allowed to read DAG" in forbidden.text and '{"detail"' not in forbidden.text
+    missing = api.get(f"{run_url('shop')}/images/generate/0/nothing-here.jpg", headers=auth)
+    assert missing.status_code == 404 and missing.headers["content-type"].startswith("text/html")
+    assert "is not stored for this run" in missing.text and "Traceback" not in missing.text
+    assert token not in forbidden.text + missing.text
+    # The JSON views stay JSON for scripts.
+    refused = api.get(f"{run_url(hostile)}/summary.json", headers=auth)
+    assert refused.status_code == 403 and refused.json()["detail"].startswith("not allowed to read DAG")
+    # Logged out, the page still says why, as a page.
+    anonymous = api.get(run_url("shop"))
+    assert anonymous.status_code == 401 and "Not authenticated" in anonymous.text
+    assert anonymous.headers["content-type"].startswith("text/html")

@@ -176,8 +176,9 @@ class ZImageImageLink(BaseOperatorLink):
 
     Built from the task instance's identity alone, so it reads no XCom (Airflow computes the link when
     a task finishes, deferred or failed ones too, where an XCom lookup would log "XCom not found") and
-    it is an http(s) or same-origin URL, the only kinds the UI draws. Airflow stores it under its own
-    link XCom key.
+    it is a same-origin path (the path of `[api] base_url`, no host): the UI draws those, and as Airflow
+    stores the link under its own XCom key when the task ends, a host or port that changes later does
+    not leave it pointing at the old one.
     """
 
     name = "Z-Image: images"
@@ -186,9 +187,8 @@ class ZImageImageLink(BaseOperatorLink):
         from airflow_provider_zimage.ui.links import images_tab_url
 
         map_index = getattr(ti_key, "map_index", -1)
-        return images_tab_url(
-            ti_key.dag_id, ti_key.run_id, ti_key.task_id, -1 if map_index is None else int(map_index)
-        )
+        index = -1 if map_index is None else int(map_index)
+        return images_tab_url(ti_key.dag_id, ti_key.run_id, ti_key.task_id, index, same_origin=True)
 
 
 class ZImageGenerateOperator(BaseOperator):
@@ -498,7 +498,9 @@ class ZImageGenerateOperator(BaseOperator):
         except ZImagePermanentError as exc:
             raise AirflowFailException(str(exc)) from None
         except ZImageError as exc:
-            raise AirflowException(f"submitting to Runware failed, Airflow may retry: {exc}") from None
+            raise AirflowException(
+                f"submitting the {job.task_kind} failed, Airflow may retry: {exc}"
+            ) from None
         if not self.wait_for_completion:
             return submission.task_uuid
 
@@ -693,6 +695,10 @@ class ZImageGenerateOperator(BaseOperator):
 
     def _finish(self, context: Context, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self._emit_asset_events(context, images)
+        from airflow_provider_zimage.ui.links import images_tab_url
+
+        ref = TaskInstanceRef.from_context(context)  # ids and `[api] base_url` only: nothing secret
+        self.log.info("Images tab: %s", images_tab_url(ref.dag_id, ref.run_id, ref.task_id, ref.map_index))
         return images
 
     def _emit_asset_events(self, context: Context, images: list[dict[str, Any]]) -> None:

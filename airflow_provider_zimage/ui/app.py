@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airflow_provider_zimage.ui.links import ui_base_url
 
@@ -140,12 +142,32 @@ def _file(dag_id: str, run_id: str, task: str, index: str, name: str, *, thumb: 
     return Response(data, media_type=IMAGE_TYPES[name.rsplit(".", 1)[-1].lower()], headers=_PRIVATE)
 
 
+async def _refusal(request: Request, exc: Exception) -> Response:
+    """A 401/403/404 as the page the tab's iframe shows; the `.json` routes keep FastAPI's JSON answer.
+
+    Only the status and the exception's own message are shown (escaped): Airflow's and this app's
+    messages name the DAG or file, never a token or a stack.
+    """
+    from fastapi.exception_handlers import http_exception_handler
+
+    from airflow_provider_zimage.ui.pages import error_page
+
+    if not isinstance(exc, StarletteHTTPException):  # registered for that class only
+        raise exc
+    if request.url.path.endswith(".json"):
+        return await http_exception_handler(request, exc)
+    message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    headers = {**(exc.headers or {}), **_NO_STORE}
+    return HTMLResponse(error_page(exc.status_code, message), status_code=exc.status_code, headers=headers)
+
+
 # -- the app -------------------------------------------------------------------------------------------------
 
 
 def create_app() -> FastAPI:
     """The views; see the module docstring for who may call them."""
     app = FastAPI(title="Z-Image views", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(StarletteHTTPException, _refusal)
 
     @app.get("/dags/{dag_id}/runs/{run_id}", response_class=HTMLResponse)
     def run_images(
@@ -187,11 +209,12 @@ def create_app() -> FastAPI:
         html = run_page(
             run,
             files=files,
-            here=f"{here}?map_index={index}" if mapped else here,
+            here=here,
             page=page,
             per_page=per_page,
             scope=scope,
             all_url=here if mapped else None,
+            query={"map_index": index} if mapped else None,
         )
         return HTMLResponse(html, headers=_NO_STORE)
 

@@ -5,7 +5,7 @@ Kept free of FastAPI and of Airflow core so the operator's extra link can build 
 
 from __future__ import annotations
 
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 __all__ = [
     "APP_PREFIX",
@@ -49,9 +49,18 @@ def images_tab_url(
     map_index: int | None = -1,
     *,
     base_url: str | None = None,
+    same_origin: bool = False,
 ) -> str:
-    """The Airflow UI page of a run's Images tab, or of a task instance's when `task_id` is given."""
+    """The Airflow UI page of a run's Images tab, or of a task instance's when `task_id` is given.
+
+    `same_origin` keeps only the path of the base URL: what the operator's extra link needs, because
+    Airflow stores that link when the task ends and the UI resolves a path against the origin it is
+    served from, so a host or port that changes later (a proxy, `make demo-ui` on another port) never
+    leaves a stale link behind.
+    """
     base = ui_base_url() if base_url is None else base_url.rstrip("/")
+    if same_origin:
+        base = urlsplit(base).path.rstrip("/")
     url = f"{base}/dags/{_q(dag_id)}/runs/{_q(run_id)}"
     if task_id is None:
         return f"{url}/plugin/{RUN_VIEW_ROUTE}"

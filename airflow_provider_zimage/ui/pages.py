@@ -8,13 +8,14 @@ many images the run has. Every value from a manifest is escaped; prompts are sho
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 from urllib.parse import quote, urlencode
 
 from airflow_provider_zimage.spend import DaySpend
 from airflow_provider_zimage.ui.gallery import Card, Failure, RunImages
 
-__all__ = ["format_cost", "run_page", "spend_page"]
+__all__ = ["error_page", "format_cost", "run_page", "spend_page"]
 
 _STYLE = """
 :root{color-scheme:light dark;--fg:#1a202c;--muted:#4a5568;--bg:#fff;--card:#f7fafc;
@@ -103,12 +104,14 @@ def _failures(failures: Sequence[Failure]) -> str:
     )
 
 
-def _pager(page: int, pages: int, per_page: int, here: str) -> str:
+def _pager(page: int, pages: int, per_page: int, here: str, query: Mapping[str, object]) -> str:
     if pages <= 1:
         return ""
 
     def link(number: int, text: str) -> str:
-        return f"<a href='{_e(here)}?{urlencode({'page': number, 'per_page': per_page})}'>{_e(text)}</a>"
+        # One encoder for the whole query: what narrows the page (map_index) stays on every link.
+        target = f"{here}?{urlencode({**query, 'page': number, 'per_page': per_page})}"
+        return f"<a href='{_e(target)}'>{_e(text)}</a>"
 
     parts = []
     if page > 1:
@@ -119,13 +122,43 @@ def _pager(page: int, pages: int, per_page: int, here: str) -> str:
     return f"<nav class='pages'>{''.join(parts)}</nav>"
 
 
+_HINTS = {
+    401: "Your Airflow session has ended: log in to Airflow again, then reopen this tab.",
+    403: "Your Airflow role may not read this DAG's task instances, so its images are not shown either.",
+    404: "Nothing is stored here: the run, task or file may have been deleted, or the link is wrong.",
+}
+
+
+def error_page(status: int, message: str) -> str:
+    """What the tab shows instead of a raw JSON refusal: the status, Airflow's or our reason, a hint."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    hint = _HINTS.get(status, "")
+    body = (
+        f"<h1>{status} {_e(phrase)}</h1><p class='summary' id='error' data-status='{status}'>"
+        f"{_e(message)}</p>" + (f"<p>{_e(hint)}</p>" if hint else "")
+    )
+    return _document(f"{status} {phrase}", body)
+
+
 def run_page(
-    run: RunImages, *, files: str, here: str, page: int, per_page: int, scope: str, all_url: str | None = None
+    run: RunImages,
+    *,
+    files: str,
+    here: str,
+    page: int,
+    per_page: int,
+    scope: str,
+    all_url: str | None = None,
+    query: Mapping[str, object] | None = None,
 ) -> str:
     """The Images tab: header with count and total cost, failed requests, then one page of cards.
 
     `files` is the run's URL in this app (thumbnails and images hang below it), `here` this page's own
-    path (for the pager), `scope` what the page covers ("run", "task generate", ...).
+    path without a query (for the pager), `query` the parameters every page of it keeps (`map_index`),
+    `scope` what the page covers ("run", "task generate", ...).
     """
     pages = run.pages(per_page)
     page = min(max(page, 1), pages)
@@ -143,7 +176,7 @@ def run_page(
     if not run.manifests:
         body = header + "<p>No manifest yet: images appear here once a Z-Image task has stored them.</p>"
         return _document(f"Images of {run.run_id}", body)
-    pager = _pager(page, pages, per_page, here)
+    pager = _pager(page, pages, per_page, here, query or {})
     grid = "".join(_card(card, files) for card in cards)
     body = f"{header}{_failures(run.failures)}{pager}<div class='grid'>{grid}</div>{pager}"
     return _document(f"Images of {run.run_id}", body)
