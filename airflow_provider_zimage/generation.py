@@ -42,6 +42,21 @@ class TaskInstanceRef:
         return cls(ti.dag_id, ti.task_id, ti.run_id, -1 if map_index is None else int(map_index))
 
 
+def old_job_fingerprints(
+    request: ImageInferenceRequest, *, backend: str, origin: str | None
+) -> dict[str, str]:
+    """The job fingerprints 0.1.0 and 0.2 gave this request's picture, each with its `OldFingerprint`
+    trust ("same", "presumed", "recorded"), today's own fingerprint left out."""
+    today = job_fingerprint(request.fingerprint(), backend=backend, origin=origin)
+    old = [OldFingerprint(f, "same") for f in request.legacy_fingerprints()]
+    found: dict[str, str] = {}
+    for digest, trust in [*old, *request.fingerprints_0_2()]:
+        fp = job_fingerprint(digest, backend=backend, origin=origin)
+        if fp != today:
+            found.setdefault(fp, trust)
+    return found
+
+
 class GenerationJob:
     """The request of one task instance, its ledger and its artifact directory.
 
@@ -70,12 +85,7 @@ class GenerationJob:
         # What 0.1.0 and 0.2 wrote for the same picture: found, never paid for again, after an upgrade.
         # 0.2 gave some fingerprints to two pictures (TwinFlow's acceleration unset or "none"): see
         # `OldFingerprint` for which store may trust which.
-        old = [OldFingerprint(f, "same") for f in request.legacy_fingerprints()]
-        self.old_fingerprints: dict[str, str] = {}
-        for digest, trust in [*old, *request.fingerprints_0_2()]:
-            fp = job_fingerprint(digest, backend=backend, origin=origin)
-            if fp != self.fingerprint:
-                self.old_fingerprints.setdefault(fp, trust)
+        self.old_fingerprints = old_job_fingerprints(request, backend=backend, origin=origin)
         # A ledger has no request to check: it adopts what is read as this picture.
         self.legacy_fingerprints = [fp for fp, t in self.old_fingerprints.items() if t != "recorded"]
         # reuse="content" spans DAGs and tasks: only what surely was this picture.

@@ -9,6 +9,7 @@ really was the same picture.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from pathlib import Path
@@ -70,7 +71,7 @@ def _plain_name(line: str) -> str:
 def _plain_page(text: str) -> dict[str, Any]:
     lines = text.splitlines()
     found = {}
-    for before, line in zip(lines, lines[1:]):
+    for before, line in itertools.pairwise(lines):
         match = _PLAIN_DEFAULT.search(line)
         if match and not line.lstrip().startswith(('"', "{")):
             found[_plain_name(before)] = _value(match.group(1))
@@ -402,4 +403,32 @@ def test_reuse_content_finds_a_0_2_entry_only_where_it_was_surely_the_same_pictu
             twinflow(output_dir, reuse="content", prompt="a kettle", **kwargs), FakeTI(f"manual__d{n}")
         )
         assert "reused_from" not in image
+    assert zimage_conn.stats["total_accepted"] == 4
+
+
+def test_a_batch_upgraded_from_0_2_pays_nothing_for_its_twinflow_rows(zimage_conn, output_dir):
+    """A cleared catalogue of TwinFlow rows (acceleration unset, `medium` spelled out) stored by 0.2."""
+    from airflow_provider_zimage.batch_state import BATCH_STATE_FILE
+    from tests.dagtest import FakeTI
+    from tests.test_batch import batch
+    from tests.test_batch import run_try as run_batch
+
+    rows = [{"prompt": f"a lighthouse number {i}", "seed": i} for i in range(3)]
+    rows.append({"prompt": "a lighthouse at medium", "seed": 9, "acceleration": "medium"})
+    ti = FakeTI("manual__batch_0_2", dag_id="catalogue_0_2")
+    first = run_batch(batch(output_dir, rows, model="twinflow"), ti)
+    assert first["images"] == 4 and zimage_conn.stats["total_accepted"] == 4
+    (ledger,) = Path(output_dir.removeprefix("file://")).rglob(BATCH_STATE_FILE)
+    text = ledger.read_text()
+    for row in rows:
+        spelled = {("positive_prompt" if k == "prompt" else k): v for k, v in row.items()}
+        request = ImageInferenceRequest.build(model="twinflow", width=256, height=256, **spelled)
+        text = text.replace(_job(request.fingerprint()), _job(fingerprint_0_2(request)))
+        assert _job(fingerprint_0_2(request)) in text, "the ledger holds what 0.2 called the row"
+    ledger.write_text(text)
+    again = run_batch(batch(output_dir, rows, model="twinflow"), ti)
+    assert again["images"] == again["reused"] == 4, again
+    # Nothing sent again: 0.2 derived its taskUUIDs from its own fingerprints, so a re-send here would be
+    # a new paid task at Runware (the test server only knows this run's taskUUIDs, and would say conflict).
+    assert zimage_conn.stats["requests_by_type"]["imageInference"] == 4
     assert zimage_conn.stats["total_accepted"] == 4
