@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,13 +65,24 @@ class BatchLedger:
             generation=generation,
         )
 
-    def entry_for(self, index: int, fingerprint: str, expected_results: int, *, fresh: bool) -> BatchEntry:
+    def entry_for(
+        self,
+        index: int,
+        fingerprint: str,
+        expected_results: int,
+        *,
+        fresh: bool,
+        legacy: Sequence[str] = (),
+    ) -> BatchEntry:
         """The recorded entry to reattach to, or the next generation for a new, changed or failed request.
 
         `fresh` (a new try) moves a failed entry to a new generation; within one try (a deferral resumed)
-        a failed entry stays failed, so it is paid for at most once per try.
+        a failed entry stays failed, so it is paid for at most once per try. `legacy`: what an earlier
+        release called the same picture; such an entry is kept, taskUUID and images, under `fingerprint`.
         """
         previous = self.entries.get(index)
+        if previous is not None and previous.fingerprint in legacy:
+            previous.fingerprint = fingerprint
         if previous is not None and previous.fingerprint == fingerprint:
             if previous.status in ("intent", "submitted", "stored") or not fresh:
                 return previous

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from airflow_provider_zimage.storage import (
@@ -47,8 +48,22 @@ def record(store: ArtifactStore, fingerprint: str, images: list[dict[str, Any]])
     )
 
 
-def reuse(store: ArtifactStore, fingerprint: str, directory: Any) -> list[dict[str, Any]] | None:
-    """Copies of the indexed images in `directory` (cost 0, `reused_from`), or None to generate."""
+def reuse(
+    store: ArtifactStore, fingerprint: str, directory: Any, legacy: Sequence[str] = ()
+) -> list[dict[str, Any]] | None:
+    """Copies of the indexed images in `directory` (cost 0, `reused_from`), or None to generate.
+
+    `legacy`: what earlier releases called the same picture, looked up after `fingerprint`. Pass only
+    fingerprints that surely were this picture: an entry records no request to check it against.
+    """
+    for key in (fingerprint, *legacy):
+        copies = _reuse(store, key, directory)
+        if copies is not None:
+            return copies
+    return None
+
+
+def _reuse(store: ArtifactStore, fingerprint: str, directory: Any) -> list[dict[str, Any]] | None:
     try:
         data = read_json(index_path(store, fingerprint))
     except ZImageStorageError as exc:

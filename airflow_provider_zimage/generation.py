@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 from airflow_provider_zimage.exceptions import ZImageTaskFailed
-from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
+from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult, OldFingerprint
 from airflow_provider_zimage.outcomes import Outcome
 from airflow_provider_zimage.redaction import redact_urls
 from airflow_provider_zimage.state import Ledger, LedgerStore, Submission, job_fingerprint
@@ -42,6 +42,21 @@ class TaskInstanceRef:
         return cls(ti.dag_id, ti.task_id, ti.run_id, -1 if map_index is None else int(map_index))
 
 
+def old_job_fingerprints(
+    request: ImageInferenceRequest, *, backend: str, origin: str | None
+) -> dict[str, str]:
+    """The job fingerprints 0.1.0 and 0.2 gave this request's picture, each with its `OldFingerprint`
+    trust ("same", "presumed", "recorded"), today's own fingerprint left out."""
+    today = job_fingerprint(request.fingerprint(), backend=backend, origin=origin)
+    old = [OldFingerprint(f, "same") for f in request.legacy_fingerprints()]
+    found: dict[str, str] = {}
+    for digest, trust in [*old, *request.fingerprints_0_2()]:
+        fp = job_fingerprint(digest, backend=backend, origin=origin)
+        if fp != today:
+            found.setdefault(fp, trust)
+    return found
+
+
 class GenerationJob:
     """The request of one task instance, its ledger and its artifact directory.
 
@@ -67,9 +82,14 @@ class GenerationJob:
         self.store = store
         self.on_nsfw = on_nsfw
         self.fingerprint = job_fingerprint(request.fingerprint(), backend=backend, origin=origin)
-        # What 0.1.0 wrote for the same request: found, never paid for again, after an upgrade.
-        legacy = (job_fingerprint(f, backend=backend, origin=origin) for f in request.legacy_fingerprints())
-        self.legacy_fingerprints = [fp for fp in legacy if fp != self.fingerprint]
+        # What 0.1.0 and 0.2 wrote for the same picture: found, never paid for again, after an upgrade.
+        # 0.2 gave some fingerprints to two pictures (TwinFlow's acceleration unset or "none"): see
+        # `OldFingerprint` for which store may trust which.
+        self.old_fingerprints = old_job_fingerprints(request, backend=backend, origin=origin)
+        # A ledger has no request to check: it adopts what is read as this picture.
+        self.legacy_fingerprints = [fp for fp, t in self.old_fingerprints.items() if t != "recorded"]
+        # reuse="content" spans DAGs and tasks: only what surely was this picture.
+        self.content_fingerprints = [fp for fp, t in self.old_fingerprints.items() if t == "same"]
         self.directory = store.task_dir(ref.dag_id, ref.run_id, ref.task_id, ref.map_index)
         self.ledgers = LedgerStore(self.directory)
 
@@ -89,7 +109,7 @@ class GenerationJob:
     def reusable_images(self) -> list[dict[str, Any]] | None:
         """The images of an earlier run of this exact request, if every file is still there and intact."""
         manifest = self.store.read_manifest(self.directory)
-        if not manifest or manifest.get("fingerprint") not in (self.fingerprint, *self.legacy_fingerprints):
+        if not manifest or not self._same_picture(manifest):
             return None
         images = manifest.get("images") or []
         if not all(self.store.verify(image) for image in images):
@@ -98,6 +118,19 @@ class GenerationJob:
             )
             return None
         return images
+
+    def _same_picture(self, manifest: dict[str, Any]) -> bool:
+        fingerprint = manifest.get("fingerprint")
+        if fingerprint == self.fingerprint:
+            return True
+        trust = self.old_fingerprints.get(str(fingerprint))
+        if trust is None or trust == "same":
+            return trust == "same"
+        # An old fingerprint two pictures shared: the request the manifest recorded says which it was.
+        recorded = manifest.get("request")
+        if isinstance(recorded, dict):
+            return self.request.made_as_recorded(recorded)
+        return trust == "presumed"
 
     def _ledger(self) -> Ledger:
         r = self.ref

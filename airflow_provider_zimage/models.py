@@ -11,6 +11,7 @@ the pages disagree, the choice is noted next to the value.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -40,6 +41,8 @@ from airflow_provider_zimage.redaction import redact_urls
 
 __all__ = [
     "CATALOG",
+    "RUNWARE_DEFAULTS",
+    "UNDOCUMENTED_DEFAULTS",
     "SCHEDULERS",
     "AcceleratorOptions",
     "ApiErrorDetail",
@@ -50,6 +53,7 @@ __all__ = [
     "Inputs",
     "Lora",
     "ModelSpec",
+    "OldFingerprint",
     "Outpaint",
     "Safety",
     "Ultralytics",
@@ -112,6 +116,83 @@ class ModelSpec:
         return capability in self.capabilities
 
 
+# What Runware does with a parameter left out, per model, by wire path (`lora[].weight` for each item of a
+# list): the one place a default lives. The fingerprint reads it (unset and the default spelled out are one
+# picture), and so do the catalogue's size, steps and CFG defaults. tests/test_documented_defaults.py
+# checks it against the model pages (000/001 Z-Image, 002/003 Turbo, 004 TwinFlow), both ways.
+_Z_IMAGE, _TURBO, _TWINFLOW = "runware:z-image@0", "runware:z-image@turbo", "runware:twinflow-z-image-turbo@0"
+_PLATFORM_DEFAULTS: dict[str, Any] = {
+    "outputType": "URL",
+    "outputFormat": "JPG",
+    "outputQuality": 95,
+    "deliveryMethod": "sync",
+    "safety.checkContent": False,
+    "safety.mode": "none",
+    "includeCost": False,
+    "numberResults": 1,
+    "acceleratorOptions.cacheMaxConsecutiveSteps": 3,
+    "acceleratorOptions.fbCache": False,
+    "acceleratorOptions.fbCacheThreshold": 0.25,
+    "acceleratorOptions.teaCache": False,
+    "acceleratorOptions.teaCacheDistance": 0.5,
+    "acceleratorOptions.dbCache": False,
+    "acceleratorOptions.dbCacheThreshold": 0.25,
+    "acceleratorOptions.dbCacheSkipInterval": 5,
+    "lora[].weight": 1,
+    "lora[].transformer": "both",
+}
+_EDITING_DEFAULTS: dict[str, Any] = {
+    "strength": 0.8,
+    "controlNet[].weight": 1,
+    "controlNet[].controlMode": "balanced",
+    "ultralytics.CFGScale": 8,
+    "ultralytics.confidence": 0.9,
+    "ultralytics.maskBlur": 5,
+    "ultralytics.maskPadding": 5,
+    "ultralytics.steps": 20,
+    "ultralytics.strength": 0.3,
+}
+RUNWARE_DEFAULTS: dict[str, dict[str, Any]] = {
+    _Z_IMAGE: {
+        **_PLATFORM_DEFAULTS,
+        **_EDITING_DEFAULTS,
+        "ultralytics.inpaintSize": 1024,  # page 000 only
+        "width": _DEFAULT_SIZE,
+        "height": _DEFAULT_SIZE,
+    },
+    _TURBO: {**_PLATFORM_DEFAULTS, **_EDITING_DEFAULTS, "width": _DEFAULT_SIZE, "height": _DEFAULT_SIZE},
+    _TWINFLOW: {
+        **_PLATFORM_DEFAULTS,
+        # Page 004. 0.2 read unset as "none" and so paid again for "medium" spelled out, and gave "none"
+        # spelled out the fingerprint of a picture made at medium.
+        "acceleration": "medium",
+        "width": _DEFAULT_SIZE,
+        "height": _DEFAULT_SIZE,
+        "steps": 4,
+        "CFGScale": 0,
+    },
+}
+# Entries of RUNWARE_DEFAULTS that no page states, and why each is there all the same.
+UNDOCUMENTED_DEFAULTS: dict[str, dict[str, str]] = {
+    _Z_IMAGE: {
+        "width": "the page requires a size; this provider sends 1024x1024 when none is given",
+        "height": "the page requires a size; this provider sends 1024x1024 when none is given",
+    },
+    _TURBO: {
+        "width": "not on the page: the size the estimate, the local backend and the test server assume",
+        "height": "not on the page: the size the estimate, the local backend and the test server assume",
+    },
+}
+# Defaults the fingerprint writes in instead of leaving out: 0.2 left `acceleration` out when it was
+# "none", so a fingerprint without it may name a picture made at none; with the default written in, no
+# fingerprint of today equals one 0.2 gave another picture.
+_WRITTEN_IN = ("acceleration",)
+
+
+def _default(air: str, path: str) -> Any:
+    return RUNWARE_DEFAULTS[air].get(path)
+
+
 _FULL_FEATURES: frozenset[Capability] = frozenset(
     {"text-to-image", "image-to-image", "inpainting", "outpainting", "controlnet", "lora", "ultralytics"}
 )
@@ -120,7 +201,7 @@ CATALOG: dict[str, ModelSpec] = {
     spec.air: spec
     for spec in (
         ModelSpec(
-            air="runware:z-image@0",
+            air=_Z_IMAGE,
             name="Z-Image",
             hf_repo="Tongyi-MAI/Z-Image",
             # Only page 000 lists ultralytics.inpaintSize, and only for this model.
@@ -137,11 +218,13 @@ CATALOG: dict[str, ModelSpec] = {
             # Page 000 marks width and height as required; sending 1024x1024 when absent is what the
             # price above assumes.
             requires_size=True,
+            default_width=_default(_Z_IMAGE, "width"),
+            default_height=_default(_Z_IMAGE, "height"),
             local_default_steps=30,  # the model card recommends 28-50 steps
             local_guidance_scale=4.0,
         ),
         ModelSpec(
-            air="runware:z-image@turbo",
+            air=_TURBO,
             name="Z-Image-Turbo",
             hf_repo="Tongyi-MAI/Z-Image-Turbo",
             capabilities=_FULL_FEATURES,
@@ -155,11 +238,13 @@ CATALOG: dict[str, ModelSpec] = {
             price_floor=0.0013,
             price_per_megapixel_step=0.00042,
             pricing_steps=8,
+            default_width=_default(_TURBO, "width"),
+            default_height=_default(_TURBO, "height"),
             local_default_steps=8,
             local_guidance_scale=0.0,
         ),
         ModelSpec(
-            air="runware:twinflow-z-image-turbo@0",
+            air=_TWINFLOW,
             name="TwinFlow Z-Image-Turbo",
             hf_repo=None,  # no diffusers pipeline exists: Runware only
             capabilities=frozenset({"text-to-image", "lora", "acceleration"}),
@@ -172,8 +257,10 @@ CATALOG: dict[str, ModelSpec] = {
             price_per_megapixel_step=0.00042,
             pricing_steps=4,
             requires_size=True,
-            default_steps=4,
-            default_cfg_scale=0.0,
+            default_width=_default(_TWINFLOW, "width"),
+            default_height=_default(_TWINFLOW, "height"),
+            default_steps=_default(_TWINFLOW, "steps"),
+            default_cfg_scale=_default(_TWINFLOW, "CFGScale"),
         ),
     )
 }
@@ -497,8 +584,9 @@ _DELIVERY_PARAMETERS = frozenset(
 )
 # What 0.1.0 left out of its fingerprint: its manifests and ledgers are still found after an upgrade.
 _LEGACY_DELIVERY_PARAMETERS = frozenset({"taskUUID", "webhookURL", "uploadEndpoint", "deliveryMethod"})
-# Documented defaults (seed 003's schema): spelling one out makes the same picture as leaving it unset.
-_WIRE_DEFAULTS: dict[str, Any] = {
+# 0.2's fingerprint, frozen as it shipped so its manifests and ledgers are still found: one default list
+# for every model (acceleration "none" among them: wrong for TwinFlow, the only model that takes it).
+_DEFAULTS_0_2: dict[str, Any] = {
     "numberResults": 1,
     "outputFormat": "JPG",
     "outputQuality": 95,
@@ -523,27 +611,98 @@ _WIRE_DEFAULTS: dict[str, Any] = {
         "strength": 0.3,
     },
 }
-_ITEM_DEFAULTS: dict[str, dict[str, Any]] = {
+_ITEM_DEFAULTS_0_2: dict[str, dict[str, Any]] = {
     "lora": {"weight": 1, "transformer": "both"},
     "controlNet": {"weight": 1, "controlMode": "balanced"},
 }
+# What 0.2 could not tell apart: TwinFlow's acceleration left unset (made at medium) and "none" spelled
+# out (made at none) had one fingerprint.
+_CONFLATED_0_2: dict[str, tuple[Any, ...]] = {"acceleration": (None, "none")}
+
+_NO_DEFAULT = object()
 
 
-def _without_defaults(value: Any, defaults: Any) -> Any:
-    """Drop every key whose value is its documented default, recursively; an emptied object goes too."""
+def _strip_0_2(value: Any, defaults: Any) -> Any:
     if not isinstance(value, dict) or not isinstance(defaults, dict):
         return value
     kept = {}
     for key, item in value.items():
         default = defaults.get(key, _NO_DEFAULT)
-        item = _without_defaults(item, default)
+        item = _strip_0_2(item, default)
         if item == default or item == {}:
             continue
         kept[key] = item
     return kept
 
 
-_NO_DEFAULT = object()
+def _fingerprint_0_2(wire: dict[str, Any], spec: ModelSpec) -> str:
+    wire = {k: v for k, v in wire.items() if k not in _DELIVERY_PARAMETERS}
+    defaults = {**_DEFAULTS_0_2, "width": _DEFAULT_SIZE, "height": _DEFAULT_SIZE}
+    if spec.air == _TWINFLOW:
+        defaults.update(steps=4, CFGScale=0.0)
+    if (wire.get("inputs") or {}).get("seedImage") or "strength" in wire:
+        defaults["strength"] = 0.8
+    wire = _strip_0_2(wire, defaults)
+    for key, item_defaults in _ITEM_DEFAULTS_0_2.items():
+        if key in wire:
+            wire[key] = [_strip_0_2(item, item_defaults) for item in wire[key]]
+    return _digest(wire)
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """`False == 0` in Python; on the wire a flag and a number are never each other's default."""
+    return isinstance(value, bool) == isinstance(default, bool) and value == default
+
+
+def _normalised(wire: Mapping[str, Any], air: str, prefix: str = "") -> dict[str, Any]:
+    """The picture a (partial) wire request makes: delivery fields and documented defaults left out."""
+    defaults = RUNWARE_DEFAULTS[air]
+    kept: dict[str, Any] = {}
+    for key, item in wire.items():
+        path = f"{prefix}{key}"
+        if not prefix and key in _DELIVERY_PARAMETERS:
+            continue
+        if isinstance(item, Mapping):
+            item = _normalised(item, air, f"{path}.")
+            if not item:
+                continue
+        elif isinstance(item, list):
+            item = [_normalised(i, air, f"{path}[].") if isinstance(i, Mapping) else i for i in item]
+        if path in defaults and path not in _WRITTEN_IN and _is_default(item, defaults[path]):
+            continue
+        kept[key] = item
+    if not prefix:
+        kept.update({k: defaults[k] for k in _WRITTEN_IN if k in defaults and k not in kept})
+    return kept
+
+
+def _spelled_out(normal: dict[str, Any], air: str) -> dict[str, Any]:
+    """`normal` with every documented default written in: top-level ones, and those of present objects."""
+    wire = copy.deepcopy(normal)
+    for path, value in RUNWARE_DEFAULTS[air].items():
+        top, _, leaf = path.partition(".")
+        if path in _DELIVERY_PARAMETERS or path in ("width", "height"):
+            continue
+        if not leaf:
+            wire.setdefault(top, value)
+        elif top.endswith("[]") and isinstance(wire.get(top[:-2]), list):
+            for item in wire[top[:-2]]:
+                item.setdefault(leaf, value)
+        elif isinstance(wire.get(top), dict):
+            wire[top].setdefault(leaf, value)
+    return wire
+
+
+class OldFingerprint(NamedTuple):
+    """A fingerprint an earlier release gave this request, and how far it can be trusted.
+
+    `trust`: "same" (that release gave it to this picture only); "presumed" (it also gave it to another
+    picture, but a record that does not say which is read as the one left unset, this one); "recorded"
+    (it gave it to this picture only when spelled otherwise: only a manifest's recorded request tells).
+    """
+
+    digest: str
+    trust: Literal["same", "presumed", "recorded"]
 
 
 class ImageInferenceRequest(_WireModel):
@@ -720,27 +879,68 @@ class ImageInferenceRequest(_WireModel):
     def fingerprint(self) -> str:
         """Identify the picture this request makes, so a retried or re-run task never pays for it twice.
 
-        Only what changes the picture counts: delivery fields are left out, and a documented default
-        spelled out (`outputFormat="JPG"`, `numberResults=1`, the model's size) equals leaving it unset.
+        Only what changes the picture counts: delivery fields are left out, and a parameter equal to the
+        model's documented default (`RUNWARE_DEFAULTS`) is left out too, so spelling a default out is
+        the same picture as leaving it unset, and a value other than the default is another picture.
         """
-        spec = self.spec
-        wire = {k: v for k, v in self.to_wire().items() if k not in _DELIVERY_PARAMETERS}
-        defaults = {**_WIRE_DEFAULTS, "width": spec.default_width, "height": spec.default_height}
-        if spec.default_steps is not None:
-            defaults["steps"] = spec.default_steps
-        if spec.default_cfg_scale is not None:
-            defaults["CFGScale"] = spec.default_cfg_scale
-        if (self.inputs is not None and self.inputs.seed_image) or self.strength is not None:
-            defaults["strength"] = 0.8
-        wire = _without_defaults(wire, defaults)
-        for key, item_defaults in _ITEM_DEFAULTS.items():
-            if key in wire:
-                wire[key] = [_without_defaults(item, item_defaults) for item in wire[key]]
-        return _digest(wire)
+        return _digest(_normalised(self.to_wire(), self.model))
 
     def legacy_fingerprints(self) -> list[str]:
         """The fingerprints earlier releases computed for this request (0.1.0: every field but four)."""
         return [_digest({k: v for k, v in self.to_wire().items() if k not in _LEGACY_DELIVERY_PARAMETERS})]
+
+    def fingerprints_0_2(self) -> list[OldFingerprint]:
+        """What 0.2 called this picture, under each spelling of it (as given, defaults left out, defaults
+        written in), each with how far it can be trusted (see `OldFingerprint`)."""
+        spec = self.spec
+        wire = self.to_wire()
+        mine = _normalised(wire, self.model)
+        conflated = [k for k in _CONFLATED_0_2 if k in RUNWARE_DEFAULTS[self.model]]
+        bare = {
+            k: v
+            for k, v in mine.items()
+            if k not in _WRITTEN_IN or not _is_default(v, _default(self.model, k))
+        }
+        found: dict[str, OldFingerprint] = {}
+        for spelling in (wire, bare, _spelled_out(mine, self.model)):
+            digest = _fingerprint_0_2(spelling, spec)
+            if digest in found:
+                continue
+            others = [
+                alt
+                for key in conflated
+                for value in _CONFLATED_0_2[key]
+                if _normalised(alt := _with(mine, key, value), self.model) != mine
+                and _fingerprint_0_2(alt, spec) == digest
+            ]
+            if not others:
+                found[digest] = OldFingerprint(digest, "same")
+                continue
+            unset = dict(spelling)
+            for key in conflated:
+                if key in unset and _fingerprint_0_2(_with(unset, key, None), spec) == digest:
+                    unset = _with(unset, key, None)
+            trust: Literal["presumed", "recorded"] = (
+                "presumed" if _normalised(unset, self.model) == mine else "recorded"
+            )
+            found[digest] = OldFingerprint(digest, trust)
+        return list(found.values())
+
+    def made_as_recorded(self, recorded: Mapping[str, Any]) -> bool:
+        """Whether a request recorded by 0.2 (a manifest's `request`) made this picture, on what 0.2's
+        fingerprint could not tell apart (TwinFlow's `acceleration`)."""
+        if recorded.get("model") != self.model:
+            return False
+        theirs = _normalised(recorded, self.model)
+        mine = _normalised(self.to_wire(), self.model)
+        return all(theirs.get(key) == mine.get(key) for key in _CONFLATED_0_2)
+
+
+def _with(wire: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
+    changed = {k: v for k, v in wire.items() if k != key}
+    if value is not None:
+        changed[key] = value
+    return changed
 
 
 def _digest(wire: dict[str, Any]) -> str:

@@ -43,6 +43,7 @@ from airflow_provider_zimage.generation import (
     TaskInstanceRef,
     apply_nsfw_policy,
     manifest_entry,
+    old_job_fingerprints,
 )
 from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.inbox import BatchInboxWatch, default_inbox_path
@@ -75,6 +76,10 @@ class _Prepared:
     index: int
     request: ImageInferenceRequest
     fingerprint: str
+    # What earlier releases called the same picture: adopted by the ledger; only the sure ones are
+    # looked up in the content index (see `OldFingerprint`).
+    legacy: tuple[str, ...] = ()
+    content_legacy: tuple[str, ...] = ()
 
     @property
     def expected(self) -> int:
@@ -216,7 +221,10 @@ class ZImageBatchGenerateOperator(BaseOperator):
                 where = f"requests[{index}].{params[0]}" if params else f"requests[{index}]"
                 raise AirflowFailException(f"{where}: {exc}") from None
             fp = job_fingerprint(request.fingerprint(), backend="runware", origin=self.zimage_conn_id)
-            prepared.append(_Prepared(index, request, fp))
+            old = old_job_fingerprints(request, backend="runware", origin=self.zimage_conn_id)
+            legacy = tuple(f for f, trust in old.items() if trust != "recorded")
+            content_legacy = tuple(f for f, trust in old.items() if trust == "same")
+            prepared.append(_Prepared(index, request, fp, legacy, content_legacy))
         return prepared
 
     # -- execution ----------------------------------------------------------------------------------
@@ -313,7 +321,9 @@ class _BatchRun:
             if index not in self.prepared:
                 del self.ledger.entries[index]
         for p in self.prepared.values():
-            entry = self.ledger.entry_for(p.index, p.fingerprint, p.expected, fresh=self.fresh)
+            entry = self.ledger.entry_for(
+                p.index, p.fingerprint, p.expected, fresh=self.fresh, legacy=p.legacy
+            )
             if self.fresh:
                 entry.ended_try = False
             if entry.status == "stored":
@@ -339,7 +349,7 @@ class _BatchRun:
         """A seeded picture stored before under this output_path: copied here, nothing sent or paid."""
         if self.op.reuse != "content" or p.request.seed is None or (self.op.force and self.fresh):
             return False
-        copies = content_index.reuse(self.store, p.fingerprint, self.directory)
+        copies = content_index.reuse(self.store, p.fingerprint, self.directory, p.content_legacy)
         if copies is None:
             return False
         entry.images = [{**image, "index": p.index} for image in copies]

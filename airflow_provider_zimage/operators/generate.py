@@ -475,7 +475,7 @@ class ZImageGenerateOperator(BaseOperator):
             return self._finish(context, images)
 
         if self._content_reusable(request) and (
-            copies := content_index.reuse(job.store, job.fingerprint, job.directory)
+            copies := content_index.reuse(job.store, job.fingerprint, job.directory, job.content_fingerprints)
         ):
             self.log.info("reuse='content': this seeded picture was stored before; copied, nothing paid")
             job.write_manifest(copies, task_uuid=None)
