@@ -23,8 +23,8 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from airflow_provider_zimage.executor.process import ExecutorProcess  # noqa: E402
-from airflow_provider_zimage.testing.runware_server import RunwareTestServer  # noqa: E402
+from airflow_provider_zimage.executor.process import ExecutorProcess
+from airflow_provider_zimage.testing.runware_server import RunwareTestServer
 
 pytestmark = pytest.mark.local
 
@@ -56,7 +56,9 @@ class Server:
     def poll(self, task_uuid: str) -> httpx.Response:
         return self.post([{"taskType": "getResponse", "taskUUID": task_uuid}])
 
-    def poll_until(self, task_uuid: str, done: Callable[[httpx.Response], bool], timeout: float) -> httpx.Response:
+    def poll_until(
+        self, task_uuid: str, done: Callable[[httpx.Response], bool], timeout: float
+    ) -> httpx.Response:
         deadline = time.monotonic() + timeout
         while True:
             answer = self.poll(task_uuid)

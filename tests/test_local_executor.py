@@ -281,7 +281,7 @@ def test_second_call_does_not_reload(executor, tiny_model):
 
 
 @pytest.mark.parametrize("form", ["real-outside", "missing-outside", "missing-inside", "dot-dot", "symlink"])
-def test_a_lora_file_outside_the_allowed_roots_is_refused_with_the_same_message_as_a_missing_one_and_never_loaded(
+def test_a_lora_file_outside_the_allowed_roots_is_refused_like_a_missing_one_and_never_loaded(
     tiny_model, tiny_lora, tmp_path, monkeypatch, form
 ):
     """In-process, LoRA files come from the same allowed roots as seed images ([zimage] local_input_roots);

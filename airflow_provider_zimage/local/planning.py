@@ -266,6 +266,7 @@ def _lora_plans(
         parameter = f"lora[{index}].model"
         name = str(lora.model)
         weight = float(lora.weight) if getattr(lora, "weight", None) is not None else 1.0
+        resolved: tuple[str, str | None] | str | None
         if name in lora_paths:
             resolved = _resolve_mapped_lora(lora_paths[name])
         else:
