@@ -130,7 +130,6 @@ def executor_process(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory)
         str(loras),
         env=ONE_THREAD,
     ).start()
-    process.lora_root = loras  # type: ignore[attr-defined]
     yield process
     assert process.stop() == 0, process.log()[-3000:]
 
@@ -149,7 +148,7 @@ def server(request: pytest.FixtureRequest) -> Server:
         )
     process: ExecutorProcess = request.getfixturevalue("executor_process")
     assert process.url is not None
-    broken = process.lora_root / "broken.safetensors"  # type: ignore[attr-defined]
+    broken = process.workdir / "loras" / "broken.safetensors"
     return Server(
         "executor",
         process.url,
