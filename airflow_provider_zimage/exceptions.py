@@ -17,7 +17,9 @@ class ZImageError(Exception):
 class ZImageValidationError(ZImageError, ValueError):
     """A request broke a rule of the API or of the chosen model; raised before any network call.
 
-    `errors` keeps one entry per offending parameter, named as on the wire (`CFGScale`, `width`).
+    `errors` keeps one entry per offending parameter, named as on the wire (`CFGScale`, `width`):
+    `parameter`, `message`, `value`, and `code` (`missingParameter`, `unsupportedParameter`) when the
+    mistake is not a bad value.
     """
 
     def __init__(self, message: str, errors: list[dict[str, Any]] | None = None) -> None:

@@ -981,7 +981,12 @@ def _entry(parameter: str, message: str, value: Any = None) -> dict[str, Any]:
 
 
 def _public(entry: dict[str, Any]) -> dict[str, Any]:
-    return {k: entry[k] for k in ("parameter", "message", "value")}
+    return {k: entry[k] for k in ("parameter", "message", "value", "code") if k in entry}
+
+
+# Runware's codes for the two mistakes that are not a bad value (the OpenAPI seed's 400s); an entry
+# without a `code` is an `invalidParameter`. The executor answers with them, as Runware would.
+_ERROR_CODES = {"missing": "missingParameter", "extra_forbidden": "unsupportedParameter"}
 
 
 def _join(base: str, name: str, sep: str = ".") -> str:
@@ -1116,7 +1121,10 @@ def _validation_error(exc: ValidationError) -> ZImageValidationError:
                 )
         else:
             value = None if error["type"] == "missing" else error["input"]
-            entries.append(_entry(where.path, _problem(error, where), value))
+            entry = _entry(where.path, _problem(error, where), value)
+            if error["type"] in _ERROR_CODES:
+                entry["code"] = _ERROR_CODES[error["type"]]
+            entries.append(entry)
     count = f"{len(entries)} problem" + ("s" if len(entries) != 1 else "")
     message = f"Invalid Z-Image request ({count}): " + "; ".join(e["text"] for e in entries)
     return ZImageValidationError(message, [_public(e) for e in entries])

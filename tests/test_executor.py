@@ -25,6 +25,7 @@ from airflow_provider_zimage.exceptions import ZImageAuthError, ZImagePermanentE
 from airflow_provider_zimage.executor.process import ExecutorProcess
 from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
 from airflow_provider_zimage.models import ImageInferenceRequest
+from airflow_provider_zimage.outcomes import Action, for_status
 from airflow_provider_zimage.protocol import RetryPolicy
 
 pytestmark = pytest.mark.local
@@ -57,6 +58,14 @@ def executor(tiny_model, tmp_path_factory):
     process = start(tiny_model, tmp_path_factory.mktemp("executor"))
     yield process
     assert process.stop() == 0, process.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_model, tmp_path_factory):
+    """A real LoRA of the tiny model, in a folder the module's executor was not told about."""
+    from airflow_provider_zimage.testing.tiny_model import build_tiny_lora
+
+    return build_tiny_lora(tiny_model, tmp_path_factory.mktemp("lora-elsewhere"))
 
 
 def hook_for(process: ExecutorProcess, token: str | None = None) -> ZImageHook:
@@ -204,6 +213,52 @@ def test_local_refusals_are_400s_naming_the_parameter(executor, parameter, overr
     assert [e["parameter"] for e in answer.json()["errors"]] == [parameter]
     with pytest.raises(ZImagePermanentError, match=parameter.replace(".", r"\.")):
         hook_for(executor).submit([request(**overrides)])
+
+
+def test_a_lora_file_outside_the_allowed_roots_is_refused_like_a_missing_one_and_never_loaded(
+    executor, tiny_lora
+):
+    """A token holder must not make the GPU host open its files, nor learn which ones exist."""
+    real = request(lora=[{"model": f"file:{tiny_lora}", "weight": 1}])
+    missing = request(lora=[{"model": f"file:{tiny_lora.parent}/no-such-lora.safetensors", "weight": 1}])
+    answers = [post(executor, [task(real)]), post(executor, [task(missing)])]
+    assert [a.status_code for a in answers] == [400, 400]
+    [[refused], [absent]] = [a.json()["errors"] for a in answers]
+    assert refused["parameter"] == absent["parameter"] == "lora[0].model"
+    assert refused["code"] == absent["code"] == "invalidParameter"
+    assert refused["message"] == absent["message"], "one message for 'not allowed' and 'missing'"
+    assert str(tiny_lora.parent) not in refused["message"]
+    unknown = post(executor, [{"taskType": "getResponse", "taskUUID": real.task_uuid}]).json()
+    assert unknown["errors"][0]["code"] == "taskNotFound", "refused before acceptance: nothing ran"
+    assert "1 LoRA(s)" not in executor.log(), "no pipeline call ever loaded a LoRA"
+
+
+def test_a_task_whose_upload_failed_is_an_error_item_under_its_task_uuid_and_the_hook_regenerates(executor):
+    """As on Runware: 200, an item with status "error" for the taskUUID; the hook's outcome is
+    REGENERATE (a new generation), not a failed poll that clearing the task could only repeat."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    hook = hook_for(executor)
+    req = request(seed=11, uploadEndpoint=f"http://127.0.0.1:{port}/bucket/key.png?sig=secret-signature")
+    hook.submit([req])
+    poll = [{"taskType": "getResponse", "taskUUID": req.task_uuid}]
+
+    def finished() -> bool:
+        answer = post(executor, poll)
+        return answer.status_code != 200 or answer.json()["data"][0]["status"] != "processing"
+
+    assert poll_until(finished)
+    answer = post(executor, poll)
+    assert answer.status_code == 200, answer.text
+    [item] = answer.json()["data"]
+    assert (item["taskUUID"], item["status"], item["code"]) == (req.task_uuid, "error", "uploadFailed")
+    assert [e["code"] for e in answer.json()["errors"]] == ["uploadFailed"]
+    assert "secret-signature" not in answer.text
+    outcome = for_status(hook.get_response(req.task_uuid))
+    assert outcome.action is Action.REGENERATE, outcome.message
 
 
 def test_webhook_and_upload_endpoint_are_honoured(executor):

@@ -280,7 +280,50 @@ def test_second_call_does_not_reload(executor, tiny_model):
     assert local.cached_pipelines() == [(str(tiny_model), "cpu", "float32", "text-to-image")]
 
 
-def test_lora_is_applied_then_unloaded(executor, tiny_lora):
+@pytest.mark.parametrize("form", ["real-outside", "missing-outside", "missing-inside", "dot-dot", "symlink"])
+def test_a_lora_file_outside_the_allowed_roots_is_refused_like_a_missing_one_and_never_loaded(
+    tiny_model, tiny_lora, tmp_path, monkeypatch, form
+):
+    """In-process, LoRA files come from the same allowed roots as seed images ([zimage] local_input_roots);
+    a path elsewhere is not opened, and the answer does not say whether the file exists."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    outside = tmp_path / "private.safetensors"
+    outside.write_bytes(tiny_lora.read_bytes())
+    (allowed / "link.safetensors").symlink_to(outside)
+    reference = {
+        "real-outside": f"file:{outside}",
+        "missing-outside": f"file:{tmp_path}/missing.safetensors",
+        "missing-inside": f"file:{allowed}/missing.safetensors",
+        "dot-dot": f"file://{allowed}/../private.safetensors",
+        "symlink": f"file:{allowed}/link.safetensors",
+    }[form]
+    executor = LocalZImageExecutor(tiny_model, local_files_only=True, input_roots=[allowed])
+    loaded: list[Any] = []
+    monkeypatch.setattr(type(executor.pipeline()), "load_lora_weights", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ZImageValidationError) as caught:
+        executor.generate(make_request(lora=[{"model": reference, "weight": 0.8}]))
+    assert caught.value.parameters == ["lora[0].model"]
+    [entry] = caught.value.errors
+    assert entry["message"] == (
+        "names no LoRA file this backend may read: LoRA files must exist inside the allowed folders "
+        "([zimage] local_input_roots in-process; --lora-root, else --input-root, on the executor), "
+        "or be mapped with lora_paths"
+    )
+    assert loaded == [], "the file was never handed to the LoRA loader"
+
+
+def test_a_hugging_face_lora_id_cannot_climb_into_local_folders(unloadable_executor):
+    loads = local.load_count()
+    for name in ("hf:../..", "hf:../../etc/lora.safetensors", "hf:owner/repo/../../x.safetensors", "hf:./x"):
+        with pytest.raises(ZImageValidationError) as caught:
+            unloadable_executor.validate(make_request(lora=[{"model": name}]))
+        assert caught.value.parameters == ["lora[0].model"], name
+    assert local.load_count() == loads
+
+
+def test_lora_is_applied_then_unloaded(tiny_model, tiny_lora):
+    executor = LocalZImageExecutor(tiny_model, local_files_only=True, lora_roots=[tiny_lora.parent])
     [plain] = executor.generate(make_request())
     [with_lora] = executor.generate(make_request(lora=[{"model": f"file:{tiny_lora}", "weight": 0.8}]))
     assert with_lora.data != plain.data
@@ -294,8 +337,9 @@ def test_lora_by_air_id_through_lora_paths(tiny_model, tiny_lora):
         tiny_model, local_files_only=True, lora_paths={"civitai:1@2": str(tiny_lora)}
     )
     by_air = mapped.generate(make_request(lora=[{"model": "civitai:1@2", "weight": 0.8}]))[0].data
-    by_file = mapped.generate(make_request(lora=[{"model": f"file:{tiny_lora}", "weight": 0.8}]))[0].data
-    assert by_air == by_file
+    by_file = LocalZImageExecutor(tiny_model, local_files_only=True, input_roots=[tiny_lora.parent])
+    same = by_file.generate(make_request(lora=[{"model": f"file:{tiny_lora}", "weight": 0.8}]))[0].data
+    assert by_air == same
 
 
 # One name per distinct diffusers configuration: aliases map to the same SchedulerChoice.

@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--input-root", action="append", default=[], help="folder seedImage/maskImage files may be in"
     )
+    serve.add_argument(
+        "--lora-root",
+        action="append",
+        default=[],
+        help="folder file: LoRAs may be in (default: the --input-root folders)",
+    )
     serve.add_argument("--public-url", help="base URL clients reach this executor at (for image URLs)")
     serve.add_argument("--allow-downloads", action="store_true", help="let from_pretrained use the HF hub")
     serve.add_argument("--no-preload", dest="preload", action="store_false", help="load on first request")
@@ -92,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExecutorConfig, str]:
             local_files_only=not args.allow_downloads,
             preload=args.preload,
             input_roots=tuple(args.input_root),
+            lora_roots=tuple(args.lora_root) if args.lora_root else None,
             public_url=args.public_url,
         )
     except ValueError as exc:

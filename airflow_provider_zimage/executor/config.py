@@ -24,6 +24,8 @@ class ExecutorConfig:
     :param fetch_grace: without `output_dir`, SIGTERM also waits (within `drain_timeout`) for results
         made in the last this-many seconds to be fetched: a polling client is that late at most.
     :param input_roots: folders `seedImage`/`maskImage` file paths may point into (default: none).
+    :param lora_roots: folders `file:` LoRAs named by a request may be in; None: the `input_roots`.
+        A path elsewhere gets the same answer as a missing file and is never opened.
     :param public_url: the base URL clients reach this executor at (image URLs are built on it).
     """
 
@@ -41,6 +43,7 @@ class ExecutorConfig:
     local_files_only: bool = True
     preload: bool = True
     input_roots: tuple[str, ...] = ()
+    lora_roots: tuple[str, ...] | None = None
     public_url: str | None = None
 
     def __post_init__(self) -> None:

@@ -114,6 +114,7 @@ class ExecutorServer:
                     local_files_only=self.config.local_files_only,
                     max_models_per_device=len(self.config.models),
                     input_roots=list(self.config.input_roots),
+                    lora_roots=None if self.config.lora_roots is None else list(self.config.lora_roots),
                 )
                 for air, source in self.config.models.items()
             }
@@ -441,9 +442,14 @@ class ExecutorServer:
                 "(never accepted, or lost in a restart)."
             )
             return [], [error_item("taskNotFound", message, **ids)]
-        if not record.items and not record.done.is_set():
+        if not record.items and not record.errors and not record.done.is_set():
             return [{"taskType": INFERENCE, "taskUUID": task_uuid, "status": "processing"}], []
-        return self._answer(record), list(record.errors)
+        # As Runware (and its test server) answer a task that failed: 200, an item with status "error"
+        # under the taskUUID beside any images, and the same errors in `errors`. A 400 with no item
+        # would read as our poll being refused: "fail, clear to reattach" to a task that can only
+        # fail again, instead of "generate again".
+        failed = [{**error, "status": "error"} for error in record.errors]
+        return self._answer(record) + failed, list(record.errors)
 
     def _answer(self, record: TaskRecord) -> list[dict[str, Any]]:
         """The task's results for a response; inline data in an answer counts as fetched."""
@@ -542,9 +548,17 @@ class ExecutorServer:
                 self._add_item(record, item)
 
     def _fail_image(self, record: TaskRecord, exc: BaseException) -> None:
+        """An accepted task failed: Runware's shape, an error item under the taskUUID (see `_poll`).
+
+        The codes are those of the Runware test server for the same failures: `uploadFailed` (with the
+        image's UUID), `taskFailed` for a task this backend could not run (a LoRA that does not load,
+        NaN images), `internalError` (transient: the client reattaches) for anything unexpected.
+        """
         ids = {"taskType": INFERENCE, "taskUUID": record.task_uuid}
-        if isinstance(exc, (ZImageValidationError, _UploadFailed)):
-            items = _refusal_items(exc, ids)
+        if isinstance(exc, _UploadFailed):
+            items = [error_item("uploadFailed", str(exc), imageUUID=exc.image_uuid, **ids)]
+        elif isinstance(exc, ZImageValidationError):
+            items = [error_item("taskFailed", str(exc), **ids)]
         else:
             code = "taskFailed" if isinstance(exc, ZImageError) else "internalError"
             items = [error_item(code, f"{type(exc).__name__}: {exc}", **ids)]
@@ -598,7 +612,7 @@ class ExecutorServer:
             self._add_item(record, item)
             return
         message = f"Uploading the image to the uploadEndpoint failed ({_strip_query(url)})."
-        self._fail_image(record, _UploadFailed(message))
+        self._fail_image(record, _UploadFailed(message, str(item["imageUUID"])))
 
     def _notify(self, record: TaskRecord, item: dict[str, Any], error: dict[str, Any] | None) -> None:
         url = record.payload.get("webhookURL")
@@ -626,18 +640,20 @@ class ExecutorServer:
 
 
 class _UploadFailed(ZImageError):
-    pass
+    def __init__(self, message: str, image_uuid: str) -> None:
+        super().__init__(message)
+        self.image_uuid = image_uuid
 
 
 def _refusal_items(exc: ZImageError, ids: dict[str, Any]) -> list[dict[str, Any]]:
-    """A `ZImageValidationError` as Runware-style error items, one per parameter."""
-    if isinstance(exc, _UploadFailed):
-        return [error_item("uploadFailed", str(exc), **ids)]
+    """A `ZImageValidationError` as Runware-style error items, one per parameter, with Runware's code
+    for the kind of mistake (`missingParameter`, `unsupportedParameter`, else `invalidParameter`)."""
     entries = getattr(exc, "errors", None) or []
     items = []
     for entry in entries:
         parameter = entry.get("parameter")
         message = entry.get("message") or str(exc)
         text = f"{parameter}: {message}" if parameter else message
-        items.append(error_item("invalidParameter", text, parameter=parameter, **ids))
+        code = entry.get("code") or "invalidParameter"
+        items.append(error_item(code, text, parameter=parameter, **ids))
     return items or [error_item("invalidParameter", str(exc), **ids)]

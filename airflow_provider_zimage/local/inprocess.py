@@ -57,11 +57,15 @@ class LocalZImageExecutor:
     :param local_files_only: never touch the Hugging Face hub (weights must be in the cache or folder).
     :param lora_paths: where LoRAs named by Runware AIR ids (`civitai:123@4`) live locally: a file, a folder
         or `hf:owner/repo`. Requests may also name `file:/path/lora.safetensors` or `hf:owner/repo` directly.
+        The targets here are configuration and may be anywhere; a `file:` path in a request must be inside
+        `lora_roots`.
     :param max_models_per_device: checkpoints kept per device; loading another evicts the oldest, because
         two Z-Image checkpoints (~20 GB each) do not fit most GPUs.
     :param from_pretrained_kwargs: passed to `from_pretrained` (revision, cache_dir, token...).
     :param input_roots: folders `seedImage`/`maskImage` file paths may point into; None reads
         `[zimage] local_input_roots` (default: the output path and the DAGs folder).
+    :param lora_roots: folders `file:` LoRAs named by a request may be in; None: the `input_roots`. A
+        path elsewhere is refused with the same words as a missing file, and never opened.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class LocalZImageExecutor:
         max_models_per_device: int = 1,
         from_pretrained_kwargs: Mapping[str, Any] | None = None,
         input_roots: Sequence[str | os.PathLike[str]] | None = None,
+        lora_roots: Sequence[str | os.PathLike[str]] | None = None,
     ) -> None:
         self.model_path = os.fspath(model_path) if model_path is not None else None
         self.device = device or "auto"
@@ -87,6 +92,7 @@ class LocalZImageExecutor:
         self.max_models_per_device = max(1, max_models_per_device)
         self.from_pretrained_kwargs = dict(from_pretrained_kwargs or {})
         self._input_roots = None if input_roots is None else [os.fspath(r) for r in input_roots]
+        self.lora_roots = None if lora_roots is None else [os.fspath(r) for r in lora_roots]
         self._cache = PipelineCache(
             cpu_offload=cpu_offload,
             local_files_only=local_files_only,
@@ -115,6 +121,7 @@ class LocalZImageExecutor:
             request,
             lora_paths=self.lora_paths,
             input_roots=self.input_roots,
+            lora_roots=self.lora_roots,
             delivery_supported=delivery_supported,
         )
 

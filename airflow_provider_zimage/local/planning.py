@@ -15,6 +15,7 @@ import secrets
 import uuid
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlparse
 
@@ -134,9 +135,14 @@ def plan_request(
     *,
     lora_paths: Mapping[str, str],
     input_roots: Sequence[str],
+    lora_roots: Sequence[str] | None = None,
     delivery_supported: bool = False,
 ) -> Plan:
-    """Validate `request` for the local pipelines and decode its image inputs; loads no model."""
+    """Validate `request` for the local pipelines and decode its image inputs; loads no model.
+
+    LoRA files a request names (`file:...`) must be inside `lora_roots` (None: the `input_roots`);
+    the targets of `lora_paths`, set by whoever deploys the backend, are trusted.
+    """
     spec = model_spec(request.model)
     issues = unsupported_features(request, delivery_supported=delivery_supported)
 
@@ -173,7 +179,12 @@ def plan_request(
         if value is not None and (value < SIZE_MULTIPLE or value % SIZE_MULTIPLE):
             issues.append(issue(parameter, f"must be a positive multiple of {SIZE_MULTIPLE}", value))
 
-    loras = _lora_plans(getattr(request, "lora", None) or [], lora_paths, issues)
+    loras = _lora_plans(
+        getattr(request, "lora", None) or [],
+        lora_paths,
+        input_roots if lora_roots is None else lora_roots,
+        issues,
+    )
     raise_issues(issues)  # everything cheap is checked before any download or decode
 
     seed_image = load_image(seed_ref, "inputs.seedImage", "RGB", input_roots) if seed_ref else None
@@ -245,15 +256,21 @@ def plan_request(
 
 
 def _lora_plans(
-    loras: Sequence[Any], lora_paths: Mapping[str, str], issues: list[dict[str, Any]]
+    loras: Sequence[Any],
+    lora_paths: Mapping[str, str],
+    lora_roots: Sequence[str],
+    issues: list[dict[str, Any]],
 ) -> list[LoraPlan]:
     plans = []
     for index, lora in enumerate(loras):
         parameter = f"lora[{index}].model"
         name = str(lora.model)
-        target = lora_paths.get(name, name)
         weight = float(lora.weight) if getattr(lora, "weight", None) is not None else 1.0
-        resolved = _resolve_lora(target)
+        resolved: tuple[str, str | None] | str | None
+        if name in lora_paths:
+            resolved = _resolve_mapped_lora(lora_paths[name])
+        else:
+            resolved = _resolve_requested_lora(name, lora_roots)
         if resolved is None:
             issues.append(
                 issue(
@@ -317,21 +334,55 @@ def unsupported_features(request: Any, *, delivery_supported: bool = False) -> l
     return issues
 
 
-def _resolve_lora(target: str) -> tuple[str, str | None] | str | None:
-    """(source for load_lora_weights, weight_name) | problem text | None when it names nothing local."""
-    if target.startswith(("hf:", "huggingface:")):
-        repo = target.split(":", 1)[1].strip("/")
-        parts = repo.split("/")
-        if len(parts) < 2:
-            return "must be hf:owner/repo or hf:owner/repo/file.safetensors"
-        return "/".join(parts[:2]), ("/".join(parts[2:]) or None)
-    path: str | None = None
+# Hugging Face's rule for an owner or repo name: no path step ("..", "."), nothing a folder could be.
+_HF_NAME = re.compile(r"^(?!.*(?:\.\.|--))[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
+_HF_FORM = "must be hf:owner/repo or hf:owner/repo/file.safetensors (Hugging Face names, no path steps)"
+# One answer for "outside the allowed folders", "missing" and "not a file or folder": a request is data
+# from whoever holds the token, and must learn nothing about which files exist on the host.
+LORA_FILE_REFUSAL = (
+    "names no LoRA file this backend may read: LoRA files must exist inside the allowed folders "
+    "([zimage] local_input_roots in-process; --lora-root, else --input-root, on the executor), "
+    "or be mapped with lora_paths"
+)
+
+
+def _resolve_hf(target: str) -> tuple[str, str | None] | str:
+    parts = target.split(":", 1)[1].strip("/").split("/")
+    if len(parts) < 2 or not all(_HF_NAME.match(p) for p in parts[:2]):
+        return _HF_FORM
+    if any(p in ("", ".", "..") for p in parts[2:]):
+        return _HF_FORM
+    return "/".join(parts[:2]), ("/".join(parts[2:]) or None)
+
+
+def _file_path(target: str) -> str | None:
+    if target.startswith("file://"):
+        return unquote(urlparse(target).path)
     if target.startswith("file:"):
-        path = unquote(urlparse(target).path) if target.startswith("file://") else target[5:]
-    elif os.path.isabs(target) or os.path.exists(target):
-        path = target
+        return target[5:]
+    return None
+
+
+def _resolve_requested_lora(name: str, roots: Sequence[str]) -> tuple[str, str | None] | str | None:
+    """A LoRA the request names: `hf:` ids, or `file:` paths that resolve (symlinks followed) inside
+    `roots`; bare names are AIR ids that only `lora_paths` can map, never paths."""
+    if name.startswith(("hf:", "huggingface:")):
+        return _resolve_hf(name)
+    path = _file_path(name)
     if path is None:
         return None
+    resolved = Path(path).resolve()
+    allowed = [Path(root).resolve() for root in roots]
+    if not any(resolved.is_relative_to(root) for root in allowed) or not resolved.exists():
+        return LORA_FILE_REFUSAL
+    return str(resolved), None
+
+
+def _resolve_mapped_lora(target: str) -> tuple[str, str | None] | str:
+    """A `lora_paths` target: configuration, not request data, so it may point anywhere."""
+    if target.startswith(("hf:", "huggingface:")):
+        return _resolve_hf(target)
+    path = _file_path(target) or target
     if not os.path.exists(path):
-        return f"names a local LoRA that does not exist: {path}"
+        return f"is mapped by lora_paths to a local LoRA that does not exist: {path}"
     return path, None
