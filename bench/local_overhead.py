@@ -11,11 +11,17 @@ Reported:
   * cold (first call of the process: load + first run) vs warm task time.
 
     python bench/local_overhead.py [--runs 40] [--size 128] [--steps 2] [--format PNG] [--threads N]
+    python bench/local_overhead.py --smoke   # 3 runs, 1 warm-up, 1 thread (make bench-smoke)
+
+The provider's own INFO lines (one per denoising step and several per image, as a task log wants them)
+are turned down to warnings here, in this process only: at 2 steps they were most of the output.
+Exits non-zero when `generate()` does not give the bare call's bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import tempfile
@@ -32,8 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--format", default="PNG", choices=["PNG", "JPG", "WEBP"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls of each path first")
     parser.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "zimage-tiny-bench"))
+    parser.add_argument("--smoke", action="store_true", help="seconds, tiny sizes (make bench-smoke)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        # One thread: two spinning OpenMP threads on a busy 2-core machine made a 0.1 s call take 1 s.
+        args.runs, args.warmup, args.threads = 3, 1, 1
 
     started = time.perf_counter()
     import numpy as np
@@ -44,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     from airflow_provider_zimage.testing.tiny_model import build_tiny_zimage
 
     import_s = time.perf_counter() - started
+    # After the imports: Airflow's logging setup, which they run, would otherwise reset the level.
+    logging.getLogger("airflow_provider_zimage").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = build_tiny_zimage(args.model_dir)
@@ -85,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     # Same image both ways: the executor must not change the numerics.
     same = executor.generate(request(7))[0].data == local.encode_image(bare(7), args.format, 95)
 
-    for seed in range(3):  # warm-up both paths
+    for seed in range(args.warmup):  # warm-up both paths
         bare(seed)
         executor.generate(request(seed))
 
@@ -126,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  ratio excluding encode          : {(exec_m - enc_m) / bare_m:8.3f}   (target < 1.05)")
     print(f"  cold / warm                     : {cold / exec_m:8.1f}x")
     print(f"  same bytes as bare call + encode: {same}")
+    if not same:
+        raise SystemExit("generate() and the bare pipeline call gave different images for the same seed")
 
 
 if __name__ == "__main__":
