@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         stats = runware.stats
         print(f"webhooks delivered: {stats['webhook_deliveries']}, dropped: {stats['webhooks_dropped']}")
-        if stats["webhooks_dropped"]:
-            raise SystemExit(f"{stats['webhooks_dropped']} webhook(s) dropped: the latency above is polling's")
+        if dropped := stats["webhooks_dropped"]:
+            raise SystemExit(f"{dropped} webhook(s) dropped: the figures above are polling's")
         server.should_exit = True  # type: ignore[attr-defined]
         thread.join(10)
 
