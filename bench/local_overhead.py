@@ -10,8 +10,8 @@ Reported:
   * the image encoding (PNG/JPEG/WEBP) that `generate()` also does, timed alone, and the ratio without it;
   * cold (first call of the process: load + first run) vs warm task time.
 
-    python bench/local_overhead.py [--runs 40] [--size 128] [--steps 2] [--format PNG] [--threads N]
-    python bench/local_overhead.py --smoke   # 3 runs, 1 warm-up, 1 thread (make bench-smoke)
+    python bench/local_overhead.py [--runs 40] [--size 128] [--steps 2] [--format PNG] [--threads 1]
+    python bench/local_overhead.py --smoke   # 3 runs, 1 warm-up (make bench-smoke)
 
 The provider's own INFO lines (one per denoising step and several per image, as a task log wants them)
 are turned down to warnings here, in this process only: at 2 steps they were most of the output.
@@ -37,14 +37,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=128, help="smallest size the request model accepts")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--format", default="PNG", choices=["PNG", "JPG", "WEBP"])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    # One thread by default: with torch's choice (one per core) on a shared 2-core machine, OpenMP
+    # threads spin waiting for each other, and the default run went from 19 s to over 4.5 minutes.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls of each path first")
     parser.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "zimage-tiny-bench"))
     parser.add_argument("--smoke", action="store_true", help="seconds, tiny sizes (make bench-smoke)")
     args = parser.parse_args(argv)
     if args.smoke:
-        # One thread: two spinning OpenMP threads on a busy 2-core machine made a 0.1 s call take 1 s.
-        args.runs, args.warmup, args.threads = 3, 1, 1
+        args.runs, args.warmup = 3, 1
 
     started = time.perf_counter()
     import numpy as np
