@@ -9,7 +9,7 @@ VENV_FLOOR := .venv-af31
 PY_FLOOR := $(VENV_FLOOR)/bin/python
 STAMP_FLOOR := $(VENV_FLOOR)/.installed-$(shell cat pyproject.toml requirements-cpu.txt constraints-af31-cpu.txt 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install install-floor test test-floor lint wheel-smoke e2e e2e-distributed e2e-distributed-packages demo demo-ui bench clean constraints constraints-floor
+.PHONY: install install-floor test test-floor lint wheel-smoke bench-smoke e2e e2e-distributed e2e-distributed-packages demo demo-ui bench clean constraints constraints-floor
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,7 @@ wheel-smoke: install
 
 # The unit suite on both cores, on the newest Airflow and on the floor, then the e2e suite alone on the
 # newest (its Airflow deployment needs both cores).
-test: install lint wheel-smoke test-floor
+test: install lint wheel-smoke bench-smoke test-floor
 	$(PY) -m pytest -q -n 2 --timeout=600
 	$(PY) -m pytest -q -m e2e tests/e2e --timeout=3000 -p no:randomly
 
@@ -91,7 +91,25 @@ demo-ui: install
 	$(PY) scripts/demo.py --ui
 
 bench: install
-	@echo "Benchmarks are run one by one: ls bench/"
+	@echo "Benchmarks are run one by one: ls bench/ (figures: docs/benchmarks.md); make bench-smoke runs them all tiny"
+
+# Every bench/*.py (but _*.py) with --smoke: the real code path at tiny sizes, so a changed interface
+# fails here and not in the next measurement. gpu_check.py goes through its shell wrapper (the CPU path
+# without a GPU). A bench's output is shown only when it fails; tests/test_bench_smoke.py checks that
+# every bench has the flag. Time per bench: docs/benchmarks.md.
+bench-smoke: install
+	@total=$$(date +%s); log=$$(mktemp); for bench in bench/[!_]*.py; do \
+	  case $$bench in \
+	    bench/gpu_check.py) set -- bash bench/gpu_check.sh --smoke ;; \
+	    *) set -- $(PY) $$bench --smoke ;; \
+	  esac; \
+	  start=$$(date +%s); \
+	  if PYTHON=$(PY) "$$@" > $$log 2>&1; then \
+	    echo "bench-smoke: $$bench ok ($$(( $$(date +%s) - start )) s)"; \
+	  else \
+	    tail -n 40 $$log; echo "bench-smoke: $$bench FAILED: $$*" >&2; rm -f $$log; exit 1; \
+	  fi; \
+	done; rm -f $$log; echo "bench-smoke: all passed in $$(( $$(date +%s) - total )) s"
 
 # After changing dependencies: re-resolve from scratch, then freeze what the suite passed with.
 constraints:

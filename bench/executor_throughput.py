@@ -30,6 +30,13 @@ Then the executor alone, outside Airflow: N requests in one POST, batching on (`
 
     python bench/executor_throughput.py [--tasks 20] [--parallel 4] [--size 128] [--steps 2]
                                         [--model-scale 1] [--max-batch 4] [--compare-poll-interval 1.0]
+    python bench/executor_throughput.py --smoke   # 1 task, tiny model (make bench-smoke)
+
+The smoke runs the deployment part at tiny sizes (no warm-up DAG run, no poll-interval comparison)
+and leaves out the fresh-process import and the executor-alone batching (each a process importing
+torch; `gpu_check.sh --smoke` covers batching through the hook): on a busy 2-core machine those
+doubled its time. It exits non-zero when a run fails, the executor loaded the model more than once,
+or the in-process tasks' "Loaded Z-Image in" lines it counts are gone.
 
 `--model-scale S` builds a larger random checkpoint (transformer width 32*S, 8 layers; S=24: ~300 MB,
 S=32: ~520 MB of float32 weights) so that loading has a share of a task closer to a real checkpoint's.
@@ -310,7 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per DAG run at most")
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "zimage-executor-bench"))
+    parser.add_argument("--smoke", action="store_true", help="seconds, tiny sizes (make bench-smoke)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        # Each thing left out costs a DAG run or a process importing torch; the smoke checks paths.
+        args.tasks, args.parallel, args.model_scale = 1, 2, 1
+        args.compare_poll_interval, args.timeout = 0.0, 180.0
     compare_poll = args.compare_poll_interval if args.compare_poll_interval > 0 else None
 
     from tests.e2e.harness import Deployment, DeploymentConfig
@@ -321,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env = {**os.environ, **threads, "PYTHONPATH": str(ROOT)}
     load, bare = bare_timings(model, args)
-    fresh = fresh_process_load(model, env)
+    fresh = float("nan") if args.smoke else fresh_process_load(model, env)
     ideal = args.tasks * bare + load
     print(
         f"checkpoint {model} (scale {args.model_scale}, {size_mb:.0f} MB), {args.size}x{args.size}, "
@@ -346,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
         dags = [WARMUP, NOOP, IN_PROCESS, EXECUTOR] + ([EXECUTOR_POLL] if compare_poll else [])
         deployment.wait_for_dags(dags)
         print(f"deployment up in {deployment.startup_seconds:.1f}s")
-        run_dag(deployment, WARMUP, args.timeout)  # first-run costs (imports, DB pages) kept out
+        if not args.smoke:
+            run_dag(deployment, WARMUP, args.timeout)  # first-run costs (imports, DB pages) kept out
         results["no-op"] = run_dag(deployment, NOOP, args.timeout)
         results["in-process"] = run_dag(deployment, IN_PROCESS, args.timeout)
         deployment.start_executor(model, "--max-batch", "1")
@@ -371,10 +384,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(f"in-process / executor wall: {results['in-process']['wall'] / results['executor']['wall']:.2f}x")
 
-    rates = batching(model, args, env, work)
-    line = ", ".join(f"--max-batch {b}: {r:.2f} images/s" for b, r in rates.items())
-    gain = rates[args.max_batch] / rates[1] if args.max_batch != 1 else 1.0
-    print(f"executor alone, {args.tasks} requests at once: {line} (batching gain {gain:.2f}x)")
+    rates = {} if args.smoke else batching(model, args, env, work)
+    if rates:
+        line = ", ".join(f"--max-batch {b}: {r:.2f} images/s" for b, r in rates.items())
+        gain = rates[args.max_batch] / rates[1] if args.max_batch != 1 else 1.0
+        print(f"executor alone, {args.tasks} requests at once: {line} (batching gain {gain:.2f}x)")
+    loads = results["executor"]["loads"]
     print(
         json.dumps(
             {
@@ -387,6 +402,11 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
     )
+    if loads != 1:
+        raise SystemExit(f"the executor loaded the model {loads} times, not once")
+    if results["in-process"]["loads"] < args.tasks:
+        # Counted from "Loaded Z-Image in" task-log lines: fewer means the line changed, not the backend.
+        raise SystemExit(f"{results['in-process']['loads']} 'Loaded Z-Image in' lines for {args.tasks} tasks")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ per image, images per minute and the executor's peak GPU memory (from its /metri
 
     bash bench/gpu_check.sh            # real size, one NVIDIA GPU with ~40 GB free, < 8 minutes
     bash bench/gpu_check.sh --tiny     # the tiny model on the CPU, 128x128, 2 steps (CI)
+    bash bench/gpu_check.sh --smoke    # --tiny with one timed run; exits non-zero unless batch 4 batched
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (CI smoke test)")
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "zimage-gpu-check"))
     parser.add_argument("--runs", type=int, default=3, help="timed batch-1 requests")
+    parser.add_argument("--smoke", action="store_true", help="--tiny, 1 run (make bench-smoke)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.tiny, args.runs = True, 1
 
     from airflow_provider_zimage.executor.process import ExecutorProcess
     from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
@@ -146,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
         + ("" if not args.tiny else " (CPU run)")
     )
     print(json.dumps(report))
+    if args.smoke and not batched:
+        raise SystemExit("the batch of 4 took more than one pipeline call: the executor stopped batching")
     return report
 
 

@@ -7,7 +7,8 @@ bf16 weights, directly on the GPU (CPU init of 10B parameters would take minutes
 
     python bench/gpu_latency.py                 # real size, needs a CUDA GPU with ~30 GB free
     python bench/gpu_latency.py --dry-run       # build the real-size configs on the meta device, count params
-    python bench/gpu_latency.py --tiny          # tiny configs on CPU, 64x64, 2 steps (CI smoke test)
+    python bench/gpu_latency.py --tiny          # tiny configs on CPU, 64x64, 2 steps
+    python bench/gpu_latency.py --smoke         # --tiny, one run, no warm-up (make bench-smoke)
 
 The tokenizer is the offline byte-level one from `airflow_provider_zimage.testing`: one token per byte, so
 the default prompt is kept short to give a caption length close to what Qwen's BPE makes of a typical
@@ -210,7 +211,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (real size)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    parser.add_argument("--smoke", action="store_true", help="--tiny, 1 run, 0 warm-up (make bench-smoke)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.tiny, args.runs, args.warmup = True, 1, 0
 
     import torch
     from diffusers import ZImagePipeline

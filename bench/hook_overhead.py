@@ -4,6 +4,7 @@ Target (issue 2): under 2 ms per request. The server runs in another process, so
 `time.thread_time()` counts only this thread's CPU, not the wait for the network.
 
     .venv/bin/python bench/hook_overhead.py [--requests 500]
+    .venv/bin/python bench/hook_overhead.py --smoke   # 20 requests after 2 warm-up (make bench-smoke)
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--warmup", type=int, default=20, help="untimed requests first")
+    parser.add_argument("--smoke", action="store_true", help="seconds, tiny sizes (make bench-smoke)")
     args = parser.parse_args()
+    if args.smoke:
+        args.requests, args.warmup = 20, 2
     with server_process("--api-key", "bench-key") as url:
         hook = ZImageHook(settings=ConnectionSettings(base_url=url, api_key="bench-key"))
         fields = {
@@ -38,7 +43,7 @@ def main() -> None:
             "include_cost": True,
         }
         # Warm up: connection pool, imports, pydantic schema caches.
-        for i in range(20):
+        for i in range(args.warmup):
             hook.submit([ImageInferenceRequest.build(positive_prompt=f"warm {i}", **fields)])
 
         build, send_parse, total = [], [], []

@@ -10,12 +10,18 @@ Reported:
   * the image encoding (PNG/JPEG/WEBP) that `generate()` also does, timed alone, and the ratio without it;
   * cold (first call of the process: load + first run) vs warm task time.
 
-    python bench/local_overhead.py [--runs 40] [--size 128] [--steps 2] [--format PNG] [--threads N]
+    python bench/local_overhead.py [--runs 40] [--size 128] [--steps 2] [--format PNG] [--threads 1]
+    python bench/local_overhead.py --smoke   # 3 runs, 1 warm-up (make bench-smoke)
+
+The provider's own INFO lines (one per denoising step and several per image, as a task log wants them)
+are turned down to warnings here, in this process only: at 2 steps they were most of the output.
+Exits non-zero when `generate()` does not give the bare call's bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import tempfile
@@ -31,9 +37,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=128, help="smallest size the request model accepts")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--format", default="PNG", choices=["PNG", "JPG", "WEBP"])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    # One thread by default: with torch's choice (one per core) on a shared 2-core machine, OpenMP
+    # threads spin waiting for each other, and the default run went from 19 s to over 4.5 minutes.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls of each path first")
     parser.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "zimage-tiny-bench"))
+    parser.add_argument("--smoke", action="store_true", help="seconds, tiny sizes (make bench-smoke)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.runs, args.warmup = 3, 1
 
     started = time.perf_counter()
     import numpy as np
@@ -44,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     from airflow_provider_zimage.testing.tiny_model import build_tiny_zimage
 
     import_s = time.perf_counter() - started
+    # After the imports: Airflow's logging setup, which they run, would otherwise reset the level.
+    logging.getLogger("airflow_provider_zimage").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = build_tiny_zimage(args.model_dir)
@@ -85,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     # Same image both ways: the executor must not change the numerics.
     same = executor.generate(request(7))[0].data == local.encode_image(bare(7), args.format, 95)
 
-    for seed in range(3):  # warm-up both paths
+    for seed in range(args.warmup):  # warm-up both paths
         bare(seed)
         executor.generate(request(seed))
 
@@ -126,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  ratio excluding encode          : {(exec_m - enc_m) / bare_m:8.3f}   (target < 1.05)")
     print(f"  cold / warm                     : {cold / exec_m:8.1f}x")
     print(f"  same bytes as bare call + encode: {same}")
+    if not same:
+        raise SystemExit("generate() and the bare pipeline call gave different images for the same seed")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ Prints wall time as a ratio to the server's fixed delay, RSS growth and CPU seco
 Targets (issue 3): ratio under 1.2 plus one poll interval, under 100 MB growth, under 10 CPU seconds.
 
     .venv/bin/python bench/triggerer_load.py [--triggers 1000 --delay 10 --poll-interval 1 --max-poll 2]
+    .venv/bin/python bench/triggerer_load.py --smoke   # 20 triggers, 0.5 s delay (make bench-smoke)
+
+Every event is read as the operators read it (`TaskEvent`), and the run exits non-zero unless every
+trigger ended with `store`: a changed event shape fails here, not in the next measurement.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ def rss_mb() -> float:
 async def run(args: argparse.Namespace, url: str) -> dict[str, float]:
     from airflow_provider_zimage.hooks.runware import ZImageHook
     from airflow_provider_zimage.models import ImageInferenceRequest
-    from airflow_provider_zimage.triggers.task import ZImageTaskTrigger
+    from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
 
     hook = ZImageHook()
     requests = [
@@ -63,17 +67,18 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, float]:
 
     async def first_event(trigger: ZImageTaskTrigger) -> str:
         async for event in trigger.run():
-            return event.payload["status"]
+            # The operators' own reading of the event: an unknown or missing field raises here.
+            return TaskEvent.model_validate(event.payload).outcome
         return "none"
 
-    statuses = await asyncio.gather(*(first_event(t) for t in triggers))
+    outcomes = await asyncio.gather(*(first_event(t) for t in triggers))
     wall = time.perf_counter() - t0
     return {
         "submitted_s": submitted,
         "wall_s": wall,
         "cpu_s": time.process_time() - cpu0,
         "rss_growth_mb": rss_mb() - rss0,
-        "success": sum(s == "success" for s in statuses),
+        "stored": sum(o == "store" for o in outcomes),
     }
 
 
@@ -85,7 +90,10 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=10.0, help="server-side seconds before results")
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--max-poll", type=float, default=2.0)
+    parser.add_argument("--smoke", action="store_true", help="seconds, tiny sizes (make bench-smoke)")
     args = parser.parse_args()
+    if args.smoke:
+        args.triggers, args.delay, args.poll_interval, args.max_poll = 20, 0.5, 0.1, 0.2
     resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536)) if resource.getrlimit(resource.RLIMIT_NOFILE)[
         1
     ] >= 65536 else None
@@ -100,12 +108,14 @@ def main() -> None:
 
     ratio = figures["wall_s"] / args.delay
     target = 1.2 + args.max_poll / args.delay
-    print(f"triggers            {args.triggers} ({figures['success']:.0f} succeeded)")
+    print(f"triggers            {args.triggers} ({figures['stored']:.0f} stored)")
     print(f"server delay        {args.delay:.1f} s; poll interval {args.poll_interval}-{args.max_poll} s")
     print(f"submit time         {figures['submitted_s']:.2f} s")
     print(f"wall time           {figures['wall_s']:.2f} s  -> ratio {ratio:.3f} (target < {target:.2f})")
     print(f"RSS growth          {figures['rss_growth_mb']:.1f} MB (target < 100)")
     print(f"CPU                 {figures['cpu_s']:.2f} s (target < 10)")
+    if figures["stored"] != args.triggers:
+        raise SystemExit(f"only {figures['stored']:.0f} of {args.triggers} triggers ended with 'store'")
 
 
 if __name__ == "__main__":
