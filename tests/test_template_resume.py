@@ -57,7 +57,9 @@ with DAG(PARAMS["dag_id"], schedule=None, start_date=pendulum.datetime(2026, 1, 
 """
 
 
-def run_generate(dag_id: str, output: str, *, seed: str = RANDOM_SEED, retries: int = 0, fail_first: bool = False):
+def run_generate(
+    dag_id: str, output: str, *, seed: str = RANDOM_SEED, retries: int = 0, fail_first: bool = False
+):
     return run_dag(
         dag_id,
         GENERATE_DAG,
@@ -82,7 +84,9 @@ def stored_images(output: str) -> list[dict]:
 
 
 def warnings_about_rendering(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and WARNING in r.getMessage()]
+    return [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and WARNING in r.getMessage()
+    ]
 
 
 def test_a_deferred_task_whose_seed_renders_differently_on_resume_stores_the_image_it_paid_for(
@@ -125,5 +129,45 @@ def test_a_seed_derived_from_the_run_renders_the_same_and_warns_nothing(zimage_c
     assert run.state == "success", task_states(run)
     assert zimage_conn.stats["total_accepted"] == 1
     (image,) = stored_images(output_dir)
-    assert image["seed"] == 20260101 or image["seed"] == int(image["manifest"]["request"]["seed"])
+    assert image["manifest"]["request"]["seed"] == image["seed"]
     assert warnings_about_rendering(caplog) == []
+
+
+BATCH_DAG = """
+import pendulum
+from airflow.sdk import DAG
+
+from airflow_provider_zimage.operators.batch import ZImageBatchGenerateOperator
+
+with DAG(PARAMS["dag_id"], schedule=None, start_date=pendulum.datetime(2026, 1, 1), catchup=False):
+    ZImageBatchGenerateOperator(
+        task_id="shots",
+        requests=[{"prompt": f"catalogue item {i}", "seed": PARAMS["seed"]} for i in range(3)],
+        width=256,
+        height=256,
+        output_path=PARAMS["output"],
+        deferrable=True,
+        defer_after=0,
+        poll_interval=0.05,
+        max_poll_interval=0.2,
+    )
+"""
+
+
+def test_a_deferred_batch_whose_rows_render_differently_on_resume_stores_what_it_paid_for(
+    zimage_conn, output_dir, caplog
+):
+    zimage_conn.configure(delay=0.4)
+    caplog.set_level(logging.INFO)
+    run = run_dag(
+        "random_seed_batch", BATCH_DAG, dag_id="random_seed_batch", output=output_dir, seed=RANDOM_SEED
+    )
+    assert run.state == "success", task_states(run)
+    stats = zimage_conn.stats
+    assert stats["total_accepted"] == 3, stats  # one image per row, paid once
+    root = Path(output_dir.removeprefix("file://"))
+    (manifest,) = [json.loads(p.read_text()) for p in root.rglob("manifest.json")]
+    assert sorted(i["index"] for i in manifest["images"]) == [0, 1, 2]
+    assert {i["task_uuid"] for i in manifest["images"]} == set(stats["accepted"])
+    (warning,) = warnings_about_rendering(caplog)
+    assert "requests[0]" in warning and "seed" in warning
