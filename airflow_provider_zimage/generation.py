@@ -268,6 +268,14 @@ def recorded_request(request: ImageInferenceRequest) -> dict[str, Any]:
     return {k: v for k, v in request.to_wire().items() if k not in _NOT_RECORDED}
 
 
+def parameter_digests(request: ImageInferenceRequest) -> dict[str, str]:
+    """One short digest per recorded parameter: enough to name what changed, too little to read it."""
+    return {
+        k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:12]
+        for k, v in recorded_request(request).items()
+    }
+
+
 def paid_request(submission: Submission, current: ImageInferenceRequest) -> ImageInferenceRequest:
     """The request `submission` paid for, rebuilt from the ledger; the delivery URLs are `current`'s.
 
@@ -298,12 +306,12 @@ def request_differences(current: Mapping[str, Any], recorded: Mapping[str, Any])
 def warn_rendered_differently(what: str, parameters: Sequence[str]) -> None:
     """Said once per try: the images are safe, but the DAG asks for another picture on every render."""
     log.warning(
-        "%s renders differently from the request this task instance paid for (%s): the image that was "
-        "paid for is stored, and no other is paid for. A template that renders anew every time (such as "
+        "%s renders differently than when it was paid for (%s): the image that was paid for is stored "
+        "and no other is paid for. A template that renders anew every time (such as "
         'seed="{{ (macros.random() * 2147483647) | int }}") asks for another picture on every resume '
         'and retry: derive it from the run (seed="{{ ds_nodash }}") or leave seed unset.',
         what,
-        f"{', '.join(parameters)} differ" if parameters else "it no longer validates",
+        f"{', '.join(parameters)} differ" if parameters else "its parameters differ",
     )
 
 

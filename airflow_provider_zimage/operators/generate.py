@@ -610,10 +610,11 @@ class ZImageGenerateOperator(BaseOperator):
 
     def _resumed_job(self, context: Context, backend: str, task_uuid: str, *, warn: bool) -> GenerationJob:
         """The job of the submission `task_uuid` names, or a refusal when this task instance never made it."""
+        invalid: list[str] = []
         try:
             rendered: ImageInferenceRequest | None = self.build_request()
-        except ZImageValidationError:
-            rendered = None
+        except ZImageValidationError as exc:
+            rendered, invalid = None, list(exc.parameters)
         store = ArtifactStore(self.output_path or default_output_path())
         recorded = GenerationJob.find(store, TaskInstanceRef.from_context(context), task_uuid)
         if recorded is None or recorded.request is None:
@@ -634,8 +635,10 @@ class ZImageGenerateOperator(BaseOperator):
             paid = rendered
         job = self._job(context, paid, backend).pinned(recorded)
         if warn and (rendered is None or rendered.fingerprint() != job.request.fingerprint()):
-            current = recorded_request(rendered) if rendered is not None else None
-            names = request_differences(current, recorded.request) if current is not None else []
+            if rendered is None:
+                names = invalid
+            else:
+                names = request_differences(recorded_request(rendered), recorded.request)
             warn_rendered_differently("The request", names)
         return job
 
