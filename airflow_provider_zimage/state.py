@@ -68,7 +68,7 @@ class Submission:
     submitted_at: float | None = None
     # The request as sent, without its taskUUID and delivery URLs (credentials): what was paid for. A
     # resumed or retried try stores this request's image even when the DAG's templates now render
-    # another request (`{{ macros.random() }}`). None in ledgers written before 0.3.
+    # another request (`{{ macros.random() }}`). None in ledgers written before 0.2.0.
     request: dict[str, Any] | None = None
     # The operator's arguments before rendering (see `generation.GenerationJob`): equal digests with
     # different fingerprints mean a template that renders differently, not a DAG that was edited.
