@@ -171,3 +171,46 @@ def test_a_deferred_batch_whose_rows_render_differently_on_resume_stores_what_it
     assert {i["task_uuid"] for i in manifest["images"]} == set(stats["accepted"])
     (warning,) = warnings_about_rendering(caplog)
     assert "requests[0]" in warning and "seed" in warning
+
+
+def test_an_event_naming_a_task_this_instance_never_submitted_is_refused_and_stores_nothing(
+    zimage_conn, output_dir
+):
+    """Trusting the ledger must not mean trusting any taskUUID: one it never recorded is refused."""
+    import uuid
+
+    from airflow_provider_zimage.compat import AirflowException, TaskDeferred
+    from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
+    from tests.dagtest import FakeTI
+
+    zimage_conn.configure(delay=5)
+    op = ZImageGenerateOperator(
+        task_id="generate", prompt="a forged event", output_path=output_dir, deferrable=True, defer_after=0
+    )
+    context = {"ti": FakeTI("manual__forged")}
+    with pytest.raises(TaskDeferred):
+        op.execute(context)
+    forged = {"outcome": "store", "task_uuid": str(uuid.uuid4()), "results": [], "refetch": True}
+    with pytest.raises(AirflowException, match="does not match"):
+        op.execute_complete(context, forged)
+    assert stored_images(output_dir) == []
+
+
+def test_a_retried_batch_row_that_renders_another_request_keeps_what_was_paid_and_an_edited_row_does_not():
+    from airflow_provider_zimage.batch_state import BatchLedger
+
+    ledger = BatchLedger("d", "t", "r", -1)
+    paid = ledger.entry_for(0, "fp-seed-1", 1, fresh=True, arguments="row-as-written")
+    paid.arguments = "row-as-written"
+    ledger.record(paid, "submitted")
+    # Resumed (same try): the recorded entry, whatever the row renders now.
+    assert ledger.entry_for(0, "fp-seed-2", 1, fresh=False, arguments="edited") is paid
+    # Retried: the same row as written renders another seed; the pending entry is kept, not paid again.
+    assert ledger.entry_for(0, "fp-seed-3", 1, fresh=True, arguments="row-as-written") is paid
+    # The row was edited in the DAG: a new request, a new taskUUID.
+    edited = ledger.entry_for(0, "fp-other-prompt", 1, fresh=True, arguments="row-edited")
+    assert edited is not paid and edited.task_uuid != paid.task_uuid
+    ledger.record(paid, "stored")
+    assert ledger.entry_for(0, "fp-seed-4", 1, fresh=True, arguments="row-as-written") is paid
+    forced = ledger.entry_for(0, "fp-seed-4", 1, fresh=True, arguments="row-as-written", keep_stored=False)
+    assert forced is not paid  # force=True pays for the new rendering
