@@ -27,7 +27,15 @@ from airflow_provider_zimage.exceptions import (
     ZImagePermanentError,
     ZImageValidationError,
 )
-from airflow_provider_zimage.generation import GenerationJob, NsfwPolicy, TaskInstanceRef
+from airflow_provider_zimage.generation import (
+    GenerationJob,
+    NsfwPolicy,
+    TaskInstanceRef,
+    arguments_digest,
+    recorded_request,
+    request_differences,
+    warn_rendered_differently,
+)
 from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
 from airflow_provider_zimage.inbox import WebhookInbox, default_inbox_path
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult, estimate_cost
@@ -381,6 +389,10 @@ class ZImageGenerateOperator(BaseOperator):
                 "to get several images"
             )
         self.upload_to_storage = upload_to_storage
+        # The request arguments as the DAG wrote them, before Airflow renders any template into them:
+        # a later try compares this digest to tell a template that renders differently each time from
+        # a DAG that was edited (see `GenerationJob.previous_try`).
+        self._zimage_arguments = arguments_digest({n: getattr(self, n) for n in REQUEST_ARGUMENTS})
 
     # -- request ------------------------------------------------------------------------------------
 
@@ -436,7 +448,26 @@ class ZImageGenerateOperator(BaseOperator):
             origin=origin,
             store=store,
             on_nsfw=self.on_nsfw,
+            arguments=getattr(self, "_zimage_arguments", None),
         )
+
+    def _paid_by_an_earlier_try(self, job: GenerationJob) -> GenerationJob:
+        """The request an earlier try paid for, when the same arguments now render another request.
+
+        A retry never pays twice: a submission still pending at Runware is reattached to, and stored
+        images are returned (force=True pays for the new rendering instead). A DAG that was edited has
+        other arguments, and its new request is paid for as usual.
+        """
+        previous = job.previous_try()
+        if previous is None or previous.request is None:
+            return job
+        if previous.status in ("intent", "submitted") or (previous.status == "stored" and not self.force):
+            warn_rendered_differently(
+                "The request", request_differences(recorded_request(job.request), previous.request)
+            )
+            self._rendering_warned = True
+            return job.pinned(previous)
+        return job
 
     def _executor_origin(self, request: ImageInferenceRequest) -> str:
         """The connection and the weights the executor reports: other weights are another picture."""
@@ -465,6 +496,9 @@ class ZImageGenerateOperator(BaseOperator):
         if backend not in ("runware", "local", "executor"):
             raise AirflowFailException(f"backend must be 'runware', 'local' or 'executor' (got {backend!r})")
         job = self._job(context, request, backend, settings)
+        if backend != "local":
+            job = self._paid_by_an_earlier_try(job)
+            request = job.request
 
         if not self.force and (images := job.reusable_images()) is not None:
             self.log.info(
@@ -540,21 +574,26 @@ class ZImageGenerateOperator(BaseOperator):
         self.defer(
             trigger=self._trigger(wait, deadline, poll_interval, deferred=True),
             method_name="execute_complete",
+            # The resumed half of the try says what the first half already said, not twice.
+            kwargs={"rendering_warned": True} if getattr(self, "_rendering_warned", False) else None,
             timeout=timedelta(seconds=max(0.0, deadline - time.time()) + 60),
         )
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        """Resume after the trigger: validate the event before trusting it, then act on its outcome."""
+    def execute_complete(
+        self, context: Context, event: dict[str, Any], rendering_warned: bool = False
+    ) -> Any:
+        """Resume after the trigger: validate the event before trusting it, then act on its outcome.
+
+        The event's taskUUID must be one this task instance recorded in its ledger; the request stored
+        and written to the manifest is the one recorded with it (what was paid for), whatever the
+        templates render now.
+        """
         try:
             parsed = TaskEvent.model_validate(event)
         except Exception as exc:
             raise AirflowException(f"malformed event from ZImageTaskTrigger: {exc}") from None
-        request = self.build_request()
         backend = "executor" if (self.backend or self._settings().backend) == "executor" else "runware"
-        job = self._job(context, request, backend)
-        expected = job.next_submission().task_uuid
-        if parsed.task_uuid != expected:
-            raise AirflowException(f"event for task {parsed.task_uuid} does not match this task's {expected}")
+        job = self._resumed_job(context, backend, parsed.task_uuid, warn=not rendering_warned)
         self._discard_inbox(parsed.task_uuid)
         outcome = parsed.to_outcome()
         with ZImageHook(self.zimage_conn_id) as hook:
@@ -570,6 +609,40 @@ class ZImageGenerateOperator(BaseOperator):
         if outcome.action is Action.WAIT:
             outcome = timed_out(TaskWait(parsed.task_uuid, job.expected_results).status)
         end_try(job, parsed.task_uuid, outcome)
+
+    def _resumed_job(self, context: Context, backend: str, task_uuid: str, *, warn: bool) -> GenerationJob:
+        """The job of the submission `task_uuid` names, or a refusal when this task instance never made it."""
+        invalid: list[str] = []
+        try:
+            rendered: ImageInferenceRequest | None = self.build_request()
+        except ZImageValidationError as exc:
+            rendered, invalid = None, list(exc.parameters)
+        store = ArtifactStore(self.output_path or default_output_path())
+        recorded = GenerationJob.find(store, TaskInstanceRef.from_context(context), task_uuid)
+        if recorded is None or recorded.request is None:
+            # A ledger written before requests were recorded (or lost): the re-rendered request must
+            # derive the same taskUUID.
+            job = self._job(context, rendered or self.build_request(), backend)
+            expected = job.next_submission().task_uuid if recorded is None else recorded.task_uuid
+            if task_uuid != expected:
+                raise AirflowException(f"event for task {task_uuid} does not match this task's {expected}")
+            return job if recorded is None else job.pinned(recorded)
+        try:
+            paid = ImageInferenceRequest.model_validate(recorded.request)
+        except (ValueError, ZImageError) as exc:
+            if rendered is None:
+                raise AirflowFailException(
+                    f"the request of task {task_uuid} cannot be read back: {exc}"
+                ) from None
+            paid = rendered
+        job = self._job(context, paid, backend).pinned(recorded)
+        if warn and (rendered is None or rendered.fingerprint() != job.request.fingerprint()):
+            if rendered is None:
+                names = invalid
+            else:
+                names = request_differences(recorded_request(rendered), recorded.request)
+            warn_rendered_differently("The request", names)
+        return job
 
     # -- delivery -----------------------------------------------------------------------------------
 
