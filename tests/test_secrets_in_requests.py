@@ -86,7 +86,8 @@ def task_instances(run: Any, task_id: str) -> dict[int, Any]:
         return {ti.map_index: (str(ti.state), ti.rendered_map_index) for ti in tis}
 
 
-def xcom_values(run: Any, task_id: str) -> dict[int, Any]:
+def xcom_values(run: Any, task_id: str) -> dict[tuple[int, str], Any]:
+    """Every XCom the task's instances pushed (results and extra links), by (map index, key)."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
@@ -99,7 +100,7 @@ def xcom_values(run: Any, task_id: str) -> dict[int, Any]:
                 XComModel.task_id == task_id,
             )
         ).all()
-        return {row.map_index: XComModel.deserialize_value(row) for row in rows}
+        return {(row.map_index, row.key): XComModel.deserialize_value(row) for row in rows}
 
 
 def stored_text(output_dir: str) -> str:
@@ -115,7 +116,7 @@ def manifests(output_dir: str) -> list[Path]:
 def assert_nothing_left_with(secret: str, server: Any, output_dir: str, run: Any) -> None:
     assert secret not in json.dumps(server.request_bodies)
     assert secret not in stored_text(output_dir)
-    assert secret not in json.dumps(xcom_values(run, "generate"), default=str)
+    assert secret not in json.dumps(list(xcom_values(run, "generate").values()), default=str)
     assert all(secret not in (label or "") for _, label in task_instances(run, "generate").values())
 
 
@@ -129,7 +130,8 @@ def test_a_connection_password_rendered_into_a_prompt_through_expand_kwargs_is_r
     assert zimage_conn.stats["total_accepted"] == 1  # the ordinary row only
     assert len(manifests(output_dir)) == 1
     assert_nothing_left_with(DEFAULT_API_KEY, zimage_conn, output_dir, run)
-    assert 1 not in xcom_values(run, "generate")
+    assert (0, "return_value") in xcom_values(run, "generate")
+    assert (1, "return_value") not in xcom_values(run, "generate")
 
 
 @pytest.mark.parametrize(
@@ -204,3 +206,33 @@ def test_the_refusal_names_the_row_and_the_parameter_and_never_repeats_the_secre
         single.execute({})  # type: ignore[arg-type]
     assert "positivePrompt" in str(refused.value) and DEFAULT_API_KEY not in str(refused.value)
     assert zimage_conn.request_bodies == []
+
+
+def test_a_mapped_instance_label_never_shows_a_secret_its_prompt_holds():
+    """The default map index label is the start of the prompt, and Airflow renders it for a failed
+    instance too: a refused prompt must not put the secret into the grid instead."""
+    import jinja2
+    from airflow.sdk.log import mask_secret
+
+    from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
+
+    mask_secret(PARTNER_KEY)
+    op = ZImageGenerateOperator(task_id="g", prompt=f"a mug with {PARTNER_KEY} on it")
+    label = jinja2.Environment().from_string(op.map_index_template).render(task=op)
+    assert label == "a mug with *** on it"
+
+
+def test_a_manifest_never_records_a_secret_even_from_a_request_that_was_not_refused():
+    """Defence in depth: a request built some other way (the sensor, a subclass) holding a value the
+    masker hides is recorded with "***" in the manifest the Images tab reads."""
+    from airflow.sdk.log import mask_secret
+
+    from airflow_provider_zimage.generation import public_request
+    from airflow_provider_zimage.models import ImageInferenceRequest
+
+    mask_secret(PARTNER_KEY)
+    request = ImageInferenceRequest.build(
+        model="runware:z-image@turbo", positive_prompt=f"a mug, {PARTNER_KEY}", negative_prompt="blurry"
+    )
+    recorded = public_request(request)
+    assert recorded["positivePrompt"] == "a mug, ***" and recorded["negativePrompt"] == "blurry"
