@@ -4,6 +4,11 @@ The provider's credentials hide in three shapes: known values (the API key, the 
 query string of a URL (webhook tokens, presigned S3 signatures) and a URL's userinfo. Every module that
 prints, raises or records text uses these helpers rather than its own variant, so a new kind of
 credential is handled once.
+
+A credential can also arrive inside a request: Airflow renders Jinja in mapped values and batch rows,
+so `{{ conn.zimage_default.password }}` in a table becomes the API key in a prompt. `secret_paths`
+finds such values (the given credentials and whatever Airflow's secrets masker holds) so the operators
+refuse the request; `scrub_secrets` is the defence in depth for what a manifest or a label records.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def assert_nothing_left_with(secret: str, server: Any, output_dir: str, run: Any
     assert all(secret not in (label or "") for _, label in task_instances(run, "generate").values())
 
 
-def test_a_connection_password_rendered_into_a_prompt_through_expand_kwargs_is_refused_before_any_request_is_sent(
+def test_a_connection_password_rendered_into_a_prompt_through_expand_kwargs_is_refused_before_sending(
     zimage_conn, output_dir
 ):
     prompts = ["a red mug on a table", "a mug labelled {{ conn.zimage_default.password }}"]
@@ -180,7 +180,9 @@ def test_a_webhook_secret_or_a_value_the_secrets_masker_holds_in_a_prompt_is_ref
         # A Variable whose name says "api_key": Airflow's secrets masker holds its value once read.
         monkeypatch.setenv("AIRFLOW_VAR_PARTNER_API_KEY", PARTNER_KEY)
     prompts = ["a red mug on a table", prompt]
-    run = run_dag(f"secret_{setting}", MAPPED_DAG, dag_id=f"secret_{setting}", output=output_dir, prompts=prompts)
+    run = run_dag(
+        f"secret_{setting}", MAPPED_DAG, dag_id=f"secret_{setting}", output=output_dir, prompts=prompts
+    )
     states = task_instances(run, "generate")
     assert states[0][0] == "success" and states[1][0] == "failed", task_states(run)
     assert zimage_server.stats["total_accepted"] == 1
