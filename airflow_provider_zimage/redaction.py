@@ -50,7 +50,7 @@ def _image_data(text: str) -> bool:
     return text.startswith("data:") or (len(text) > 3000 and not any(c.isspace() for c in text[:3000]))
 
 
-def secret_paths(value: Any, secrets: Iterable[str | None] = (), path: str = "") -> list[str]:
+def secret_paths(value: Any, secrets: Iterable[str | None] = ()) -> list[str]:
     """Where in `value` (nested dicts and lists) a string holds a known secret: one of `secrets`, or
     anything Airflow's secrets masker hides in this process. Paths read `lora[0].model`."""
     from airflow_provider_zimage.compat import secrets_masker_patterns
@@ -72,7 +72,7 @@ def secret_paths(value: Any, secrets: Iterable[str | None] = (), path: str = "")
             for index, inner in enumerate(item):
                 walk(inner, f"{where}[{index}]")
 
-    walk(value, path)
+    walk(value, "")
     return found
 
 

@@ -147,13 +147,12 @@ def refuse_secrets(args: Mapping[str, Any], secrets: Sequence[str | None] = ()) 
     (presigned), meant for Runware, and recorded without its query.
     """
     fields = ImageInferenceRequest.model_fields
-    named = []
+    by_wire_name: dict[str, Any] = {}
     for name, value in args.items():
-        if name not in REQUEST_ARGUMENTS or name == "upload_endpoint":
-            continue
-        field = fields.get(name)
-        wire = _WIRE_NAMES.get(name) or (field.alias if field is not None and field.alias else name)
-        named += secret_paths(value, secrets, wire)
+        if name in REQUEST_ARGUMENTS and name != "upload_endpoint":
+            field = fields.get(name)
+            by_wire_name[_WIRE_NAMES.get(name) or (field.alias if field and field.alias else name)] = value
+    named = secret_paths(by_wire_name, secrets)
     if not named:
         return
     raise ZImageValidationError(
