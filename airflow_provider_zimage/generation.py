@@ -18,7 +18,7 @@ from typing import Any, Literal
 from airflow_provider_zimage.exceptions import ZImageError, ZImageTaskFailed
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult, OldFingerprint
 from airflow_provider_zimage.outcomes import Outcome
-from airflow_provider_zimage.redaction import redact_urls
+from airflow_provider_zimage.redaction import redact_urls, scrub_secrets
 from airflow_provider_zimage.state import Ledger, LedgerStore, Submission, job_fingerprint
 from airflow_provider_zimage.storage import ArtifactStore, normalize_format
 
@@ -388,8 +388,9 @@ def manifest_entry(artifact: dict[str, Any], result: ImageResult, *, model: str 
 
 
 def public_request(request: ImageInferenceRequest) -> dict[str, Any]:
-    """The request as recorded in the manifest: webhook tokens and presigned URLs are credentials."""
-    wire = request.to_wire()
+    """The request as recorded in the manifest: webhook tokens and presigned URLs are credentials, and
+    a known secret is "***" even where a request holding one was not refused before sending."""
+    wire: dict[str, Any] = scrub_secrets(request.to_wire())
     for key in ("webhookURL", "uploadEndpoint"):
         if key in wire:
             wire[key] = redact_urls(str(wire[key]))

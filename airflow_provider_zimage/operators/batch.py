@@ -58,6 +58,7 @@ from airflow_provider_zimage.operators.generate import (
     build_image_request,
     check_delivery,
     deferral_settle_seconds,
+    known_secrets,
     webhook_delivery_settings,
 )
 from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, Outcome, TaskWait, for_error
@@ -219,6 +220,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
                 f"requests must be a non-empty list of dicts (got {type(requests).__name__})"
             )
         prepared = []
+        secrets = known_secrets(self.zimage_conn_id)
         for index, item in enumerate(requests):
             if not isinstance(item, dict):
                 raise AirflowFailException(f"requests[{index}]: must be a dict (got {type(item).__name__})")
@@ -236,7 +238,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
             # the manifest, the XCom's total_cost and the spend page would say a paid batch cost $0.
             args = {"model": self.model, "include_cost": True, **self.defaults, **item}
             try:
-                request = build_image_request(args)
+                request = build_image_request(args, secrets)
             except ZImageValidationError as exc:
                 params = exc.parameters
                 where = f"requests[{index}].{params[0]}" if params else f"requests[{index}]"

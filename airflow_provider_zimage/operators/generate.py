@@ -40,7 +40,15 @@ from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
 from airflow_provider_zimage.inbox import WebhookInbox, default_inbox_path
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult, estimate_cost
 from airflow_provider_zimage.outcomes import Action, TaskWait, timed_out
-from airflow_provider_zimage.redaction import mask_credentials, query_secrets, redact, without_query
+from airflow_provider_zimage.redaction import (
+    REDACTED,
+    mask_credentials,
+    query_secrets,
+    redact,
+    scrub_secrets,
+    secret_paths,
+    without_query,
+)
 from airflow_provider_zimage.storage import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
 from airflow_provider_zimage.uploads import S3_PROTOCOLS, presign_put, store_uploaded, upload_target
@@ -121,9 +129,57 @@ REQUEST_ARGUMENTS = (
 )
 
 
-def build_image_request(args: Mapping[str, Any]) -> ImageInferenceRequest:
+# Operator arguments whose wire name is not their field's alias (see `refuse_secrets`).
+_WIRE_NAMES = {"prompt": "positivePrompt", "seed_image": "inputs.seedImage", "mask_image": "inputs.maskImage"}
+
+
+def known_secrets(conn_id: str) -> list[str | None]:
+    """The credentials a task of `conn_id` can reach besides what Airflow's secrets masker holds: the
+    connection's password (Runware key or executor token) and secret extras, and `[zimage]
+    webhook_secret`. A connection that cannot be read (a local run) leaves the configured secret."""
+    secrets: list[str | None] = [configured_secret()]
+    try:
+        secrets += ZImageHook(conn_id).settings.secrets
+    except Exception:  # AirflowNotFoundException and friends: the operator reports it where it needs one
+        pass
+    return secrets
+
+
+def refuse_secrets(args: Mapping[str, Any], secrets: Sequence[str | None] = ()) -> None:
+    """Refuse a request argument holding a known secret, before it is validated, sent or stored.
+
+    Airflow renders Jinja inside mapped values and batch rows, so a table cell
+    `{{ conn.zimage_default.password }}` becomes the API key in a prompt; Runware, the manifest and the
+    Images tab would get it in clear (only the task log is masked). Checked before building, so not
+    even a validation error quotes it. `upload_endpoint` is a credential-bearing URL by design
+    (presigned), meant for Runware, and recorded without its query.
+    """
+    fields = ImageInferenceRequest.model_fields
+    by_wire_name: dict[str, Any] = {}
+    for name, value in args.items():
+        if name in REQUEST_ARGUMENTS and name != "upload_endpoint":
+            field = fields.get(name)
+            by_wire_name[_WIRE_NAMES.get(name) or (field.alias if field and field.alias else name)] = value
+    named = secret_paths(by_wire_name, secrets)
+    if not named:
+        return
+    raise ZImageValidationError(
+        f"refused: {', '.join(named)} {'holds' if len(named) == 1 else 'hold'} a known secret (a connection "
+        "password or secret extra, a webhook secret, or a value Airflow's secrets masker hides), which "
+        "would be sent to Runware and "
+        "shown in the manifest and the Images tab. A templated value was probably rendered: wrap data "
+        "that is not a template in airflow.sdk.literal() (docs/troubleshooting.md)",
+        [{"parameter": p, "message": "holds a known secret", "value": REDACTED} for p in named],
+    )
+
+
+def build_image_request(args: Mapping[str, Any], secrets: Sequence[str | None] = ()) -> ImageInferenceRequest:
     """The validated request from operator-style arguments (`prompt`, `seed_image`, ...), written once for
-    `ZImageGenerateOperator` and every request of `ZImageBatchGenerateOperator`."""
+    `ZImageGenerateOperator` and every request of `ZImageBatchGenerateOperator`.
+
+    An argument holding one of `secrets` or a value Airflow's secrets masker holds is refused first
+    (`refuse_secrets`)."""
+    refuse_secrets(args, secrets)
     inputs = {k: v for k in ("seed_image", "mask_image") if (v := args.get(k))}
     fields: dict[str, Any] = {
         "model": args.get("model"),
@@ -256,8 +312,14 @@ class ZImageGenerateOperator(BaseOperator):
     template_fields_renderers = {"lora": "json"}
     operator_extra_links = (ZImageImageLink(),)
     ui_color = "#f4e1ff"
-    DEFAULT_MAP_INDEX_TEMPLATE = "{{ task.prompt | string | replace('\\n', ' ') | truncate(60, leeway=0) }}"
+    DEFAULT_MAP_INDEX_TEMPLATE = "{{ task.prompt_label | replace('\\n', ' ') | truncate(60, leeway=0) }}"
     """Mapped instances are labelled by the start of their prompt unless `map_index_template` is given."""
+
+    @property
+    def prompt_label(self) -> str:
+        """The prompt as the default map index label shows it: a secret rendered into it (the request
+        is refused, but Airflow still labels the failed instance) is "***" there too."""
+        return str(scrub_secrets(str(self.prompt), [configured_secret()]))
 
     @property
     def map_index_template(self) -> str | None:
@@ -398,7 +460,9 @@ class ZImageGenerateOperator(BaseOperator):
 
     def build_request(self) -> ImageInferenceRequest:
         """The validated request; raises ZImageValidationError naming the parameter before any call."""
-        return build_image_request({name: getattr(self, name) for name in REQUEST_ARGUMENTS})
+        return build_image_request(
+            {name: getattr(self, name) for name in REQUEST_ARGUMENTS}, known_secrets(self.zimage_conn_id)
+        )
 
     def _content_reusable(self, request: ImageInferenceRequest) -> bool:
         return self.reuse == "content" and request.seed is not None and not self.force
