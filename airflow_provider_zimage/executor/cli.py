@@ -118,6 +118,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExecutorConfig, str]:
 def main(argv: list[str] | None = None) -> int:
     config, level = parse_args(argv)
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request's full URL at INFO: presigned upload URLs and input image URLs carry
+    # credentials in their query. The executor logs what it fetched itself, by origin.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     from airflow_provider_zimage.executor.server import ExecutorServer
 
     asyncio.run(ExecutorServer(config).serve())
