@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from airflow_provider_zimage import _moved
+
 __version__ = "0.1.0"
 
 _INTEGRATION = "Z-Image"
+
+_moved.install()  # 0.2's module paths (models, state, storage...) keep importing for one release
 
 LOCAL_DTYPES = ("auto", "bfloat16", "float32")
 """What the connection form offers for `dtype` (float16 overflows in Z-Image; an operator argument only)."""

@@ -38,8 +38,8 @@ from typing import Any
 
 from airflow.sdk import ObjectStoragePath
 
-from airflow_provider_zimage import protocol
-from airflow_provider_zimage.protocol import RunwareResponse
+from airflow_provider_zimage.runware import protocol
+from airflow_provider_zimage.runware.protocol import RunwareResponse
 from airflow_provider_zimage.storage import (
     ZImageStorageError,
     _airflow_home,

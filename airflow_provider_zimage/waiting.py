@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
-from airflow_provider_zimage import protocol
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException
-from airflow_provider_zimage.outcomes import Action, Outcome, TaskWait
+from airflow_provider_zimage.runware import protocol
+from airflow_provider_zimage.runware.outcomes import Action, Outcome, TaskWait
 
 if TYPE_CHECKING:
     from airflow_provider_zimage.generation import GenerationJob

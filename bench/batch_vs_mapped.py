@@ -151,7 +151,7 @@ def measure(
 def bare_client(deployment: Deployment, n: int, folder: Path) -> float:
     """The floor: the same work without Airflow, from this process, with the hook the operators use."""
     from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
-    from airflow_provider_zimage.models import ImageInferenceRequest
+    from airflow_provider_zimage.runware.models import ImageInferenceRequest
 
     folder.mkdir(parents=True)
     settings = ConnectionSettings(base_url=deployment.runware_url, api_key=deployment.config.api_key)

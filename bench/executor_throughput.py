@@ -276,7 +276,7 @@ def batching(model: Path, args: argparse.Namespace, env: dict[str, str], work: P
     """Images per second of the executor alone: N requests submitted at once, batched or not."""
     from airflow_provider_zimage.executor.process import ExecutorProcess
     from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
-    from airflow_provider_zimage.models import ImageInferenceRequest
+    from airflow_provider_zimage.runware.models import ImageInferenceRequest
 
     rates = {}
     for max_batch in sorted({args.max_batch, 1}, reverse=True):

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from airflow_provider_zimage.executor.process import ExecutorProcess
     from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
-    from airflow_provider_zimage.models import ImageInferenceRequest
+    from airflow_provider_zimage.runware.models import ImageInferenceRequest
 
     work = Path(args.work_dir)
     if args.tiny:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from airflow_provider_zimage import protocol
 from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
-from airflow_provider_zimage.models import ImageInferenceRequest
+from airflow_provider_zimage.runware import protocol
+from airflow_provider_zimage.runware.models import ImageInferenceRequest
 from bench._server import server_process
 
 

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from airflow_provider_zimage import local
-    from airflow_provider_zimage.models import ImageInferenceRequest
+    from airflow_provider_zimage.runware.models import ImageInferenceRequest
     from airflow_provider_zimage.testing.tiny_model import build_tiny_zimage
 
     import_s = time.perf_counter() - started

@@ -33,7 +33,7 @@ def rss_mb() -> float:
 
 async def run(args: argparse.Namespace, url: str) -> dict[str, float]:
     from airflow_provider_zimage.hooks.runware import ZImageHook
-    from airflow_provider_zimage.models import ImageInferenceRequest
+    from airflow_provider_zimage.runware.models import ImageInferenceRequest
     from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
 
     hook = ZImageHook()

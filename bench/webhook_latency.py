@@ -55,7 +55,7 @@ def serve_webhooks(inbox: str) -> tuple[str, object, threading.Thread]:
 async def one_task(mode: str, delay: float, index: int, api: str, inbox: str) -> float:
     """Seconds from submitting one task to its trigger's event."""
     from airflow_provider_zimage.hooks.runware import ZImageHook
-    from airflow_provider_zimage.models import ImageInferenceRequest
+    from airflow_provider_zimage.runware.models import ImageInferenceRequest
     from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
     from airflow_provider_zimage.webhooks.tokens import token_expiry, webhook_url
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from airflow_provider_zimage.hooks.runware import ZImageHook
-from airflow_provider_zimage.models import ImageInferenceRequest
-from airflow_provider_zimage.protocol import TaskStatus
+from airflow_provider_zimage.runware.models import ImageInferenceRequest
+from airflow_provider_zimage.runware.protocol import TaskStatus
 from airflow_provider_zimage.triggers.polling import BatchPoller, batch_poller
 
 

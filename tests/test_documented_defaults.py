@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_zimage.models import (
+from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
+from airflow_provider_zimage.runware.models import (
     CATALOG,
     RUNWARE_DEFAULTS,
     UNDOCUMENTED_DEFAULTS,
     ImageInferenceRequest,
 )
-from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
 from airflow_provider_zimage.state import STATE_FILE, job_fingerprint
 from airflow_provider_zimage.testing.runware_server.schema import seeds_dir
 from tests.test_one_reading import generate, run_try

@@ -24,9 +24,9 @@ from PIL import Image
 from airflow_provider_zimage.exceptions import ZImageAuthError, ZImagePermanentError
 from airflow_provider_zimage.executor.process import ExecutorProcess
 from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
-from airflow_provider_zimage.models import ImageInferenceRequest
-from airflow_provider_zimage.outcomes import Action, for_status
-from airflow_provider_zimage.protocol import RetryPolicy
+from airflow_provider_zimage.runware.models import ImageInferenceRequest
+from airflow_provider_zimage.runware.outcomes import Action, for_status
+from airflow_provider_zimage.runware.protocol import RetryPolicy
 from tests.image_server import ImageServer
 
 pytestmark = pytest.mark.local

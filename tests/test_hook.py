@@ -16,8 +16,8 @@ from airflow_provider_zimage.exceptions import (
     ZImageTransientError,
 )
 from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
-from airflow_provider_zimage.models import ImageInferenceRequest
-from airflow_provider_zimage.protocol import RetryPolicy
+from airflow_provider_zimage.runware.models import ImageInferenceRequest
+from airflow_provider_zimage.runware.protocol import RetryPolicy
 
 FAST = RetryPolicy(max_retries=6, base_delay=0.01, max_delay=0.05)
 
@@ -127,7 +127,7 @@ def test_partial_results_arrive_one_by_one_and_are_deduplicated(runware_server):
     req = request(number_results=3)
     hook.submit([req])
     seen = []
-    from airflow_provider_zimage.protocol import TaskStatus
+    from airflow_provider_zimage.runware.protocol import TaskStatus
 
     status = TaskStatus(req.task_uuid, 3)
     while not status.complete:

@@ -17,8 +17,8 @@ import pytest
 from airflow_provider_zimage.exceptions import ZImagePermanentError
 from airflow_provider_zimage.hooks import runware
 from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
-from airflow_provider_zimage.models import ImageResult
-from airflow_provider_zimage.protocol import RetryPolicy
+from airflow_provider_zimage.runware.models import ImageResult
+from airflow_provider_zimage.runware.protocol import RetryPolicy
 
 IMAGE = b"\x89PNG\r\n\x1a\n not really a picture"
 FAST = RetryPolicy(max_retries=2, base_delay=0.01, max_delay=0.02)

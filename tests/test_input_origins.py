@@ -19,7 +19,7 @@ import pytest
 
 from airflow_provider_zimage.exceptions import ZImageTransientError, ZImageValidationError
 from airflow_provider_zimage.local import LocalZImageExecutor
-from airflow_provider_zimage.models import ImageInferenceRequest
+from airflow_provider_zimage.runware.models import ImageInferenceRequest
 from tests.image_server import ImageServer, png_bytes
 
 TURBO = "runware:z-image@turbo"

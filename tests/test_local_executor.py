@@ -35,7 +35,7 @@ from airflow_provider_zimage.local import (  # noqa: E402
     LocalGenerationError,
     LocalZImageExecutor,
 )
-from airflow_provider_zimage.models import SCHEDULERS, ImageInferenceRequest, Inputs  # noqa: E402
+from airflow_provider_zimage.runware.models import SCHEDULERS, ImageInferenceRequest, Inputs  # noqa: E402
 from airflow_provider_zimage.testing.tiny_model import build_tiny_lora  # noqa: E402
 
 pytestmark = pytest.mark.local
@@ -476,7 +476,7 @@ def test_module_imports_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None\n"
         "from airflow_provider_zimage import local\n"
-        "from airflow_provider_zimage.models import ImageInferenceRequest\n"
+        "from airflow_provider_zimage.runware.models import ImageInferenceRequest\n"
         "ex = local.LocalZImageExecutor('/nowhere')\n"
         "req = ImageInferenceRequest.build(model='turbo', positivePrompt='a cat', width=128, height=128)\n"
         "try:\n"

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from airflow_provider_zimage.exceptions import ZImageValidationError
-from airflow_provider_zimage.models import (
+from airflow_provider_zimage.runware.models import (
     CATALOG,
     SCHEDULERS,
     ApiErrorDetail,

@@ -22,7 +22,7 @@ from jsonschema.exceptions import ValidationError as SchemaError
 from pydantic import BaseModel
 
 from airflow_provider_zimage.exceptions import ZImageValidationError
-from airflow_provider_zimage.models import (
+from airflow_provider_zimage.runware.models import (
     CATALOG,
     SCHEDULERS,
     ImageInferenceRequest,

@@ -18,7 +18,7 @@ import pendulum
 import pytest
 
 from airflow_provider_zimage.hooks.runware import ZImageHook
-from airflow_provider_zimage.models import ImageInferenceRequest
+from airflow_provider_zimage.runware.models import ImageInferenceRequest
 from airflow_provider_zimage.triggers.task import ZImageTaskTrigger
 from tests.dagtest import FakeTI, run_dag, task_states
 from tests.test_operator_dag import MAPPED_DAG, check_stored, manifests

@@ -12,8 +12,8 @@ import pytest
 
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, TaskDeferred
 from airflow_provider_zimage.hooks.runware import ZImageHook
-from airflow_provider_zimage.models import ImageInferenceRequest
 from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
+from airflow_provider_zimage.runware.models import ImageInferenceRequest
 from airflow_provider_zimage.sensors.task import ZImageTaskSensor
 from airflow_provider_zimage.state import STATE_FILE, Ledger, LedgerStore, Submission, job_fingerprint
 from airflow_provider_zimage.storage import ArtifactStore
@@ -299,7 +299,7 @@ def test_a_slow_image_defers_after_defer_after_seconds(zimage_conn, output_dir):
 
 def test_a_result_url_off_the_allowed_hosts_is_never_fetched(zimage_conn):
     from airflow_provider_zimage.exceptions import ZImagePermanentError
-    from airflow_provider_zimage.models import ImageResult
+    from airflow_provider_zimage.runware.models import ImageResult
 
     result = ImageResult.from_wire(
         {
@@ -317,7 +317,7 @@ def test_a_redirect_off_the_allowed_hosts_is_refused(zimage_conn, monkeypatch):
     import httpx
 
     from airflow_provider_zimage.exceptions import ZImagePermanentError
-    from airflow_provider_zimage.models import ImageResult
+    from airflow_provider_zimage.runware.models import ImageResult
 
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(302, headers={"Location": "http://10.0.0.1/admin"})

@@ -12,9 +12,9 @@ from airflow_provider_zimage.exceptions import (
     ZImageTimeout,
     ZImageTransientError,
 )
-from airflow_provider_zimage.models import ApiErrorDetail, ImageResult
-from airflow_provider_zimage.outcomes import Action, TaskWait, for_error, for_status
-from airflow_provider_zimage.protocol import RunwareResponse, TaskStatus
+from airflow_provider_zimage.runware.models import ApiErrorDetail, ImageResult
+from airflow_provider_zimage.runware.outcomes import Action, TaskWait, for_error, for_status
+from airflow_provider_zimage.runware.protocol import RunwareResponse, TaskStatus
 
 TASK = "0c1b4c8e-7d25-4a8e-9a53-0d6f7e1e9b10"
 

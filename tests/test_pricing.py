@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from airflow_provider_zimage.models import ImageInferenceRequest, estimate_cost
+from airflow_provider_zimage.runware.models import ImageInferenceRequest, estimate_cost
 from airflow_provider_zimage.testing.runware_server.schema import seeds_dir
 
 SEEDS = seeds_dir()

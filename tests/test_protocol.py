@@ -8,14 +8,14 @@ import uuid
 
 import pytest
 
-from airflow_provider_zimage import protocol
 from airflow_provider_zimage.exceptions import (
     ZImageAuthError,
     ZImageInsufficientCreditsError,
     ZImagePermanentError,
     ZImageTransientError,
 )
-from airflow_provider_zimage.models import ImageInferenceRequest
+from airflow_provider_zimage.runware import protocol
+from airflow_provider_zimage.runware.models import ImageInferenceRequest
 
 
 def body(obj: object) -> bytes:

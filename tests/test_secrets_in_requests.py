@@ -231,7 +231,7 @@ def test_a_manifest_never_records_a_secret_even_from_a_request_that_was_not_refu
     from airflow.sdk.log import mask_secret
 
     from airflow_provider_zimage.generation import public_request
-    from airflow_provider_zimage.models import ImageInferenceRequest
+    from airflow_provider_zimage.runware.models import ImageInferenceRequest
 
     mask_secret(PARTNER_KEY)
     request = ImageInferenceRequest.build(

@@ -19,7 +19,7 @@ def _model(text: str) -> tuple[str, str]:
     air, sep, source = text.partition("=")
     if not sep or not air.strip() or not source.strip():
         raise argparse.ArgumentTypeError(f"--model must be AIR=PATH_OR_HF_ID (got {text!r})")
-    from airflow_provider_zimage.models import resolve_model
+    from airflow_provider_zimage.runware.models import resolve_model
 
     try:
         return resolve_model(air.strip()).air, source.strip()

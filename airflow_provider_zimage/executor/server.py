@@ -301,7 +301,7 @@ class ExecutorServer:
 
     async def _validate(self, work: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """Every error of the request; any error rejects all of it, so nothing is half-accepted."""
-        from airflow_provider_zimage.models import ImageInferenceRequest, resolve_model
+        from airflow_provider_zimage.runware.models import ImageInferenceRequest, resolve_model
 
         errors: list[dict[str, Any]] = []
         accepted: list[tuple[TaskRecord, Plan]] = []
@@ -387,7 +387,7 @@ class ExecutorServer:
 
     def _resume(self, record: TaskRecord) -> None:
         """A task a previous process accepted and did not finish: make the images it still owes."""
-        from airflow_provider_zimage.models import ImageInferenceRequest
+        from airflow_provider_zimage.runware.models import ImageInferenceRequest
 
         try:
             req = ImageInferenceRequest.build(**record.payload)

@@ -22,7 +22,6 @@ from typing import Any
 
 import httpx
 
-from airflow_provider_zimage import protocol
 from airflow_provider_zimage.compat import BaseHook
 from airflow_provider_zimage.exceptions import (
     ZImageAPIError,
@@ -32,7 +31,6 @@ from airflow_provider_zimage.exceptions import (
     ZImageTaskFailed,
     ZImageTransientError,
 )
-from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
 from airflow_provider_zimage.origins import (
     DEFAULT_PORTS,
     MAX_REDIRECTS,
@@ -40,13 +38,15 @@ from airflow_provider_zimage.origins import (
     check_image_url,
     parse_origins,
 )
-from airflow_provider_zimage.protocol import (
+from airflow_provider_zimage.redaction import connection_extras, mask_credentials, redact, without_query
+from airflow_provider_zimage.runware import protocol
+from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult
+from airflow_provider_zimage.runware.protocol import (
     RetryPolicy,
     RunwareResponse,
     TaskStatus,
     ZImageConflictError,
 )
-from airflow_provider_zimage.redaction import connection_extras, mask_credentials, redact, without_query
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from airflow_provider_zimage.origins import ImageOrigin, parse_origins
 if TYPE_CHECKING:
     import numpy as np
 
-    from airflow_provider_zimage.models import ImageInferenceRequest, ModelSpec
+    from airflow_provider_zimage.runware.models import ImageInferenceRequest, ModelSpec
 
 log = logging.getLogger(__name__)
 

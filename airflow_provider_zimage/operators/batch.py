@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.sdk import BaseOperator
 
-from airflow_provider_zimage import content_index, protocol
+from airflow_provider_zimage import content_index
 from airflow_provider_zimage.batch_state import BatchEntry, BatchLedger, BatchLedgerStore
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, conf
 from airflow_provider_zimage.exceptions import (
@@ -51,7 +51,6 @@ from airflow_provider_zimage.generation import (
 )
 from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.inbox import BatchInboxWatch, default_inbox_path
-from airflow_provider_zimage.models import ImageInferenceRequest, estimate_cost
 from airflow_provider_zimage.operators.generate import (
     REQUEST_ARGUMENTS,
     Delivery,
@@ -61,9 +60,17 @@ from airflow_provider_zimage.operators.generate import (
     known_secrets,
     webhook_delivery_settings,
 )
-from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, Outcome, TaskWait, for_error
-from airflow_provider_zimage.protocol import RunwareResponse
 from airflow_provider_zimage.redaction import redact_urls
+from airflow_provider_zimage.runware import protocol
+from airflow_provider_zimage.runware.models import ImageInferenceRequest, estimate_cost
+from airflow_provider_zimage.runware.outcomes import (
+    MAX_CONSECUTIVE_ERRORS,
+    Action,
+    Outcome,
+    TaskWait,
+    for_error,
+)
+from airflow_provider_zimage.runware.protocol import RunwareResponse
 from airflow_provider_zimage.state import job_fingerprint
 from airflow_provider_zimage.storage import ArtifactStore, as_path, default_output_path, read_json, verify
 from airflow_provider_zimage.triggers.batch import POLL_BATCH, ZImageBatchTrigger, split_by_task

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
-from airflow_provider_zimage import content_index, protocol
+from airflow_provider_zimage import content_index
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, conf
 from airflow_provider_zimage.exceptions import (
     ZImageError,
@@ -38,8 +38,6 @@ from airflow_provider_zimage.generation import (
 )
 from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
 from airflow_provider_zimage.inbox import WebhookInbox, default_inbox_path
-from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult, estimate_cost
-from airflow_provider_zimage.outcomes import Action, TaskWait, timed_out
 from airflow_provider_zimage.redaction import (
     REDACTED,
     mask_credentials,
@@ -49,6 +47,9 @@ from airflow_provider_zimage.redaction import (
     secret_paths,
     without_query,
 )
+from airflow_provider_zimage.runware import protocol
+from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult, estimate_cost
+from airflow_provider_zimage.runware.outcomes import Action, TaskWait, timed_out
 from airflow_provider_zimage.storage import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
 from airflow_provider_zimage.uploads import S3_PROTOCOLS, presign_put, store_uploaded, upload_target

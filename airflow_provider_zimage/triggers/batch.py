@@ -19,12 +19,18 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_zimage import protocol
 from airflow_provider_zimage.exceptions import ZImageAuthError, ZImagePermanentError
 from airflow_provider_zimage.hooks.runware import ZImageHook, loop_clients
 from airflow_provider_zimage.inbox import BatchInboxWatch
-from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, Outcome, TaskWait, for_error
-from airflow_provider_zimage.protocol import RunwareResponse
+from airflow_provider_zimage.runware import protocol
+from airflow_provider_zimage.runware.outcomes import (
+    MAX_CONSECUTIVE_ERRORS,
+    Action,
+    Outcome,
+    TaskWait,
+    for_error,
+)
+from airflow_provider_zimage.runware.protocol import RunwareResponse
 
 POLL_BATCH = 100
 
@@ -72,7 +78,7 @@ def _extend(into: RunwareResponse, more: RunwareResponse) -> None:
 
 
 def _task_error(uuid: str, exc: BaseException) -> Any:
-    from airflow_provider_zimage.models import ApiErrorDetail
+    from airflow_provider_zimage.runware.models import ApiErrorDetail
 
     return ApiErrorDetail.model_validate({"code": "taskRefused", "message": str(exc), "taskUUID": uuid})
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from airflow_provider_zimage.exceptions import ZImageAuthError, ZImagePermanentError
 from airflow_provider_zimage.hooks.runware import ZImageHook
-from airflow_provider_zimage.protocol import RunwareResponse
+from airflow_provider_zimage.runware.protocol import RunwareResponse
 
 _pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, BatchPoller]] = (
     weakref.WeakKeyDictionary()

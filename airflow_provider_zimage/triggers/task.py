@@ -22,12 +22,18 @@ from typing import Any, Literal, cast
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from pydantic import BaseModel, ConfigDict
 
-from airflow_provider_zimage import protocol
 from airflow_provider_zimage.hooks.runware import ZImageHook, loop_clients
 from airflow_provider_zimage.inbox import InboxHealth, WebhookInbox
-from airflow_provider_zimage.models import ApiErrorDetail, ImageResult
-from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, Outcome, TaskWait, timed_out
-from airflow_provider_zimage.protocol import RunwareResponse
+from airflow_provider_zimage.runware import protocol
+from airflow_provider_zimage.runware.models import ApiErrorDetail, ImageResult
+from airflow_provider_zimage.runware.outcomes import (
+    MAX_CONSECUTIVE_ERRORS,
+    Action,
+    Outcome,
+    TaskWait,
+    timed_out,
+)
+from airflow_provider_zimage.runware.protocol import RunwareResponse
 from airflow_provider_zimage.triggers.polling import batch_poller
 
 # A trigger event lands in the metadata DB: it carries ids and URLs, never image bytes, and past this

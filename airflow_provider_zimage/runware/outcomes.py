@@ -36,8 +36,8 @@ from airflow_provider_zimage.exceptions import (
     ZImageTimeout,
     ZImageTransientError,
 )
-from airflow_provider_zimage.models import ApiErrorDetail
-from airflow_provider_zimage.protocol import (
+from airflow_provider_zimage.runware.models import ApiErrorDetail
+from airflow_provider_zimage.runware.protocol import (
     CONFLICT_TASK_UUID,
     TASK_NOT_FOUND,
     TRANSIENT_CODES,

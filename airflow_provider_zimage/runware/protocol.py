@@ -24,8 +24,8 @@ from airflow_provider_zimage.exceptions import (
     ZImageTimeout,
     ZImageTransientError,
 )
-from airflow_provider_zimage.models import ApiErrorDetail, ImageInferenceRequest, ImageResult
 from airflow_provider_zimage.redaction import redact  # noqa: F401  (part of the protocol's API)
+from airflow_provider_zimage.runware.models import ApiErrorDetail, ImageInferenceRequest, ImageResult
 
 DEFAULT_BASE_URL = "https://api.runware.ai/v1"
 
