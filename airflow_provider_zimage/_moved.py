@@ -26,6 +26,12 @@ MOVED: dict[str, str] = {
     f"{_PACKAGE}.models": f"{_PACKAGE}.runware.models",
     f"{_PACKAGE}.protocol": f"{_PACKAGE}.runware.protocol",
     f"{_PACKAGE}.outcomes": f"{_PACKAGE}.runware.outcomes",
+    f"{_PACKAGE}.generation": f"{_PACKAGE}.jobs.generation",
+    f"{_PACKAGE}.state": f"{_PACKAGE}.jobs.ledger",
+    f"{_PACKAGE}.batch_state": f"{_PACKAGE}.jobs.batch_ledger",
+    f"{_PACKAGE}.waiting": f"{_PACKAGE}.jobs.waiting",
+    f"{_PACKAGE}.content_index": f"{_PACKAGE}.jobs.content_index",
+    f"{_PACKAGE}.uploads": f"{_PACKAGE}.jobs.uploads",
 }
 """Old module path -> new module path (0.2 -> 0.3). `storage` -> `storage.artifacts` is served by
 `airflow_provider_zimage.storage.__getattr__`, because the old path is the new package's own name."""

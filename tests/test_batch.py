@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_zimage.batch_state import BATCH_STATE_FILE
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, TaskDeferred
+from airflow_provider_zimage.jobs.batch_ledger import BATCH_STATE_FILE
 from airflow_provider_zimage.operators.batch import ZImageBatchGenerateOperator, read_manifest_entries
 from airflow_provider_zimage.triggers.batch import ZImageBatchTrigger
 from tests.dagtest import FakeTI

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_zimage.jobs.ledger import STATE_FILE, job_fingerprint
 from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
 from airflow_provider_zimage.runware.models import (
     CATALOG,
@@ -24,7 +25,6 @@ from airflow_provider_zimage.runware.models import (
     UNDOCUMENTED_DEFAULTS,
     ImageInferenceRequest,
 )
-from airflow_provider_zimage.state import STATE_FILE, job_fingerprint
 from airflow_provider_zimage.testing.runware_server.schema import seeds_dir
 from tests.test_one_reading import generate, run_try
 
@@ -347,7 +347,7 @@ def test_a_0_2_twinflow_manifest_made_at_none_is_reused_for_none_and_never_for_u
 def _in_flight_0_2(output_dir: str, ti: Any, op: ZImageGenerateOperator) -> str:
     """A submission 0.2 recorded and Runware accepted, whose results were never stored."""
     from airflow_provider_zimage.hooks.runware import ZImageHook
-    from airflow_provider_zimage.state import Ledger, LedgerStore, Submission
+    from airflow_provider_zimage.jobs.ledger import Ledger, LedgerStore, Submission
     from airflow_provider_zimage.storage import ArtifactStore
 
     request = op.build_request()
@@ -408,7 +408,7 @@ def test_reuse_content_finds_a_0_2_entry_only_where_it_was_surely_the_same_pictu
 
 def test_a_batch_upgraded_from_0_2_pays_nothing_for_its_twinflow_rows(zimage_conn, output_dir):
     """A cleared catalogue of TwinFlow rows (acceleration unset, `medium` spelled out) stored by 0.2."""
-    from airflow_provider_zimage.batch_state import BATCH_STATE_FILE
+    from airflow_provider_zimage.jobs.batch_ledger import BATCH_STATE_FILE
     from tests.dagtest import FakeTI
     from tests.test_batch import batch
     from tests.test_batch import run_try as run_batch

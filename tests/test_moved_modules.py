@@ -21,6 +21,12 @@ MOVED = {
     "models": ("runware.models", "ImageInferenceRequest"),
     "protocol": ("runware.protocol", "RunwareResponse"),
     "outcomes": ("runware.outcomes", "TaskWait"),
+    "generation": ("jobs.generation", "GenerationJob"),
+    "state": ("jobs.ledger", "Ledger"),
+    "batch_state": ("jobs.batch_ledger", "BatchLedger"),
+    "waiting": ("jobs.waiting", "end_try"),
+    "content_index": ("jobs.content_index", "reuse"),
+    "uploads": ("jobs.uploads", "presign_put"),
 }
 
 
@@ -71,7 +77,7 @@ def test_isinstance_holds_across_the_old_and_new_paths() -> None:
     assert isinstance(request, ImageInferenceRequest)
 
 
-@pytest.mark.parametrize(("old", "name"), [("models", "ImageResult"), ("outcomes", "TaskWait")])
+@pytest.mark.parametrize(("old", "name"), [("models", "ImageResult"), ("state", "Submission")])
 def test_a_pickle_naming_an_old_path_loads_the_moved_class(old: str, name: str) -> None:
     new_path, _ = MOVED[old]
     # Protocol 0's GLOBAL opcode: what a 0.2 pickle of the class holds, module and name as text.

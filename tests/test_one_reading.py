@@ -12,10 +12,10 @@ import pytest
 
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, TaskDeferred
 from airflow_provider_zimage.hooks.runware import ZImageHook
+from airflow_provider_zimage.jobs.ledger import STATE_FILE, Ledger, LedgerStore, Submission, job_fingerprint
 from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
 from airflow_provider_zimage.runware.models import ImageInferenceRequest
 from airflow_provider_zimage.sensors.task import ZImageTaskSensor
-from airflow_provider_zimage.state import STATE_FILE, Ledger, LedgerStore, Submission, job_fingerprint
 from airflow_provider_zimage.storage import ArtifactStore
 from airflow_provider_zimage.triggers.task import MAX_EVENT_BYTES, ZImageTaskTrigger
 from tests.conftest import zimage_connection_json

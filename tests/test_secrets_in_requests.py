@@ -230,7 +230,7 @@ def test_a_manifest_never_records_a_secret_even_from_a_request_that_was_not_refu
     masker hides is recorded with "***" in the manifest the Images tab reads."""
     from airflow.sdk.log import mask_secret
 
-    from airflow_provider_zimage.generation import public_request
+    from airflow_provider_zimage.jobs.generation import public_request
     from airflow_provider_zimage.runware.models import ImageInferenceRequest
 
     mask_secret(PARTNER_KEY)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from airflow_provider_zimage.state import Ledger, LedgerStore, derive_task_uuid, job_fingerprint
+from airflow_provider_zimage.jobs.ledger import Ledger, LedgerStore, derive_task_uuid, job_fingerprint
 
 IDENTITY = {"dag_id": "d", "task_id": "t", "run_id": "manual__2026-01-01", "map_index": 3}
 

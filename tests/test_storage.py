@@ -476,7 +476,7 @@ def test_s3_content_reuse_is_a_copy_inside_the_store(
 ):
     """`reuse="content"` on S3: yesterday's image appears in today's folder without the worker
     uploading its bytes again (CopyObject), and it verifies like any stored image."""
-    from airflow_provider_zimage import content_index
+    from airflow_provider_zimage.jobs import content_index
 
     store = ArtifactStore(f"s3://{MOTO_CONN_ID}@{s3_bucket}/shop")
     day1 = store.task_dir("shop", "scheduled__day1", "shots", None)
@@ -509,7 +509,7 @@ def test_s3_content_reuse_is_a_copy_inside_the_store(
 
 def test_local_content_reuse_writes_an_atomic_copy(store: ArtifactStore, tmp_path: Path):
     """On a local disk there is no service to copy for us: the verified bytes are written again."""
-    from airflow_provider_zimage import content_index
+    from airflow_provider_zimage.jobs import content_index
 
     day1 = store.task_dir("shop", "scheduled__day1", "shots", None)
     art = store.write_image(day1, "img-1", make_image("PNG", (32, 16)))

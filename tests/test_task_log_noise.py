@@ -180,7 +180,7 @@ def test_a_local_quickstart_run_prints_no_masker_warning_and_no_progress_bars(tm
 def test_the_submission_line_names_the_service_the_task_really_went_to(
     backend, named, not_named, tmp_path, caplog
 ):
-    from airflow_provider_zimage.generation import GenerationJob, TaskInstanceRef
+    from airflow_provider_zimage.jobs.generation import GenerationJob, TaskInstanceRef
     from airflow_provider_zimage.runware.models import ImageInferenceRequest
     from airflow_provider_zimage.storage import ArtifactStore
 

@@ -197,7 +197,7 @@ def test_an_event_naming_a_task_this_instance_never_submitted_is_refused_and_sto
 
 
 def test_a_retried_batch_row_that_renders_another_request_keeps_what_was_paid_and_an_edited_row_does_not():
-    from airflow_provider_zimage.batch_state import BatchLedger
+    from airflow_provider_zimage.jobs.batch_ledger import BatchLedger
 
     ledger = BatchLedger("d", "t", "r", -1)
     paid = ledger.entry_for(0, "fp-seed-1", 1, fresh=True, arguments="row-as-written")

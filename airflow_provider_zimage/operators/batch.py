@@ -27,8 +27,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.sdk import BaseOperator
 
-from airflow_provider_zimage import content_index
-from airflow_provider_zimage.batch_state import BatchEntry, BatchLedger, BatchLedgerStore
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, conf
 from airflow_provider_zimage.exceptions import (
     ZImageAuthError,
@@ -37,7 +35,11 @@ from airflow_provider_zimage.exceptions import (
     ZImageTaskFailed,
     ZImageValidationError,
 )
-from airflow_provider_zimage.generation import (
+from airflow_provider_zimage.hooks.runware import ZImageHook
+from airflow_provider_zimage.inbox import BatchInboxWatch, default_inbox_path
+from airflow_provider_zimage.jobs import content_index
+from airflow_provider_zimage.jobs.batch_ledger import BatchEntry, BatchLedger, BatchLedgerStore
+from airflow_provider_zimage.jobs.generation import (
     MANIFEST_VERSION,
     NsfwPolicy,
     TaskInstanceRef,
@@ -49,8 +51,7 @@ from airflow_provider_zimage.generation import (
     request_differences,
     warn_rendered_differently,
 )
-from airflow_provider_zimage.hooks.runware import ZImageHook
-from airflow_provider_zimage.inbox import BatchInboxWatch, default_inbox_path
+from airflow_provider_zimage.jobs.ledger import job_fingerprint
 from airflow_provider_zimage.operators.generate import (
     REQUEST_ARGUMENTS,
     Delivery,
@@ -71,7 +72,6 @@ from airflow_provider_zimage.runware.outcomes import (
     for_error,
 )
 from airflow_provider_zimage.runware.protocol import RunwareResponse
-from airflow_provider_zimage.state import job_fingerprint
 from airflow_provider_zimage.storage import ArtifactStore, as_path, default_output_path, read_json, verify
 from airflow_provider_zimage.triggers.batch import POLL_BATCH, ZImageBatchTrigger, split_by_task
 from airflow_provider_zimage.webhooks.tokens import token_expiry, webhook_url

@@ -20,14 +20,16 @@ from urllib.parse import urlsplit
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
-from airflow_provider_zimage import content_index
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, conf
 from airflow_provider_zimage.exceptions import (
     ZImageError,
     ZImagePermanentError,
     ZImageValidationError,
 )
-from airflow_provider_zimage.generation import (
+from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
+from airflow_provider_zimage.inbox import WebhookInbox, default_inbox_path
+from airflow_provider_zimage.jobs import content_index
+from airflow_provider_zimage.jobs.generation import (
     GenerationJob,
     NsfwPolicy,
     TaskInstanceRef,
@@ -36,8 +38,8 @@ from airflow_provider_zimage.generation import (
     request_differences,
     warn_rendered_differently,
 )
-from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
-from airflow_provider_zimage.inbox import WebhookInbox, default_inbox_path
+from airflow_provider_zimage.jobs.uploads import S3_PROTOCOLS, presign_put, store_uploaded, upload_target
+from airflow_provider_zimage.jobs.waiting import end_try, stored_later, wait_in_process
 from airflow_provider_zimage.redaction import (
     REDACTED,
     mask_credentials,
@@ -52,8 +54,6 @@ from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageR
 from airflow_provider_zimage.runware.outcomes import Action, TaskWait, timed_out
 from airflow_provider_zimage.storage import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
-from airflow_provider_zimage.uploads import S3_PROTOCOLS, presign_put, store_uploaded, upload_target
-from airflow_provider_zimage.waiting import end_try, stored_later, wait_in_process
 from airflow_provider_zimage.webhooks.tokens import configured_secret, token_expiry, webhook_url
 
 if TYPE_CHECKING:

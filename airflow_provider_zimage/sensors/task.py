@@ -16,14 +16,14 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, conf
 from airflow_provider_zimage.exceptions import ZImageError, ZImagePermanentError
-from airflow_provider_zimage.generation import GenerationJob, NsfwPolicy, TaskInstanceRef
 from airflow_provider_zimage.hooks.runware import ZImageHook
+from airflow_provider_zimage.jobs.generation import GenerationJob, NsfwPolicy, TaskInstanceRef
+from airflow_provider_zimage.jobs.waiting import end_try, stored_later, wait_in_process
 from airflow_provider_zimage.operators.generate import deferral_settle_seconds
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult
 from airflow_provider_zimage.runware.outcomes import Action, TaskWait
 from airflow_provider_zimage.storage import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
-from airflow_provider_zimage.waiting import end_try, stored_later, wait_in_process
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

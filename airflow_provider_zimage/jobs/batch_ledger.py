@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from airflow_provider_zimage.state import derive_task_uuid
+from airflow_provider_zimage.jobs.ledger import derive_task_uuid
 from airflow_provider_zimage.storage import ZImageStorageError, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)

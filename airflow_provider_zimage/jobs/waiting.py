@@ -18,8 +18,8 @@ from airflow_provider_zimage.runware import protocol
 from airflow_provider_zimage.runware.outcomes import Action, Outcome, TaskWait
 
 if TYPE_CHECKING:
-    from airflow_provider_zimage.generation import GenerationJob
     from airflow_provider_zimage.hooks.runware import ZImageHook
+    from airflow_provider_zimage.jobs.generation import GenerationJob
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 from airflow_provider_zimage.exceptions import ZImageError, ZImageTaskFailed
+from airflow_provider_zimage.jobs.ledger import Ledger, LedgerStore, Submission, job_fingerprint
 from airflow_provider_zimage.redaction import redact_urls, scrub_secrets
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult, OldFingerprint
 from airflow_provider_zimage.runware.outcomes import Outcome
-from airflow_provider_zimage.state import Ledger, LedgerStore, Submission, job_fingerprint
 from airflow_provider_zimage.storage import ArtifactStore, normalize_format
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,11 @@
+"""One task instance's work, never paying twice: what is reused, submitted, waited for and stored.
+
+* `generation`     `GenerationJob`: one request's reuse / submit / store / manifest (operator and sensor)
+* `ledger`         deterministic taskUUIDs and the submission ledger (intent -> submitted -> stored)
+* `batch_ledger`   `BatchLedger`: one taskUUID per request of a batch, `_zimage_batch.json`
+* `waiting`        the in-process wait; `end_try`: an outcome applied to the ledger, as Airflow exception
+* `content_index`  reuse="content": per-fingerprint index under the output path, verified copies
+* `uploads`        presigned PUT URLs for `uploadEndpoint`, and reading the uploaded objects back
+
+Nothing is imported here.
+"""
