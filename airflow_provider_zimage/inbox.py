@@ -40,7 +40,7 @@ from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_zimage.runware import protocol
 from airflow_provider_zimage.runware.protocol import RunwareResponse
-from airflow_provider_zimage.storage import (
+from airflow_provider_zimage.storage.artifacts import (
     ZImageStorageError,
     _airflow_home,
     _conf_get,

@@ -246,7 +246,7 @@ def test_mapped_instances_show_their_sku_labels(airflow):
 def test_page_two_of_a_mapped_task_instance_opens_from_its_pager_and_a_missing_file_is_a_page(
     airflow, browser_binary
 ):
-    from airflow_provider_zimage.storage import ArtifactStore
+    from airflow_provider_zimage.storage.artifacts import ArtifactStore
     from tests.test_ui import write_task
 
     run_id = manifests(airflow)[0]["run_id"]

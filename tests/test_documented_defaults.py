@@ -348,7 +348,7 @@ def _in_flight_0_2(output_dir: str, ti: Any, op: ZImageGenerateOperator) -> str:
     """A submission 0.2 recorded and Runware accepted, whose results were never stored."""
     from airflow_provider_zimage.hooks.runware import ZImageHook
     from airflow_provider_zimage.jobs.ledger import Ledger, LedgerStore, Submission
-    from airflow_provider_zimage.storage import ArtifactStore
+    from airflow_provider_zimage.storage.artifacts import ArtifactStore
 
     request = op.build_request()
     old = _job(fingerprint_0_2(request))

@@ -164,7 +164,7 @@ def use_products(rows: list[dict[str, str]], folder: Path, monkeypatch: pytest.M
 
 
 def run_dir(root: Path, dag_id: str, run_: Any) -> Path:
-    from airflow_provider_zimage.storage import safe_segment
+    from airflow_provider_zimage.storage.artifacts import safe_segment
 
     return root / dag_id / safe_segment(run_.run_id)
 

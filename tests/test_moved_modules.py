@@ -27,6 +27,7 @@ MOVED = {
     "waiting": ("jobs.waiting", "end_try"),
     "content_index": ("jobs.content_index", "reuse"),
     "uploads": ("jobs.uploads", "presign_put"),
+    "spend": ("storage.spend", "read_spend"),
 }
 
 
@@ -63,6 +64,23 @@ def test_an_old_module_path_imports_the_new_module_and_says_where_it_went_once(o
     messages = _deprecations(first)
     assert len(messages) == 1 and f"{PACKAGE}.{new_path}" in messages[0], messages
     assert _deprecations(again) == []
+
+
+def test_old_storage_names_come_from_the_storage_package_with_a_warning() -> None:
+    """`storage` is now a package, so its 0.2 names are served by the package itself."""
+    from airflow_provider_zimage.storage import artifacts
+
+    with pytest.warns(DeprecationWarning, match=r"airflow_provider_zimage\.storage\.artifacts"):
+        from airflow_provider_zimage.storage import ArtifactStore
+    with pytest.warns(DeprecationWarning):
+        import airflow_provider_zimage.storage as old_storage
+
+        write_json_atomic = old_storage.write_json_atomic
+
+    assert ArtifactStore is artifacts.ArtifactStore
+    assert write_json_atomic is artifacts.write_json_atomic
+    with pytest.raises(AttributeError):
+        old_storage.no_such_name  # noqa: B018
 
 
 def test_isinstance_holds_across_the_old_and_new_paths() -> None:

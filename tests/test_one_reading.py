@@ -16,7 +16,7 @@ from airflow_provider_zimage.jobs.ledger import STATE_FILE, Ledger, LedgerStore,
 from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
 from airflow_provider_zimage.runware.models import ImageInferenceRequest
 from airflow_provider_zimage.sensors.task import ZImageTaskSensor
-from airflow_provider_zimage.storage import ArtifactStore
+from airflow_provider_zimage.storage.artifacts import ArtifactStore
 from airflow_provider_zimage.triggers.task import MAX_EVENT_BYTES, ZImageTaskTrigger
 from tests.conftest import zimage_connection_json
 from tests.dagtest import FakeTI
@@ -178,7 +178,7 @@ def test_the_sensor_stores_a_png_task_under_its_real_format(zimage_conn, output_
 def test_a_storage_failure_after_payment_is_retryable_and_the_retry_pays_nothing(
     zimage_conn, output_dir, monkeypatch
 ):
-    from airflow_provider_zimage.storage import ArtifactStore, ZImageStorageError
+    from airflow_provider_zimage.storage.artifacts import ArtifactStore, ZImageStorageError
 
     ti = FakeTI("manual__storage_down")
     real = ArtifactStore.write_image

@@ -29,10 +29,10 @@ import pytest
 from airflow.sdk import ObjectStoragePath
 from PIL import Image
 
-from airflow_provider_zimage import storage
 from airflow_provider_zimage.compat import storage_location
 from airflow_provider_zimage.exceptions import ZImageError
-from airflow_provider_zimage.storage import (
+from airflow_provider_zimage.storage import artifacts as storage
+from airflow_provider_zimage.storage.artifacts import (
     ArtifactStore,
     ImageArtifact,
     ZImageStorageError,
@@ -321,7 +321,7 @@ def test_manifest_round_trip(store, task_dir):
 def test_corrupt_manifest_reads_as_absent_with_warning(store, task_dir, caplog):
     local(task_dir).mkdir(parents=True)
     (local(task_dir) / "manifest.json").write_text('{"images": [')
-    with caplog.at_level(logging.WARNING, logger="airflow_provider_zimage.storage"):
+    with caplog.at_level(logging.WARNING, logger="airflow_provider_zimage.storage.artifacts"):
         assert store.read_manifest(task_dir) is None
     assert "unreadable manifest" in caplog.text
 

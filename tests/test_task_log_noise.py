@@ -182,7 +182,7 @@ def test_the_submission_line_names_the_service_the_task_really_went_to(
 ):
     from airflow_provider_zimage.jobs.generation import GenerationJob, TaskInstanceRef
     from airflow_provider_zimage.runware.models import ImageInferenceRequest
-    from airflow_provider_zimage.storage import ArtifactStore
+    from airflow_provider_zimage.storage.artifacts import ArtifactStore
 
     job = GenerationJob(
         TaskInstanceRef("shop", "generate", "manual__1", -1),

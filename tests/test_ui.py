@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from airflow_provider_zimage.spend import read_spend, record_manifest
-from airflow_provider_zimage.storage import ArtifactStore, as_path
+from airflow_provider_zimage.storage.artifacts import ArtifactStore, as_path
+from airflow_provider_zimage.storage.spend import read_spend, record_manifest
 from airflow_provider_zimage.ui.gallery import read_run
 from airflow_provider_zimage.ui.links import images_tab_url
 from airflow_provider_zimage.ui.pages import format_cost

@@ -607,7 +607,7 @@ def _too_many_redirects() -> ZImagePermanentError:
 
 
 def _conf_value(section: str, key: str) -> str | None:
-    from airflow_provider_zimage.storage import _conf_get
+    from airflow_provider_zimage.storage.artifacts import _conf_get
 
     return _conf_get(section, key)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from airflow_provider_zimage.jobs.ledger import derive_task_uuid
-from airflow_provider_zimage.storage import ZImageStorageError, read_json, write_json_atomic
+from airflow_provider_zimage.storage.artifacts import ZImageStorageError, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 

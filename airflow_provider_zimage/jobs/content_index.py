@@ -19,7 +19,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from airflow_provider_zimage.storage import (
+from airflow_provider_zimage.storage.artifacts import (
     ArtifactStore,
     ZImageStorageError,
     as_path,

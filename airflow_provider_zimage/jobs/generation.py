@@ -20,7 +20,7 @@ from airflow_provider_zimage.jobs.ledger import Ledger, LedgerStore, Submission,
 from airflow_provider_zimage.redaction import redact_urls, scrub_secrets
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult, OldFingerprint
 from airflow_provider_zimage.runware.outcomes import Outcome
-from airflow_provider_zimage.storage import ArtifactStore, normalize_format
+from airflow_provider_zimage.storage.artifacts import ArtifactStore, normalize_format
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from airflow_provider_zimage.storage import ZImageStorageError, read_json, write_json_atomic
+from airflow_provider_zimage.storage.artifacts import ZImageStorageError, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from airflow_provider_zimage.compat import storage_location
 from airflow_provider_zimage.exceptions import ZImageTaskFailed
 from airflow_provider_zimage.jobs.generation import GenerationJob, apply_nsfw_policy, manifest_entry
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult
-from airflow_provider_zimage.storage import ImageArtifact, check_image, normalize_format
+from airflow_provider_zimage.storage.artifacts import ImageArtifact, check_image, normalize_format
 
 log = logging.getLogger(__name__)
 

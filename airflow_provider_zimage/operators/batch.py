@@ -72,7 +72,13 @@ from airflow_provider_zimage.runware.outcomes import (
     for_error,
 )
 from airflow_provider_zimage.runware.protocol import RunwareResponse
-from airflow_provider_zimage.storage import ArtifactStore, as_path, default_output_path, read_json, verify
+from airflow_provider_zimage.storage.artifacts import (
+    ArtifactStore,
+    as_path,
+    default_output_path,
+    read_json,
+    verify,
+)
 from airflow_provider_zimage.triggers.batch import POLL_BATCH, ZImageBatchTrigger, split_by_task
 from airflow_provider_zimage.webhooks.tokens import token_expiry, webhook_url
 

@@ -52,7 +52,7 @@ from airflow_provider_zimage.redaction import (
 from airflow_provider_zimage.runware import protocol
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult, estimate_cost
 from airflow_provider_zimage.runware.outcomes import Action, TaskWait, timed_out
-from airflow_provider_zimage.storage import ArtifactStore, default_output_path
+from airflow_provider_zimage.storage.artifacts import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
 from airflow_provider_zimage.webhooks.tokens import configured_secret, token_expiry, webhook_url
 
@@ -67,7 +67,7 @@ DEFAULT_DEFERRAL_SETTLE_S = 10.0
 
 def deferral_settle_seconds() -> float:
     """`[zimage] deferral_settle_seconds`: how long a deferred trigger holds a fast answer."""
-    from airflow_provider_zimage.storage import _conf_get
+    from airflow_provider_zimage.storage.artifacts import _conf_get
 
     value = _conf_get("zimage", "deferral_settle_seconds")
     return DEFAULT_DEFERRAL_SETTLE_S if value is None else max(0.0, float(value))

@@ -22,7 +22,7 @@ from airflow_provider_zimage.jobs.waiting import end_try, stored_later, wait_in_
 from airflow_provider_zimage.operators.generate import deferral_settle_seconds
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult
 from airflow_provider_zimage.runware.outcomes import Action, TaskWait
-from airflow_provider_zimage.storage import ArtifactStore, default_output_path
+from airflow_provider_zimage.storage.artifacts import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
 
 if TYPE_CHECKING:

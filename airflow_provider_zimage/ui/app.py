@@ -101,7 +101,7 @@ ReadableDag = Annotated[str, Depends(dag_reader)]
 
 
 def _store() -> Any:
-    from airflow_provider_zimage.storage import ArtifactStore, default_output_path
+    from airflow_provider_zimage.storage.artifacts import ArtifactStore, default_output_path
 
     return ArtifactStore(default_output_path())
 
@@ -246,7 +246,7 @@ def create_app() -> FastAPI:
         return _file(dag_id, run_id, task, index, name, thumb=True)
 
     def _readable_spend(user: Any, days: int) -> list[Any]:
-        from airflow_provider_zimage.spend import read_spend
+        from airflow_provider_zimage.storage.spend import read_spend
 
         rows = read_spend(_store().base, days=days)
         allowed = {dag_id: may_read_dag(user, dag_id) for dag_id in {r.dag_id for r in rows}}

@@ -24,7 +24,7 @@ from typing import Any
 
 from airflow.sdk import ObjectStoragePath
 
-from airflow_provider_zimage.storage import (
+from airflow_provider_zimage.storage.artifacts import (
     MANIFEST_NAME,
     UNMAPPED_SEGMENT,
     ArtifactStore,

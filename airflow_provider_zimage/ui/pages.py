@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from urllib.parse import quote, urlencode
 
-from airflow_provider_zimage.spend import DaySpend
+from airflow_provider_zimage.storage.spend import DaySpend
 from airflow_provider_zimage.ui.gallery import Card, Failure, RunImages
 
 __all__ = ["error_page", "format_cost", "run_page", "spend_page"]

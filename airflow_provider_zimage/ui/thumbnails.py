@@ -12,7 +12,7 @@ import logging
 
 from airflow.sdk import ObjectStoragePath
 
-from airflow_provider_zimage.storage import write_bytes_atomic
+from airflow_provider_zimage.storage.artifacts import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_zimage.storage import safe_segment
+from airflow_provider_zimage.storage.artifacts import safe_segment
 
 
 @dataclass

@@ -112,7 +112,7 @@ def record_manifest(
     now: dt.datetime | None = None,
 ) -> ObjectStoragePath | None:
     """Write the spend record of a manifest just written to `directory`; None (logged) if it failed."""
-    from airflow_provider_zimage.storage import write_json_atomic
+    from airflow_provider_zimage.storage.artifacts import write_json_atomic
 
     images = manifest.get("images") or []
     cost = manifest.get("total_cost")
@@ -186,7 +186,7 @@ def _read_day(base: ObjectStoragePath, day: str, *, compact: bool) -> dict[str, 
         compact = False
     per_dag = _aggregate(day, _day_records(folder))
     if compact and per_dag:
-        from airflow_provider_zimage.storage import write_json_atomic
+        from airflow_provider_zimage.storage.artifacts import write_json_atomic
 
         try:
             write_json_atomic(

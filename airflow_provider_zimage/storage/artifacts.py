@@ -600,7 +600,7 @@ class ArtifactStore:
         target = write_json_atomic(as_path(directory) / MANIFEST_NAME, dict(manifest))
         log.info("Wrote manifest %s", target)
         # After the manifest: the spend page counts only images that are committed (see `spend`).
-        from airflow_provider_zimage.spend import record_manifest
+        from airflow_provider_zimage.storage.spend import record_manifest
 
         record_manifest(self._base, as_path(directory), manifest)
         return target
