@@ -33,6 +33,7 @@ MOVED: dict[str, str] = {
     f"{_PACKAGE}.content_index": f"{_PACKAGE}.jobs.content_index",
     f"{_PACKAGE}.uploads": f"{_PACKAGE}.jobs.uploads",
     f"{_PACKAGE}.spend": f"{_PACKAGE}.storage.spend",
+    f"{_PACKAGE}.inbox": f"{_PACKAGE}.webhooks.inbox",
 }
 """Old module path -> new module path (0.2 -> 0.3). `storage` -> `storage.artifacts` is served by
 `airflow_provider_zimage.storage.__getattr__`, because the old path is the new package's own name."""

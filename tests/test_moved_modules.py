@@ -28,6 +28,7 @@ MOVED = {
     "content_index": ("jobs.content_index", "reuse"),
     "uploads": ("jobs.uploads", "presign_put"),
     "spend": ("storage.spend", "read_spend"),
+    "inbox": ("webhooks.inbox", "WebhookInbox"),
 }
 
 

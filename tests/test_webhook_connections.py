@@ -225,7 +225,7 @@ def test_one_request_cannot_store_thousands_of_items(two_teams):
 
 
 def test_the_sweep_reads_object_ages_on_s3_too(moto_s3_server, s3_bucket):
-    from airflow_provider_zimage.inbox import WebhookInbox, sweep
+    from airflow_provider_zimage.webhooks.inbox import WebhookInbox, sweep
     from tests.s3_server import MOTO_CONN_ID
 
     inbox = f"s3://{MOTO_CONN_ID}@{s3_bucket}/inbox"

@@ -19,10 +19,10 @@ import httpx
 import pytest
 
 from airflow_provider_zimage.hooks.runware import ZImageHook
-from airflow_provider_zimage.inbox import WebhookInbox
 from airflow_provider_zimage.runware.models import ImageInferenceRequest
 from airflow_provider_zimage.testing.runware_server.server import RunwareTestServer
 from airflow_provider_zimage.triggers.task import ZImageTaskTrigger
+from airflow_provider_zimage.webhooks.inbox import WebhookInbox
 from airflow_provider_zimage.webhooks.tokens import token_expiry, webhook_token, webhook_url
 from tests.conftest import zimage_connection_json
 from tests.dagtest import FakeTI, run_dag, task_states

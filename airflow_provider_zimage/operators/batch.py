@@ -36,7 +36,6 @@ from airflow_provider_zimage.exceptions import (
     ZImageValidationError,
 )
 from airflow_provider_zimage.hooks.runware import ZImageHook
-from airflow_provider_zimage.inbox import BatchInboxWatch, default_inbox_path
 from airflow_provider_zimage.jobs import content_index
 from airflow_provider_zimage.jobs.batch_ledger import BatchEntry, BatchLedger, BatchLedgerStore
 from airflow_provider_zimage.jobs.generation import (
@@ -80,6 +79,7 @@ from airflow_provider_zimage.storage.artifacts import (
     verify,
 )
 from airflow_provider_zimage.triggers.batch import POLL_BATCH, ZImageBatchTrigger, split_by_task
+from airflow_provider_zimage.webhooks.inbox import BatchInboxWatch, default_inbox_path
 from airflow_provider_zimage.webhooks.tokens import token_expiry, webhook_url
 
 if TYPE_CHECKING:

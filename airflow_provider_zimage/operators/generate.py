@@ -27,7 +27,6 @@ from airflow_provider_zimage.exceptions import (
     ZImageValidationError,
 )
 from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
-from airflow_provider_zimage.inbox import WebhookInbox, default_inbox_path
 from airflow_provider_zimage.jobs import content_index
 from airflow_provider_zimage.jobs.generation import (
     GenerationJob,
@@ -54,6 +53,7 @@ from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageR
 from airflow_provider_zimage.runware.outcomes import Action, TaskWait, timed_out
 from airflow_provider_zimage.storage.artifacts import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
+from airflow_provider_zimage.webhooks.inbox import WebhookInbox, default_inbox_path
 from airflow_provider_zimage.webhooks.tokens import configured_secret, token_expiry, webhook_url
 
 if TYPE_CHECKING:

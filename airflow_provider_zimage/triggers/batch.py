@@ -21,7 +21,6 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_zimage.exceptions import ZImageAuthError, ZImagePermanentError
 from airflow_provider_zimage.hooks.runware import ZImageHook, loop_clients
-from airflow_provider_zimage.inbox import BatchInboxWatch
 from airflow_provider_zimage.runware import protocol
 from airflow_provider_zimage.runware.outcomes import (
     MAX_CONSECUTIVE_ERRORS,
@@ -31,6 +30,7 @@ from airflow_provider_zimage.runware.outcomes import (
     for_error,
 )
 from airflow_provider_zimage.runware.protocol import RunwareResponse
+from airflow_provider_zimage.webhooks.inbox import BatchInboxWatch
 
 POLL_BATCH = 100
 

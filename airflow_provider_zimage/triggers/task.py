@@ -23,7 +23,6 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from pydantic import BaseModel, ConfigDict
 
 from airflow_provider_zimage.hooks.runware import ZImageHook, loop_clients
-from airflow_provider_zimage.inbox import InboxHealth, WebhookInbox
 from airflow_provider_zimage.runware import protocol
 from airflow_provider_zimage.runware.models import ApiErrorDetail, ImageResult
 from airflow_provider_zimage.runware.outcomes import (
@@ -35,6 +34,7 @@ from airflow_provider_zimage.runware.outcomes import (
 )
 from airflow_provider_zimage.runware.protocol import RunwareResponse
 from airflow_provider_zimage.triggers.polling import batch_poller
+from airflow_provider_zimage.webhooks.inbox import InboxHealth, WebhookInbox
 
 # A trigger event lands in the metadata DB: it carries ids and URLs, never image bytes, and past this
 # size not even the URLs (the worker then asks getResponse again, which is free).

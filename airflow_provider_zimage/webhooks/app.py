@@ -77,14 +77,14 @@ def _item_count(body: dict[str, Any] | list[Any]) -> int:
 
 
 def _store(inbox: str | None, conn_id: str, task_uuid: str, entries: dict[str, dict[str, Any]]) -> None:
-    from airflow_provider_zimage.inbox import WebhookInbox
+    from airflow_provider_zimage.webhooks.inbox import WebhookInbox
 
     WebhookInbox(inbox, conn_id=conn_id).put(task_uuid, entries)
 
 
 def _sweep(inbox: str | None) -> None:
     """Remove what nobody collected; a failure is logged and tried again at the next interval."""
-    from airflow_provider_zimage.inbox import inbox_ttl, sweep
+    from airflow_provider_zimage.webhooks.inbox import inbox_ttl, sweep
 
     try:
         ttl = inbox_ttl()
@@ -129,7 +129,7 @@ def create_app(inbox: str | None = None) -> FastAPI:
         expires: str | None = None,
         conn_id: str | None = None,
     ) -> JSONResponse:
-        from airflow_provider_zimage.inbox import ForeignTaskError, inbox_entries
+        from airflow_provider_zimage.webhooks.inbox import ForeignTaskError, inbox_entries
         from airflow_provider_zimage.webhooks.tokens import (
             DEFAULT_CONN_ID,
             TokenCheck,
