@@ -7,10 +7,10 @@ class fails here instead of leaving deferred tasks that no triggerer can re-crea
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import pytest
-from airflow.utils.module_loading import import_string
 
 from airflow_provider_zimage.triggers.batch import ZImageBatchTrigger
 from airflow_provider_zimage.triggers.task import ZImageTaskTrigger
@@ -104,6 +104,7 @@ def test_a_trigger_stored_by_0_2_is_recreated_by_the_triggerer(
 ) -> None:
     """What the triggerer does with a row of the trigger table: import the classpath, call it with the kwargs."""
     classpath, kwargs = expected
-    recreated = import_string(classpath)(**kwargs)
+    module, _, name = classpath.rpartition(".")
+    recreated = getattr(importlib.import_module(module), name)(**kwargs)
     assert type(recreated) is type(trigger)
     assert recreated.serialize() == expected
