@@ -102,7 +102,7 @@ def test_a_trigger_serializes_exactly_as_0_2_did(trigger: Any, expected: tuple[s
 def test_a_trigger_stored_by_0_2_is_recreated_by_the_triggerer(
     trigger: Any, expected: tuple[str, dict[str, Any]]
 ) -> None:
-    """What the triggerer does with a row of the trigger table: import the classpath, call it with the kwargs."""
+    """What the triggerer does with a row of the trigger table: import the classpath, call it."""
     classpath, kwargs = expected
     module, _, name = classpath.rpartition(".")
     recreated = getattr(importlib.import_module(module), name)(**kwargs)

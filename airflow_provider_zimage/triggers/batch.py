@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
 
 from airflow_provider_zimage import protocol
 from airflow_provider_zimage.exceptions import ZImageAuthError, ZImagePermanentError
@@ -25,6 +25,7 @@ from airflow_provider_zimage.hooks.runware import ZImageHook, loop_clients
 from airflow_provider_zimage.inbox import BatchInboxWatch
 from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, Outcome, TaskWait, for_error
 from airflow_provider_zimage.protocol import RunwareResponse
+from airflow_provider_zimage.triggers.base import ZImageBaseTrigger
 
 POLL_BATCH = 100
 
@@ -77,7 +78,7 @@ def _task_error(uuid: str, exc: BaseException) -> Any:
     return ApiErrorDetail.model_validate({"code": "taskRefused", "message": str(exc), "taskUUID": uuid})
 
 
-class ZImageBatchTrigger(BaseTrigger):
+class ZImageBatchTrigger(ZImageBaseTrigger):
     """Polls every pending taskUUID of a batch until all are finished, or the deadline passes.
 
     :param task_uuids: taskUUID -> expected results.
@@ -116,23 +117,6 @@ class ZImageBatchTrigger(BaseTrigger):
         self.poll_after = poll_after
         self.inbox_interval = inbox_interval
         self.not_before = not_before
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "task_uuids": self.task_uuids,
-                "zimage_conn_id": self.zimage_conn_id,
-                "deadline": self.deadline,
-                "poll_interval": self.poll_interval,
-                "max_poll_interval": self.max_poll_interval,
-                "max_consecutive_errors": self.max_consecutive_errors,
-                "webhook_inbox": self.webhook_inbox,
-                "poll_after": self.poll_after,
-                "inbox_interval": self.inbox_interval,
-                "not_before": self.not_before,
-            },
-        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = ZImageHook(self.zimage_conn_id)

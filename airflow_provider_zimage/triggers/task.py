@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal, cast
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
 from pydantic import BaseModel, ConfigDict
 
 from airflow_provider_zimage import protocol
@@ -28,6 +28,7 @@ from airflow_provider_zimage.inbox import InboxHealth, WebhookInbox
 from airflow_provider_zimage.models import ApiErrorDetail, ImageResult
 from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, Outcome, TaskWait, timed_out
 from airflow_provider_zimage.protocol import RunwareResponse
+from airflow_provider_zimage.triggers.base import ZImageBaseTrigger
 from airflow_provider_zimage.triggers.polling import batch_poller
 
 # A trigger event lands in the metadata DB: it carries ids and URLs, never image bytes, and past this
@@ -79,7 +80,7 @@ class TaskEvent(BaseModel):
         )
 
 
-class ZImageTaskTrigger(BaseTrigger):
+class ZImageTaskTrigger(ZImageBaseTrigger):
     """Polls `getResponse` for one taskUUID until its results are all in, it fails, or the deadline passes.
 
     What each answer means is `outcomes.TaskWait`'s decision, the same one the in-process wait and the
@@ -130,24 +131,6 @@ class ZImageTaskTrigger(BaseTrigger):
         self.poll_after = poll_after
         self.inbox_interval = inbox_interval
         self.not_before = not_before
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "task_uuid": self.task_uuid,
-                "zimage_conn_id": self.zimage_conn_id,
-                "expected_results": self.expected_results,
-                "deadline": self.deadline,
-                "poll_interval": self.poll_interval,
-                "max_poll_interval": self.max_poll_interval,
-                "max_consecutive_errors": self.max_consecutive_errors,
-                "webhook_inbox": self.webhook_inbox,
-                "poll_after": self.poll_after,
-                "inbox_interval": self.inbox_interval,
-                "not_before": self.not_before,
-            },
-        )
 
     def _event(self, wait: TaskWait, outcome: Outcome) -> TriggerEvent:
         return TriggerEvent(TaskEvent.build(self.task_uuid, outcome, wait.status.results).model_dump())
