@@ -18,8 +18,8 @@ from airflow.triggers.base import BaseTrigger
 
 @cache
 def _init_parameters(cls: type) -> tuple[str, ...]:
-    signature = inspect.signature(cls.__init__)
-    return tuple(p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    parameters = inspect.signature(cls).parameters.values()
+    return tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 class ZImageBaseTrigger(BaseTrigger):
