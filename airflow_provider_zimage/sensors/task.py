@@ -19,11 +19,10 @@ from airflow_provider_zimage.exceptions import ZImageError, ZImagePermanentError
 from airflow_provider_zimage.generation import GenerationJob, NsfwPolicy, TaskInstanceRef
 from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
-from airflow_provider_zimage.operators.generate import deferral_settle_seconds
 from airflow_provider_zimage.outcomes import Action, TaskWait
 from airflow_provider_zimage.storage import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
-from airflow_provider_zimage.waiting import end_try, stored_later, wait_in_process
+from airflow_provider_zimage.waiting import deferral_settle_seconds, end_try, stored_later, wait_in_process
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

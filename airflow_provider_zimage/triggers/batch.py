@@ -24,10 +24,8 @@ from airflow_provider_zimage.exceptions import ZImageAuthError, ZImagePermanentE
 from airflow_provider_zimage.hooks.runware import ZImageHook, loop_clients
 from airflow_provider_zimage.inbox import BatchInboxWatch
 from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, Outcome, TaskWait, for_error
-from airflow_provider_zimage.protocol import RunwareResponse
+from airflow_provider_zimage.protocol import POLL_BATCH, RunwareResponse, split_by_task
 from airflow_provider_zimage.triggers.base import ZImageBaseTrigger
-
-POLL_BATCH = 100
 
 
 async def apoll_many(hook: ZImageHook, uuids: list[str]) -> RunwareResponse:
@@ -49,21 +47,6 @@ async def apoll_many(hook: ZImageHook, uuids: list[str]) -> RunwareResponse:
                     _extend(answer, one)
         _extend(merged, answer)
     return merged
-
-
-def split_by_task(response: RunwareResponse, uuids: list[str]) -> dict[str, RunwareResponse]:
-    """Each task's part of a batched answer (an error naming no task concerns them all), so merging stays
-    linear in the batch size."""
-    parts = {u: RunwareResponse() for u in uuids}
-    for result in response.results:
-        if result.task_uuid in parts:
-            parts[result.task_uuid].results.append(result)
-    for error in response.errors:
-        targets = [error.task_uuid] if error.task_uuid else uuids
-        for uuid in targets:
-            if uuid in parts:
-                parts[uuid].errors.append(error)
-    return parts
 
 
 def _extend(into: RunwareResponse, more: RunwareResponse) -> None:
@@ -165,10 +148,12 @@ class ZImageBatchTrigger(ZImageBaseTrigger):
                 if len(finished) != reported:  # a line per change, not per look at the inbox
                     reported = len(finished)
                     self.log.info("Batch: %d/%d task(s) finished", reported, len(waits))
-                pause = next_poll - time.time()
-                if watch is not None:
-                    pause = min(pause, self.inbox_interval)
-                await asyncio.sleep(max(0.0, min(pause, self.deadline - time.time())))
+                interval = self.inbox_interval if watch is not None else None
+                await asyncio.sleep(
+                    protocol.next_pause(
+                        next_poll, time.time(), inbox_interval=interval, deadline=self.deadline
+                    )
+                )
 
     @staticmethod
     def _settle(finished: dict[str, str], uuid: str, outcome: Outcome) -> None:

@@ -168,10 +168,12 @@ class ZImageTaskTrigger(ZImageBaseTrigger):
                 if remaining <= 0:
                     yield self._event(wait, timed_out(wait.status))
                     return
-                pause = next_poll - time.time()
-                if watch is not None:
-                    pause = min(pause, self.inbox_interval)
-                await asyncio.sleep(max(0.0, min(pause, remaining)))
+                interval = self.inbox_interval if watch is not None else None
+                await asyncio.sleep(
+                    protocol.next_pause(
+                        next_poll, time.time(), inbox_interval=interval, deadline=self.deadline
+                    )
+                )
 
 
 class _InboxWatch:
