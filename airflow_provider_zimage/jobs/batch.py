@@ -12,7 +12,6 @@ through `ArtifactStore`, requests are finished by `jobs.delivery` and sent by th
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -130,7 +129,7 @@ class BatchJob:
         directory: Any,
         *,
         hook: ZImageHook,
-        log: logging.Logger | Any,
+        log: Any,  # the task's logger (the operator's `self.log`), so progress lines land in its log
         fresh: bool,
         rendering_warned: bool = False,
     ) -> None:
