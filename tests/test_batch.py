@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, TaskDeferred
+from airflow_provider_zimage.jobs.batch import BatchJob
 from airflow_provider_zimage.jobs.batch_ledger import BATCH_STATE_FILE
 from airflow_provider_zimage.operators.batch import ZImageBatchGenerateOperator, read_manifest_entries
 from airflow_provider_zimage.triggers.batch import ZImageBatchTrigger
@@ -88,7 +89,7 @@ def test_a_worker_killed_mid_submission_reattaches_and_sends_only_the_rest(
 ):
     ti = FakeTI("manual__killed", dag_id="catalogue_killed")
     sent: list[int] = []
-    original = ZImageBatchGenerateOperator._send_chunk
+    original = BatchJob._send_chunk
 
     def dies_after_two(self, hook, requests):
         if len(sent) == 2:
@@ -96,11 +97,11 @@ def test_a_worker_killed_mid_submission_reattaches_and_sends_only_the_rest(
         sent.append(len(requests))
         return original(self, hook, requests)
 
-    monkeypatch.setattr(ZImageBatchGenerateOperator, "_send_chunk", dies_after_two)
+    monkeypatch.setattr(BatchJob, "_send_chunk", dies_after_two)
     with pytest.raises(SystemExit):
         run_try(batch(output_dir, rows(50), chunk_size=10), ti)
     assert zimage_conn.stats["total_accepted"] == 20
-    monkeypatch.setattr(ZImageBatchGenerateOperator, "_send_chunk", original)
+    monkeypatch.setattr(BatchJob, "_send_chunk", original)
 
     summary = run_try(batch(output_dir, rows(50), chunk_size=10), ti)
     assert summary["images"] == 50
@@ -112,16 +113,16 @@ def test_a_worker_killed_between_the_post_and_the_ledger_write_pays_nothing_twic
 ):
     """The POST landed but the worker died before recording it: the re-sent chunk is a conflict."""
     ti = FakeTI("manual__killed_after_post", dag_id="catalogue_killed_post")
-    original = ZImageBatchGenerateOperator._send_chunk
+    original = BatchJob._send_chunk
 
     def lands_then_dies(self, hook, requests):
         original(self, hook, requests)
         raise SystemExit("worker killed after the POST")
 
-    monkeypatch.setattr(ZImageBatchGenerateOperator, "_send_chunk", lands_then_dies)
+    monkeypatch.setattr(BatchJob, "_send_chunk", lands_then_dies)
     with pytest.raises(SystemExit):
         run_try(batch(output_dir, rows(10)), ti)
-    monkeypatch.setattr(ZImageBatchGenerateOperator, "_send_chunk", original)
+    monkeypatch.setattr(BatchJob, "_send_chunk", original)
     summary = run_try(batch(output_dir, rows(10)), ti)
     assert summary["images"] == 10
     one_submission_each(zimage_conn, 10)

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -191,9 +192,10 @@ def test_the_submission_line_names_the_service_the_task_really_went_to(
         origin="zimage_default",
         store=ArtifactStore(tmp_path.as_uri()),
     )
+    hook = SimpleNamespace(submit=lambda requests: [r.task_uuid for r in requests])
     with caplog.at_level("INFO", logger="airflow_provider_zimage"):
-        submission = job.submit(lambda request: None)
-        job.submit(lambda request: None)  # a retry reattaches to the same task
+        submission = job.submit(hook)
+        job.submit(hook)  # a retry reattaches to the same task
 
     lines = [r.getMessage() for r in caplog.records if submission.task_uuid in r.getMessage()]
     assert lines == [

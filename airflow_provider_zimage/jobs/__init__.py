@@ -5,7 +5,11 @@
 * `batch_ledger`   `BatchLedger`: one taskUUID per request of a batch, `_zimage_batch.json`
 * `waiting`        the in-process wait; `end_try`: an outcome applied to the ledger, as Airflow exception
 * `content_index`  reuse="content": per-fingerprint index under the output path, verified copies
-* `uploads`        presigned PUT URLs for `uploadEndpoint`, and reading the uploaded objects back
+* `uploads`        reading the objects Runware PUT to `uploadEndpoint` back
+* `batch`          `BatchJob`: a whole batch (chunks, in-flight window, waiting, storing), given
+                   `BatchSettings`
+* `arguments`      the operators' request arguments -> `ImageInferenceRequest`; secrets refused
+* `delivery`       the webhook / upload fields a request is finished with, in one place
 
 Nothing is imported here.
 """

@@ -11,16 +11,12 @@ images (the user listed them twice), and an edited row gets a new fingerprint, h
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from airflow_provider_zimage.jobs.ledger import derive_task_uuid
-from airflow_provider_zimage.storage.artifacts import ZImageStorageError, read_json, write_json_atomic
-
-log = logging.getLogger(__name__)
+from airflow_provider_zimage.jobs.ledger import JsonLedgerStore, derive_task_uuid
 
 BATCH_STATE_FILE = "_zimage_batch.json"
 BATCH_STATE_VERSION = 1
@@ -160,21 +156,16 @@ class BatchLedger:
         return cls(data["dag_id"], data["task_id"], data["run_id"], int(data["map_index"]), entries)
 
 
-class BatchLedgerStore:
-    def __init__(self, directory: Any) -> None:
-        self.path = directory / BATCH_STATE_FILE
+class BatchLedgerStore(JsonLedgerStore[BatchLedger]):
+    """The batch ledger of one task instance (`_zimage_batch.json`)."""
 
-    def load(self, *, dag_id: str, task_id: str, run_id: str, map_index: int) -> BatchLedger:
-        try:
-            data = read_json(self.path)
-            if data is None:
-                return BatchLedger(dag_id, task_id, run_id, map_index)
-            return BatchLedger.from_dict(data)
-        except (KeyError, TypeError, ValueError, ZImageStorageError) as exc:
-            # Starting over can at worst re-send: the deterministic taskUUIDs turn that into conflicts.
-            log.warning("ignoring unreadable batch ledger %s: %s", self.path, exc)
-            return BatchLedger(dag_id, task_id, run_id, map_index)
+    file_name = BATCH_STATE_FILE
+    description = "batch ledger"
+    # Compact: rewritten after every chunk and every round of results, by machines for machines.
+    indent = None
 
-    def save(self, ledger: BatchLedger) -> None:
-        # Compact: rewritten after every chunk and every round of results, by machines for machines.
-        write_json_atomic(self.path, ledger.to_dict(), indent=None)
+    def empty(self, dag_id: str, task_id: str, run_id: str, map_index: int) -> BatchLedger:
+        return BatchLedger(dag_id, task_id, run_id, map_index)
+
+    def parse(self, data: dict[str, Any]) -> BatchLedger:
+        return BatchLedger.from_dict(data)

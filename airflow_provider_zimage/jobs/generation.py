@@ -16,8 +16,15 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 from airflow_provider_zimage.exceptions import ZImageError, ZImageTaskFailed
+from airflow_provider_zimage.jobs.delivery import DeliveryFields, Submitter
 from airflow_provider_zimage.jobs.ledger import Ledger, LedgerStore, Submission, job_fingerprint
-from airflow_provider_zimage.redaction import redact_urls, scrub_secrets
+from airflow_provider_zimage.redaction import (
+    mask_credentials,
+    redact,
+    redact_urls,
+    scrub_secrets,
+    without_query,
+)
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult, OldFingerprint
 from airflow_provider_zimage.runware.outcomes import Outcome
 from airflow_provider_zimage.storage.artifacts import ArtifactStore, normalize_format
@@ -187,11 +194,12 @@ class GenerationJob:
         """The recorded submission to reattach to, or a new generation to submit."""
         return self._ledger().new_submission(self.fingerprint, self.expected_results)
 
-    def submit(self, send: Callable[[ImageInferenceRequest], object]) -> Submission:
+    def submit(self, hook: Submitter, delivery: DeliveryFields | None = None) -> Submission:
         """Record the intent, send, record the submission: a crash anywhere leaves a record to reattach to.
 
         A recorded `submitted` is not sent again. An `intent` is sent again with the same taskUUID: if the
         first send landed, Runware answers `conflictTaskUUID` and the hook reports it as submitted.
+        `delivery`: the webhook URL and upload endpoint to add to the request (none by default).
         """
         ledger = self._ledger()
         submission = ledger.new_submission(self.fingerprint, self.expected_results)
@@ -208,11 +216,30 @@ class GenerationJob:
             submission.arguments = self.arguments
         ledger.record(submission, "intent")
         self.ledgers.save(ledger)
-        send(self.request_for(submission))
+        self._send(hook, delivery or DeliveryFields(), self.request_for(submission))
         ledger.record(submission, "submitted")
         self.ledgers.save(ledger)
         log.info("Submitted %s %s (generation %d)", kind, submission.task_uuid, submission.generation)
         return submission
+
+    @staticmethod
+    def _send(hook: Submitter, delivery: DeliveryFields, request: ImageInferenceRequest) -> None:
+        """Finish the request with its delivery fields and submit it.
+
+        The fields are credentials (webhook token, presigned signature): they are masked in task logs
+        and scrubbed from errors before anything can print them, and never logged whole.
+        """
+        finished = delivery.finish(request)
+        mask_credentials(*finished.credentials)
+        if finished.request.webhook_url is not None:
+            log.info("Runware will POST the results to %s", without_query(str(finished.request.webhook_url)))
+        if finished.upload_target is not None:
+            log.info("Runware will upload the image to %s (presigned PUT)", finished.upload_target)
+        try:
+            hook.submit([finished.request])
+        except ZImageError as exc:
+            exc.args = (redact(str(exc), finished.credentials),)
+            raise
 
     def request_for(self, submission: Submission) -> ImageInferenceRequest:
         return self.request.model_copy(update={"task_uuid": submission.task_uuid})

@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from airflow_provider_zimage.storage.artifacts import ZImageStorageError, read_json, write_json_atomic
 
@@ -33,6 +33,13 @@ STATE_FILE = "_zimage_state.json"
 STATE_VERSION = 1
 
 SubmissionStatus = Literal["intent", "submitted", "failed", "stored"]
+
+
+class _Document(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+L = TypeVar("L", bound=_Document)
 
 
 def derive_task_uuid(
@@ -162,23 +169,51 @@ class Ledger:
         )
 
 
-class LedgerStore:
-    """Reads and writes a task instance's ledger in its artifact directory, atomically."""
+class JsonLedgerStore(Generic[L]):
+    """Reads and writes one ledger file in a task instance's artifact directory, atomically.
+
+    Shared by the one-request ledger (`LedgerStore`) and the batch ledger (`batch_state`): both are a
+    versioned JSON document named by the task instance, and both start over when it is unreadable.
+    """
+
+    #: The file's name in the artifact directory; what the warning calls it; its JSON indentation.
+    file_name: ClassVar[str]
+    description: ClassVar[str]
+    indent: ClassVar[int | None] = 2
 
     def __init__(self, directory: Any) -> None:
-        self.path = directory / STATE_FILE
+        self.path = directory / self.file_name
 
-    def load(self, *, dag_id: str, task_id: str, run_id: str, map_index: int) -> Ledger:
+    def empty(self, dag_id: str, task_id: str, run_id: str, map_index: int) -> L:
+        raise NotImplementedError
+
+    def parse(self, data: dict[str, Any]) -> L:
+        raise NotImplementedError
+
+    def load(self, *, dag_id: str, task_id: str, run_id: str, map_index: int) -> L:
         try:
             data = read_json(self.path)
             if data is None:
-                return Ledger(dag_id, task_id, run_id, map_index)
-            return Ledger.from_dict(data)
+                return self.empty(dag_id, task_id, run_id, map_index)
+            return self.parse(data)
         except (KeyError, TypeError, ValueError, ZImageStorageError) as exc:
             # Refusing to run would block the task forever; starting over can at worst resubmit, and the
-            # deterministic taskUUID then still turns a duplicate into `conflictTaskUUID`.
-            log.warning("ignoring unreadable submission ledger %s: %s", self.path, exc)
-            return Ledger(dag_id, task_id, run_id, map_index)
+            # deterministic taskUUIDs then still turn a duplicate into `conflictTaskUUID`.
+            log.warning("ignoring unreadable %s %s: %s", self.description, self.path, exc)
+            return self.empty(dag_id, task_id, run_id, map_index)
 
-    def save(self, ledger: Ledger) -> None:
-        write_json_atomic(self.path, ledger.to_dict())
+    def save(self, ledger: L) -> None:
+        write_json_atomic(self.path, ledger.to_dict(), indent=self.indent)
+
+
+class LedgerStore(JsonLedgerStore[Ledger]):
+    """The submission ledger of one task instance (`_zimage_state.json`)."""
+
+    file_name = STATE_FILE
+    description = "submission ledger"
+
+    def empty(self, dag_id: str, task_id: str, run_id: str, map_index: int) -> Ledger:
+        return Ledger(dag_id, task_id, run_id, map_index)
+
+    def parse(self, data: dict[str, Any]) -> Ledger:
+        return Ledger.from_dict(data)

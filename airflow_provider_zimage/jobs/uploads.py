@@ -21,40 +21,21 @@ from typing import Any
 
 from airflow.sdk import ObjectStoragePath
 
-from airflow_provider_zimage.compat import storage_location
 from airflow_provider_zimage.exceptions import ZImageTaskFailed
+from airflow_provider_zimage.jobs.delivery import uploaded_object
 from airflow_provider_zimage.jobs.generation import GenerationJob, apply_nsfw_policy, manifest_entry
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult
-from airflow_provider_zimage.storage.artifacts import ImageArtifact, check_image, normalize_format
+from airflow_provider_zimage.storage.artifacts import ImageArtifact, check_image
 
 log = logging.getLogger(__name__)
 
 S3_PROTOCOLS = frozenset({"s3", "s3a", "s3n"})
-MAX_PRESIGN_SECONDS = 7 * 24 * 3600
-"""SigV4 presigned URLs cannot live longer than seven days."""
 
 
 def upload_target(job: GenerationJob, task_uuid: str) -> ObjectStoragePath:
-    fmt = normalize_format(job.request.output_format or "JPG")
-    return job.directory / f"{task_uuid}.{fmt}"
-
-
-def presign_put(target: ObjectStoragePath, expires_in: float) -> str:
-    """A presigned PutObject URL for `target`, signed with the credentials of its Airflow connection.
-
-    No Content-Type is signed: Runware does not document which one its PUT sends, and a signed one
-    that differs makes S3 refuse the upload.
-    """
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-    conn_id, bucket, key = storage_location(target)
-    hook = S3Hook(aws_conn_id=conn_id)
-    url = hook.get_conn().generate_presigned_url(
-        ClientMethod="put_object",
-        Params={"Bucket": bucket, "Key": key},
-        ExpiresIn=int(max(60, min(MAX_PRESIGN_SECONDS, expires_in))),
-    )
-    return str(url)
+    """Where `job`'s image of `task_uuid` was PUT (the presigned URL of `jobs.delivery` named it)."""
+    target: ObjectStoragePath = uploaded_object(job.directory, job.request.output_format, task_uuid)
+    return target
 
 
 def uploaded_artifact(target: ObjectStoragePath, request: ImageInferenceRequest) -> ImageArtifact:

@@ -1,27 +1,63 @@
 """Waiting on a worker, and ending a try by what the answer meant.
 
 The in-process wait is the worker-side twin of `ZImageTaskTrigger`: the same `outcomes.TaskWait`
-decides what every answer means, only the sleeping differs. `end_try` turns an outcome into the
+decides what every answer means, only the sleeping differs (when to poll is `protocol.poll_delays`,
+`protocol.first_poll_interval` and `protocol.next_pause` for every path that waits). With webhooks the
+worker runs the trigger itself (`first_event`). `end_try` turns an outcome into the
 Airflow exception that matches it, after applying it to the ledger, for the operator and the sensor
 alike, so a 401 means the same thing whichever path received it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException
 from airflow_provider_zimage.runware import protocol
 from airflow_provider_zimage.runware.outcomes import Action, Outcome, TaskWait
 
 if TYPE_CHECKING:
+    from airflow.triggers.base import BaseTrigger
+
     from airflow_provider_zimage.hooks.runware import ZImageHook
     from airflow_provider_zimage.jobs.generation import GenerationJob
 
 log = logging.getLogger(__name__)
+
+# Seconds a deferred task's trigger holds an answer before sending it (see `deferral_settle_seconds`).
+DEFAULT_DEFERRAL_SETTLE_S = 10.0
+
+
+def deferral_settle_seconds() -> float:
+    """`[zimage] deferral_settle_seconds`: how long a deferred trigger holds a fast answer.
+
+    Airflow 3.3 fails a deferred task whose trigger fires before the scheduler has processed the
+    deferral: the operators and the sensor set a trigger's `not_before` this long after deferring.
+    """
+    from airflow_provider_zimage.storage.artifacts import _conf_get
+
+    value = _conf_get("zimage", "deferral_settle_seconds")
+    return DEFAULT_DEFERRAL_SETTLE_S if value is None else max(0.0, float(value))
+
+
+async def first_event(trigger: BaseTrigger, limit: float | None = None) -> dict[str, Any] | None:
+    """Run `trigger` on the worker: its first event, or None when `limit` seconds pass first."""
+
+    async def first() -> dict[str, Any]:
+        async for event in trigger.run():
+            return cast(dict[str, Any], event.payload)
+        raise AirflowException(f"{type(trigger).__name__} ended without an event")
+
+    if limit is None:
+        return await first()
+    try:
+        return await asyncio.wait_for(first(), limit)
+    except asyncio.TimeoutError:
+        return None
 
 
 def wait_in_process(

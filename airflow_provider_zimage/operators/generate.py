@@ -3,20 +3,19 @@
 Orchestration only: build and validate the request, reuse or submit through `GenerationJob`, defer to
 `ZImageTaskTrigger` (or poll in-process), store, and return the manifest entries as XCom.
 
-Delivery options only change how results reach Airflow, never which image is made: `webhookURL` and
-`uploadEndpoint` are left out of the request fingerprint, and they are added to the request inside the
-send, derived from the taskUUID the ledger chose, so a re-sent submission carries the same webhook URL
-and the same upload key.
+Delivery options only change how results reach Airflow, never which image is made: the operator reads
+them into a `jobs.delivery.DeliveryFields` value, and the job adds `webhookURL` and `uploadEndpoint`
+to the request when it sends it (see `jobs.delivery`). The request building shared with
+`ZImageBatchGenerateOperator` is `jobs.arguments`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal, cast
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
@@ -28,6 +27,18 @@ from airflow_provider_zimage.exceptions import (
 )
 from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
 from airflow_provider_zimage.jobs import content_index
+from airflow_provider_zimage.jobs.arguments import (
+    REQUEST_ARGUMENTS,
+    build_image_request,
+    known_secrets,
+    refuse_secrets,  # noqa: F401  (importable from here, as in 0.2)
+)
+from airflow_provider_zimage.jobs.delivery import (
+    Delivery,
+    DeliveryFields,
+    check_delivery,
+    webhook_delivery_settings,
+)
 from airflow_provider_zimage.jobs.generation import (
     GenerationJob,
     NsfwPolicy,
@@ -37,203 +48,29 @@ from airflow_provider_zimage.jobs.generation import (
     request_differences,
     warn_rendered_differently,
 )
-from airflow_provider_zimage.jobs.uploads import S3_PROTOCOLS, presign_put, store_uploaded, upload_target
-from airflow_provider_zimage.jobs.waiting import end_try, stored_later, wait_in_process
-from airflow_provider_zimage.redaction import (
-    REDACTED,
-    mask_credentials,
-    query_secrets,
-    redact,
-    scrub_secrets,
-    secret_paths,
-    without_query,
+from airflow_provider_zimage.jobs.uploads import S3_PROTOCOLS, store_uploaded
+from airflow_provider_zimage.jobs.waiting import (
+    DEFAULT_DEFERRAL_SETTLE_S,  # noqa: F401  (importable from here, as in 0.2)
+    deferral_settle_seconds,
+    end_try,
+    first_event,
+    stored_later,
+    wait_in_process,
 )
+from airflow_provider_zimage.redaction import mask_credentials, scrub_secrets
 from airflow_provider_zimage.runware import protocol
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult, estimate_cost
 from airflow_provider_zimage.runware.outcomes import Action, TaskWait, timed_out
 from airflow_provider_zimage.storage.artifacts import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
 from airflow_provider_zimage.webhooks.inbox import WebhookInbox, default_inbox_path
-from airflow_provider_zimage.webhooks.tokens import configured_secret, token_expiry, webhook_url
+from airflow_provider_zimage.webhooks.tokens import configured_secret
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
     from airflow.sdk.types import TaskInstanceKey
 
 Backend = Literal["runware", "local", "executor"]
-# Seconds a deferred task's trigger holds an answer before sending it (see `_trigger`).
-DEFAULT_DEFERRAL_SETTLE_S = 10.0
-
-
-def deferral_settle_seconds() -> float:
-    """`[zimage] deferral_settle_seconds`: how long a deferred trigger holds a fast answer."""
-    from airflow_provider_zimage.storage.artifacts import _conf_get
-
-    value = _conf_get("zimage", "deferral_settle_seconds")
-    return DEFAULT_DEFERRAL_SETTLE_S if value is None else max(0.0, float(value))
-
-
-Delivery = Literal["polling", "webhook"]
-
-
-def check_delivery(delivery: str, webhook_grace_period: float, webhook_check_interval: float) -> None:
-    """The delivery arguments both operators take, refused at DAG parse time, before anything is paid."""
-    if delivery not in ("polling", "webhook"):
-        raise ValueError(f"delivery must be 'polling' or 'webhook' (got {delivery!r})")
-    if webhook_grace_period < 0:
-        raise ValueError(f"webhook_grace_period must be >= 0 seconds (got {webhook_grace_period})")
-    if webhook_check_interval <= 0:
-        raise ValueError(f"webhook_check_interval must be > 0 seconds (got {webhook_check_interval})")
-
-
-def _rendered_number(value: Any, kind: type[int] | type[float]) -> Any:
-    """Jinja renders `seed="{{ ds_nodash }}"` as the string "20260101"; the request models are strict
-    about types, so a templated number is converted back here. Anything else is left for validation to
-    refuse with the parameter named."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return kind(value.strip())
-    except ValueError:
-        return value
-
-
-# The operator arguments that make up one image request (the batch operator takes the same keys).
-REQUEST_ARGUMENTS = (
-    "prompt",
-    "model",
-    "negative_prompt",
-    "width",
-    "height",
-    "seed",
-    "steps",
-    "scheduler",
-    "cfg_scale",
-    "strength",
-    "mask_margin",
-    "seed_image",
-    "mask_image",
-    "outpaint",
-    "lora",
-    "control_net",
-    "ultralytics",
-    "number_results",
-    "output_type",
-    "output_format",
-    "output_quality",
-    "safety",
-    "ttl",
-    "include_cost",
-    "acceleration",
-    "accelerator_options",
-    "upload_endpoint",
-)
-
-
-# Operator arguments whose wire name is not their field's alias (see `refuse_secrets`).
-_WIRE_NAMES = {"prompt": "positivePrompt", "seed_image": "inputs.seedImage", "mask_image": "inputs.maskImage"}
-
-
-def known_secrets(conn_id: str) -> list[str | None]:
-    """The credentials a task of `conn_id` can reach besides what Airflow's secrets masker holds: the
-    connection's password (Runware key or executor token) and secret extras, and `[zimage]
-    webhook_secret`. A connection that cannot be read (a local run) leaves the configured secret."""
-    secrets: list[str | None] = [configured_secret()]
-    try:
-        secrets += ZImageHook(conn_id).settings.secrets
-    except Exception:  # AirflowNotFoundException and friends: the operator reports it where it needs one
-        pass
-    return secrets
-
-
-def refuse_secrets(args: Mapping[str, Any], secrets: Sequence[str | None] = ()) -> None:
-    """Refuse a request argument holding a known secret, before it is validated, sent or stored.
-
-    Airflow renders Jinja inside mapped values and batch rows, so a table cell
-    `{{ conn.zimage_default.password }}` becomes the API key in a prompt; Runware, the manifest and the
-    Images tab would get it in clear (only the task log is masked). Checked before building, so not
-    even a validation error quotes it. `upload_endpoint` is a credential-bearing URL by design
-    (presigned), meant for Runware, and recorded without its query.
-    """
-    fields = ImageInferenceRequest.model_fields
-    by_wire_name: dict[str, Any] = {}
-    for name, value in args.items():
-        if name in REQUEST_ARGUMENTS and name != "upload_endpoint":
-            field = fields.get(name)
-            by_wire_name[_WIRE_NAMES.get(name) or (field.alias if field and field.alias else name)] = value
-    named = secret_paths(by_wire_name, secrets)
-    if not named:
-        return
-    raise ZImageValidationError(
-        f"refused: {', '.join(named)} {'holds' if len(named) == 1 else 'hold'} a known secret (a connection "
-        "password or secret extra, a webhook secret, or a value Airflow's secrets masker hides), which "
-        "would be sent to Runware and "
-        "shown in the manifest and the Images tab. A templated value was probably rendered: wrap data "
-        "that is not a template in airflow.sdk.literal() (docs/troubleshooting.md)",
-        [{"parameter": p, "message": "holds a known secret", "value": REDACTED} for p in named],
-    )
-
-
-def build_image_request(args: Mapping[str, Any], secrets: Sequence[str | None] = ()) -> ImageInferenceRequest:
-    """The validated request from operator-style arguments (`prompt`, `seed_image`, ...), written once for
-    `ZImageGenerateOperator` and every request of `ZImageBatchGenerateOperator`.
-
-    An argument holding one of `secrets` or a value Airflow's secrets masker holds is refused first
-    (`refuse_secrets`)."""
-    refuse_secrets(args, secrets)
-    inputs = {k: v for k in ("seed_image", "mask_image") if (v := args.get(k))}
-    fields: dict[str, Any] = {
-        "model": args.get("model"),
-        "positive_prompt": args.get("prompt"),
-        "negative_prompt": args.get("negative_prompt"),
-        "width": _rendered_number(args.get("width"), int),
-        "height": _rendered_number(args.get("height"), int),
-        "seed": _rendered_number(args.get("seed"), int),
-        "steps": _rendered_number(args.get("steps"), int),
-        "scheduler": args.get("scheduler"),
-        "cfg_scale": _rendered_number(args.get("cfg_scale"), float),
-        "strength": args.get("strength"),
-        "mask_margin": args.get("mask_margin"),
-        "inputs": inputs or None,
-        "outpaint": args.get("outpaint"),
-        "lora": args.get("lora"),
-        "control_net": args.get("control_net"),
-        "ultralytics": args.get("ultralytics"),
-        "number_results": args.get("number_results"),
-        "output_type": args.get("output_type"),
-        "output_format": args.get("output_format"),
-        "output_quality": args.get("output_quality"),
-        "safety": args.get("safety"),
-        "ttl": args.get("ttl"),
-        "include_cost": args.get("include_cost"),
-        "acceleration": args.get("acceleration"),
-        "accelerator_options": args.get("accelerator_options"),
-        "upload_endpoint": args.get("upload_endpoint"),
-    }
-    return ImageInferenceRequest.build(**{k: v for k, v in fields.items() if v is not None})
-
-
-def webhook_delivery_settings(settings: ConnectionSettings, conn_id: str) -> tuple[str, str]:
-    """The public base URL and the secret for delivery="webhook", or a failure naming what to set, before
-    anything is paid (shared with `ZImageBatchGenerateOperator`)."""
-    if not settings.webhook_base_url:
-        raise AirflowFailException(
-            f"delivery='webhook' needs the webhook_base_url extra of connection {conn_id!r}: "
-            "the public URL of the Airflow API server, e.g. https://airflow.example.com"
-        )
-    parts = urlsplit(settings.webhook_base_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
-        raise AirflowFailException(
-            f"the webhook_base_url extra of connection {conn_id!r} must be an http(s) URL "
-            f"without a query string (got {settings.webhook_base_url!r})"
-        )
-    secret = settings.webhook_secret or configured_secret()
-    if not secret:
-        raise AirflowFailException(
-            f"delivery='webhook' needs a webhook secret: set the webhook_secret extra of connection "
-            f"{conn_id!r} or [zimage] webhook_secret"
-        )
-    return settings.webhook_base_url, secret
 
 
 class ZImageImageLink(BaseOperatorLink):
@@ -590,10 +427,10 @@ class ZImageGenerateOperator(BaseOperator):
                 f"max_cost_usd: the estimated cost ${estimate:.4f} exceeds the limit ${self.max_cost_usd:.4f}"
             )
 
+        delivery = self._delivery(job, settings)
         hook = ZImageHook(self.zimage_conn_id)
-        send = self._sender(job, settings, hook)
         try:
-            submission = job.submit(send)
+            submission = job.submit(hook, delivery)
         except ZImagePermanentError as exc:
             raise AirflowFailException(str(exc)) from None
         except ZImageError as exc:
@@ -611,7 +448,7 @@ class ZImageGenerateOperator(BaseOperator):
             # The worker waits the way the triggerer would, on the inbox first (no polling before the
             # grace period); deferrable, only for `defer_after` seconds.
             limit = self.defer_after if self.deferrable else None
-            event = asyncio.run(_first_event(self._trigger(wait, deadline, poll_interval), limit))
+            event = asyncio.run(first_event(self._trigger(wait, deadline, poll_interval), limit))
             if event is not None:
                 return self.execute_complete(context, event)
             self._defer(wait, deadline, poll_interval)
@@ -711,13 +548,11 @@ class ZImageGenerateOperator(BaseOperator):
 
     # -- delivery -----------------------------------------------------------------------------------
 
-    def _sender(
-        self, job: GenerationJob, settings: ConnectionSettings, hook: ZImageHook
-    ) -> Callable[[ImageInferenceRequest], object]:
-        """Submit a request with the delivery fields of its taskUUID; refuse a misconfiguration first.
+    def _delivery(self, job: GenerationJob, settings: ConnectionSettings) -> DeliveryFields:
+        """What the job adds to the request when it sends it; a misconfiguration is refused first.
 
-        The fields are credentials (webhook token, presigned signature): they are masked in task logs
-        and scrubbed from errors before anything can print them, and never logged whole.
+        The webhook secret is masked in task logs here; the job masks the per-task credentials (webhook
+        token, presigned signature) it derives from it.
         """
         base_url = secret = None
         if self.delivery == "webhook":
@@ -728,30 +563,13 @@ class ZImageGenerateOperator(BaseOperator):
                 f"upload_to_storage=True needs an s3:// output_path (got {job.directory}); Runware can "
                 "only PUT to a presigned S3 URL"
             )
-
-        def send(request: ImageInferenceRequest) -> object:
-            update: dict[str, Any] = {}
-            credentials: list[str] = []
-            if base_url is not None and secret is not None:
-                expires = token_expiry(self.timeout)
-                url = webhook_url(base_url, request.task_uuid, secret, self.zimage_conn_id, expires=expires)
-                credentials += query_secrets(url)
-                update["webhook_url"] = url
-                self.log.info("Runware will POST the results to %s", without_query(url))
-            if self.upload_to_storage:
-                target = upload_target(job, request.task_uuid)
-                url = presign_put(target, self.timeout + 900)
-                credentials += query_secrets(url)
-                update["upload_endpoint"] = url
-                self.log.info("Runware will upload the image to %s (presigned PUT)", target)
-            mask_credentials(*credentials)
-            try:
-                return hook.submit([request.model_copy(update=update)])
-            except ZImageError as exc:
-                exc.args = (redact(str(exc), credentials),)
-                raise
-
-        return send
+        return DeliveryFields(
+            conn_id=self.zimage_conn_id,
+            lifetime=self.timeout,
+            webhook_base_url=base_url,
+            webhook_secret=secret,
+            upload_directory=job.directory if self.upload_to_storage else None,
+        )
 
     def _webhook_settings(self, settings: ConnectionSettings) -> tuple[str, str]:
         return webhook_delivery_settings(settings, self.zimage_conn_id)
@@ -849,19 +667,3 @@ class ZImageGenerateOperator(BaseOperator):
         for outlet in outlets:
             extra: dict[str, Any] = {"images": images, "total_cost": total}
             context["outlet_events"][outlet].extra = extra
-
-
-async def _first_event(trigger: ZImageTaskTrigger, limit: float | None = None) -> dict[str, Any] | None:
-    """Run the trigger on the worker: its first event, or None when `limit` seconds pass first."""
-
-    async def first() -> dict[str, Any]:
-        async for event in trigger.run():
-            return cast(dict[str, Any], event.payload)
-        raise AirflowException(f"{type(trigger).__name__} ended without an event")
-
-    if limit is None:
-        return await first()
-    try:
-        return await asyncio.wait_for(first(), limit)
-    except asyncio.TimeoutError:
-        return None

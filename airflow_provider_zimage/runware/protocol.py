@@ -333,3 +333,36 @@ def poll_delays(initial: float = 1.0, cap: float = 10.0, factor: float = 1.5) ->
     while True:
         yield delay
         delay = min(cap, delay * factor)
+
+
+def next_pause(
+    next_poll: float, now: float, *, inbox_interval: float | None = None, deadline: float | None = None
+) -> float:
+    """Seconds to sleep before the next look: until the next poll, sooner when a webhook inbox is
+    watched (every `inbox_interval`), never past `deadline`; never negative. Shared by both triggers
+    and the batch job's in-process wait, so a change to when they look is made here once."""
+    pause = next_poll - now
+    if inbox_interval is not None:
+        pause = min(pause, inbox_interval)
+    if deadline is not None:
+        pause = min(pause, deadline - now)
+    return max(0.0, pause)
+
+
+#: taskUUIDs per batched getResponse POST (Runware takes many tasks per request).
+POLL_BATCH = 100
+
+
+def split_by_task(response: RunwareResponse, uuids: list[str]) -> dict[str, RunwareResponse]:
+    """Each task's part of a batched answer (an error naming no task concerns them all), so merging stays
+    linear in the batch size."""
+    parts = {u: RunwareResponse() for u in uuids}
+    for result in response.results:
+        if result.task_uuid in parts:
+            parts[result.task_uuid].results.append(result)
+    for error in response.errors:
+        targets = [error.task_uuid] if error.task_uuid else uuids
+        for uuid in targets:
+            if uuid in parts:
+                parts[uuid].errors.append(error)
+    return parts

@@ -18,8 +18,12 @@ from airflow_provider_zimage.compat import AirflowException, AirflowFailExceptio
 from airflow_provider_zimage.exceptions import ZImageError, ZImagePermanentError
 from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.jobs.generation import GenerationJob, NsfwPolicy, TaskInstanceRef
-from airflow_provider_zimage.jobs.waiting import end_try, stored_later, wait_in_process
-from airflow_provider_zimage.operators.generate import deferral_settle_seconds
+from airflow_provider_zimage.jobs.waiting import (
+    deferral_settle_seconds,
+    end_try,
+    stored_later,
+    wait_in_process,
+)
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult
 from airflow_provider_zimage.runware.outcomes import Action, TaskWait
 from airflow_provider_zimage.storage.artifacts import ArtifactStore, default_output_path

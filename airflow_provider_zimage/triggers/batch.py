@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
 
 from airflow_provider_zimage.exceptions import ZImageAuthError, ZImagePermanentError
 from airflow_provider_zimage.hooks.runware import ZImageHook, loop_clients
@@ -29,10 +29,9 @@ from airflow_provider_zimage.runware.outcomes import (
     TaskWait,
     for_error,
 )
-from airflow_provider_zimage.runware.protocol import RunwareResponse
+from airflow_provider_zimage.runware.protocol import POLL_BATCH, RunwareResponse, split_by_task
+from airflow_provider_zimage.triggers.base import ZImageBaseTrigger
 from airflow_provider_zimage.webhooks.inbox import BatchInboxWatch
-
-POLL_BATCH = 100
 
 
 async def apoll_many(hook: ZImageHook, uuids: list[str]) -> RunwareResponse:
@@ -56,21 +55,6 @@ async def apoll_many(hook: ZImageHook, uuids: list[str]) -> RunwareResponse:
     return merged
 
 
-def split_by_task(response: RunwareResponse, uuids: list[str]) -> dict[str, RunwareResponse]:
-    """Each task's part of a batched answer (an error naming no task concerns them all), so merging stays
-    linear in the batch size."""
-    parts = {u: RunwareResponse() for u in uuids}
-    for result in response.results:
-        if result.task_uuid in parts:
-            parts[result.task_uuid].results.append(result)
-    for error in response.errors:
-        targets = [error.task_uuid] if error.task_uuid else uuids
-        for uuid in targets:
-            if uuid in parts:
-                parts[uuid].errors.append(error)
-    return parts
-
-
 def _extend(into: RunwareResponse, more: RunwareResponse) -> None:
     into.results += more.results
     into.processing += more.processing
@@ -83,7 +67,7 @@ def _task_error(uuid: str, exc: BaseException) -> Any:
     return ApiErrorDetail.model_validate({"code": "taskRefused", "message": str(exc), "taskUUID": uuid})
 
 
-class ZImageBatchTrigger(BaseTrigger):
+class ZImageBatchTrigger(ZImageBaseTrigger):
     """Polls every pending taskUUID of a batch until all are finished, or the deadline passes.
 
     :param task_uuids: taskUUID -> expected results.
@@ -122,23 +106,6 @@ class ZImageBatchTrigger(BaseTrigger):
         self.poll_after = poll_after
         self.inbox_interval = inbox_interval
         self.not_before = not_before
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "task_uuids": self.task_uuids,
-                "zimage_conn_id": self.zimage_conn_id,
-                "deadline": self.deadline,
-                "poll_interval": self.poll_interval,
-                "max_poll_interval": self.max_poll_interval,
-                "max_consecutive_errors": self.max_consecutive_errors,
-                "webhook_inbox": self.webhook_inbox,
-                "poll_after": self.poll_after,
-                "inbox_interval": self.inbox_interval,
-                "not_before": self.not_before,
-            },
-        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = ZImageHook(self.zimage_conn_id)
@@ -187,10 +154,12 @@ class ZImageBatchTrigger(BaseTrigger):
                 if len(finished) != reported:  # a line per change, not per look at the inbox
                     reported = len(finished)
                     self.log.info("Batch: %d/%d task(s) finished", reported, len(waits))
-                pause = next_poll - time.time()
-                if watch is not None:
-                    pause = min(pause, self.inbox_interval)
-                await asyncio.sleep(max(0.0, min(pause, self.deadline - time.time())))
+                interval = self.inbox_interval if watch is not None else None
+                await asyncio.sleep(
+                    protocol.next_pause(
+                        next_poll, time.time(), inbox_interval=interval, deadline=self.deadline
+                    )
+                )
 
     @staticmethod
     def _settle(finished: dict[str, str], uuid: str, outcome: Outcome) -> None:

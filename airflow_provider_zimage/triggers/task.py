@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal, cast
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
 from pydantic import BaseModel, ConfigDict
 
 from airflow_provider_zimage.hooks.runware import ZImageHook, loop_clients
@@ -33,6 +33,7 @@ from airflow_provider_zimage.runware.outcomes import (
     timed_out,
 )
 from airflow_provider_zimage.runware.protocol import RunwareResponse
+from airflow_provider_zimage.triggers.base import ZImageBaseTrigger
 from airflow_provider_zimage.triggers.polling import batch_poller
 from airflow_provider_zimage.webhooks.inbox import InboxHealth, WebhookInbox
 
@@ -85,7 +86,7 @@ class TaskEvent(BaseModel):
         )
 
 
-class ZImageTaskTrigger(BaseTrigger):
+class ZImageTaskTrigger(ZImageBaseTrigger):
     """Polls `getResponse` for one taskUUID until its results are all in, it fails, or the deadline passes.
 
     What each answer means is `outcomes.TaskWait`'s decision, the same one the in-process wait and the
@@ -137,24 +138,6 @@ class ZImageTaskTrigger(BaseTrigger):
         self.inbox_interval = inbox_interval
         self.not_before = not_before
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "task_uuid": self.task_uuid,
-                "zimage_conn_id": self.zimage_conn_id,
-                "expected_results": self.expected_results,
-                "deadline": self.deadline,
-                "poll_interval": self.poll_interval,
-                "max_poll_interval": self.max_poll_interval,
-                "max_consecutive_errors": self.max_consecutive_errors,
-                "webhook_inbox": self.webhook_inbox,
-                "poll_after": self.poll_after,
-                "inbox_interval": self.inbox_interval,
-                "not_before": self.not_before,
-            },
-        )
-
     def _event(self, wait: TaskWait, outcome: Outcome) -> TriggerEvent:
         return TriggerEvent(TaskEvent.build(self.task_uuid, outcome, wait.status.results).model_dump())
 
@@ -191,10 +174,12 @@ class ZImageTaskTrigger(BaseTrigger):
                 if remaining <= 0:
                     yield self._event(wait, timed_out(wait.status))
                     return
-                pause = next_poll - time.time()
-                if watch is not None:
-                    pause = min(pause, self.inbox_interval)
-                await asyncio.sleep(max(0.0, min(pause, remaining)))
+                interval = self.inbox_interval if watch is not None else None
+                await asyncio.sleep(
+                    protocol.next_pause(
+                        next_poll, time.time(), inbox_interval=interval, deadline=self.deadline
+                    )
+                )
 
 
 class _InboxWatch:
