@@ -42,7 +42,7 @@ from airflow_provider_zimage.executor.metrics import Metrics
 from airflow_provider_zimage.executor.queues import DeviceQueue, Outcome, WorkUnit
 from airflow_provider_zimage.executor.tasks import CONTENT_TYPES, ImageStore, TaskRecord, TaskTable
 from airflow_provider_zimage.local import LocalZImageExecutor, Plan, load_count
-from airflow_provider_zimage.testing.runware_server.transport import HTTPServer, Request, Response
+from airflow_provider_zimage.executor.transport import HTTPServer, Request, Response
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,6 @@
-"""A small HTTP/1.1 server on asyncio streams and h11.
+"""A small HTTP/1.1 server on asyncio streams and h11: the HTTP layer of `zimage-executor`, and of the
+test kit's Runware stand-in (`testing.runware_server`), which builds on it; production owns it so the
+shipped service never imports the test kit.
 
 Not uvicorn or aiohttp, because the fault that matters most for a paid API, "the task landed but the
 answer never came", needs the handler to close or reset the socket with no response at all, after it
@@ -72,8 +74,10 @@ class HTTPServer:
         max_body_bytes: int = 64 * 1024 * 1024,
         idle_timeout: float = 120.0,
         on_drop: Callable[[], None] | None = None,
+        name: str = "zimage-executor",
     ) -> None:
         self._handler = handler
+        self._name = name  # the Server header and log lines say which service answered
         self._max_body = max_body_bytes
         self._idle_timeout = idle_timeout
         self._on_drop = on_drop
@@ -132,7 +136,7 @@ class HTTPServer:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    log.exception("runware test server: handler failed")
+                    log.exception("%s: handler failed", self._name)
                     reply = Response.json(500, _error("internalError", f"{type(exc).__name__}: {exc}"))
                 if isinstance(reply, Drop):
                     if self._on_drop is not None:
@@ -203,7 +207,7 @@ class HTTPServer:
         headers = [
             ("content-type", reply.content_type),
             ("content-length", str(len(reply.body))),
-            ("server", "runware-test-server"),
+            ("server", self._name),
             *reply.headers,
         ]
         out = conn.send(h11.Response(status_code=reply.status, headers=headers))
