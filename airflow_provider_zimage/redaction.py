@@ -62,6 +62,7 @@ def mask_credentials(*values: str | None) -> None:
     """
     from airflow.sdk.log import mask_secret
 
+    # why: Airflow at task runtime only; models and the executor service import this module without it.
     from airflow_provider_zimage.compat import conf
 
     shortest = conf.getint("logging", "min_length_masked_secret", fallback=5)

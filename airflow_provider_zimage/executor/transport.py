@@ -23,6 +23,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import h11
 
+from airflow_provider_zimage.exceptions import RequestTooLarge
+
 log = logging.getLogger(__name__)
 
 _READ_CHUNK = 64 * 1024
@@ -58,10 +60,6 @@ class Drop:
 
 
 Handler = Callable[[Request], Awaitable["Response | Drop"]]
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class HTTPServer:
@@ -119,7 +117,7 @@ class HTTPServer:
             while True:
                 try:
                     request = await self._read_request(conn, reader, writer)
-                except _TooLarge:
+                except RequestTooLarge:
                     too_large = Response.json(413, _error("payloadTooLarge"), [("connection", "close")])
                     await self._send(conn, writer, None, too_large)
                     break
@@ -185,7 +183,7 @@ class HTTPServer:
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > self._max_body:
-                    raise _TooLarge
+                    raise RequestTooLarge
             elif isinstance(event, h11.EndOfMessage):
                 assert head is not None
                 target = head.target.decode("latin-1")

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from airflow_provider_zimage import protocol
+from airflow_provider_zimage import config, get_provider_info, protocol
 from airflow_provider_zimage.compat import BaseHook
 from airflow_provider_zimage.exceptions import (
     ZImageAPIError,
@@ -198,8 +198,6 @@ class ZImageHook(BaseHook):
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        from airflow_provider_zimage import get_provider_info
-
         behaviour = get_provider_info()["connection-types"][0]["ui-field-behaviour"]
         return {
             "hidden_fields": behaviour["hidden-fields"],
@@ -614,8 +612,7 @@ def allowed_image_origins(settings: ConnectionSettings) -> frozenset[ImageOrigin
         own = httpx.URL(settings.base_url)
         if own.scheme in _DEFAULT_PORTS and own.raw_host:
             origins.add(ImageOrigin.of(own))
-    configured = _conf_value("zimage", "allowed_image_hosts") or ""
-    origins |= {_configured_origin(e.strip()) for e in configured.split(",") if e.strip()}
+    origins |= {_configured_origin(entry) for entry in config.allowed_image_hosts()}
     return frozenset(origins)
 
 
@@ -683,12 +680,6 @@ def _redirect_target(resp: httpx.Response, origins: frozenset[ImageOrigin]) -> h
 
 def _too_many_redirects() -> ZImagePermanentError:
     return ZImagePermanentError(f"image download stopped after {_MAX_REDIRECTS} redirects")
-
-
-def _conf_value(section: str, key: str) -> str | None:
-    from airflow_provider_zimage.storage import _conf_get
-
-    return _conf_get(section, key)
 
 
 def _raise_for_download(resp: httpx.Response) -> None:

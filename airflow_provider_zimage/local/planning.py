@@ -29,9 +29,10 @@ from airflow_provider_zimage.local.schedulers import (
     SchedulerChoice,
     lookup_scheduler,
 )
+from airflow_provider_zimage.models import CATALOG, ModelSpec, resolve_model
 
 if TYPE_CHECKING:
-    from airflow_provider_zimage.models import ImageInferenceRequest, ModelSpec
+    from airflow_provider_zimage.models import ImageInferenceRequest
 
 __all__ = ["LoraPlan", "PipelineKind", "Plan", "batch_key", "model_spec", "plan_request"]
 
@@ -113,8 +114,6 @@ def batch_key(plan: Plan) -> Hashable | None:
 
 def model_spec(model: str) -> ModelSpec:
     """The catalog entry of `model`, refused (naming `model`) when diffusers cannot run it."""
-    from airflow_provider_zimage.models import CATALOG, resolve_model
-
     spec = CATALOG.get(model) or resolve_model(model)
     if spec.hf_repo is None:
         raise_issues(

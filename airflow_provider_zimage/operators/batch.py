@@ -30,6 +30,7 @@ from airflow.sdk import BaseOperator
 from airflow_provider_zimage import content_index, protocol
 from airflow_provider_zimage.batch_state import BatchEntry, BatchLedger, BatchLedgerStore
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, conf
+from airflow_provider_zimage.config import deferral_settle_seconds
 from airflow_provider_zimage.exceptions import (
     ZImageAuthError,
     ZImageError,
@@ -53,7 +54,6 @@ from airflow_provider_zimage.operators.generate import (
     Delivery,
     build_image_request,
     check_delivery,
-    deferral_settle_seconds,
     webhook_delivery_settings,
 )
 from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, Outcome, TaskWait, for_error

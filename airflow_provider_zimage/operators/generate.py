@@ -20,8 +20,9 @@ from urllib.parse import urlsplit
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
-from airflow_provider_zimage import content_index, protocol
+from airflow_provider_zimage import config, content_index, protocol
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, conf
+from airflow_provider_zimage.config import deferral_settle_seconds
 from airflow_provider_zimage.exceptions import (
     ZImageError,
     ZImagePermanentError,
@@ -30,30 +31,22 @@ from airflow_provider_zimage.exceptions import (
 from airflow_provider_zimage.generation import GenerationJob, NsfwPolicy, TaskInstanceRef
 from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
 from airflow_provider_zimage.inbox import WebhookInbox, default_inbox_path
+from airflow_provider_zimage.local import LocalBackendUnavailable, LocalGenerationError, LocalZImageExecutor
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult, estimate_cost
 from airflow_provider_zimage.outcomes import Action, TaskWait, timed_out
 from airflow_provider_zimage.redaction import mask_credentials, query_secrets, redact, without_query
 from airflow_provider_zimage.storage import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
+from airflow_provider_zimage.ui.links import images_tab_url
 from airflow_provider_zimage.uploads import S3_PROTOCOLS, presign_put, store_uploaded, upload_target
 from airflow_provider_zimage.waiting import end_try, stored_later, wait_in_process
-from airflow_provider_zimage.webhooks.tokens import configured_secret, token_expiry, webhook_url
+from airflow_provider_zimage.webhooks.tokens import token_expiry, webhook_url
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
     from airflow.sdk.types import TaskInstanceKey
 
 Backend = Literal["runware", "local", "executor"]
-# Seconds a deferred task's trigger holds an answer before sending it (see `_trigger`).
-DEFAULT_DEFERRAL_SETTLE_S = 10.0
-
-
-def deferral_settle_seconds() -> float:
-    """`[zimage] deferral_settle_seconds`: how long a deferred trigger holds a fast answer."""
-    from airflow_provider_zimage.storage import _conf_get
-
-    value = _conf_get("zimage", "deferral_settle_seconds")
-    return DEFAULT_DEFERRAL_SETTLE_S if value is None else max(0.0, float(value))
 
 
 Delivery = Literal["polling", "webhook"]
@@ -162,7 +155,7 @@ def webhook_delivery_settings(settings: ConnectionSettings, conn_id: str) -> tup
             f"the webhook_base_url extra of connection {conn_id!r} must be an http(s) URL "
             f"without a query string (got {settings.webhook_base_url!r})"
         )
-    secret = settings.webhook_secret or configured_secret()
+    secret = settings.webhook_secret or config.webhook_secret()
     if not secret:
         raise AirflowFailException(
             f"delivery='webhook' needs a webhook secret: set the webhook_secret extra of connection "
@@ -184,8 +177,6 @@ class ZImageImageLink(BaseOperatorLink):
     name = "Z-Image: images"
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        from airflow_provider_zimage.ui.links import images_tab_url
-
         map_index = getattr(ti_key, "map_index", -1)
         index = -1 if map_index is None else int(map_index)
         return images_tab_url(ti_key.dag_id, ti_key.run_id, ti_key.task_id, index, same_origin=True)
@@ -666,12 +657,6 @@ class ZImageGenerateOperator(BaseOperator):
         return self._finish(context, self._index(job, images))
 
     def _run_local(self, job: GenerationJob, settings: ConnectionSettings) -> list[dict[str, Any]]:
-        from airflow_provider_zimage.local import (
-            LocalBackendUnavailable,
-            LocalGenerationError,
-            LocalZImageExecutor,
-        )
-
         executor = LocalZImageExecutor(
             model_path=self._local_model_source(settings),
             device=self.device or settings.device,
@@ -695,8 +680,6 @@ class ZImageGenerateOperator(BaseOperator):
 
     def _finish(self, context: Context, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self._emit_asset_events(context, images)
-        from airflow_provider_zimage.ui.links import images_tab_url
-
         ref = TaskInstanceRef.from_context(context)  # ids and `[api] base_url` only: nothing secret
         self.log.info("Images tab: %s", images_tab_url(ref.dag_id, ref.run_id, ref.task_id, ref.map_index))
         return images

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, conf
+from airflow_provider_zimage.config import deferral_settle_seconds
 from airflow_provider_zimage.exceptions import ZImageError, ZImagePermanentError
 from airflow_provider_zimage.generation import GenerationJob, NsfwPolicy, TaskInstanceRef
 from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
-from airflow_provider_zimage.operators.generate import deferral_settle_seconds
 from airflow_provider_zimage.outcomes import Action, TaskWait
 from airflow_provider_zimage.storage import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger

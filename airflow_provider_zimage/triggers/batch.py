@@ -23,6 +23,7 @@ from airflow_provider_zimage import protocol
 from airflow_provider_zimage.exceptions import ZImageAuthError, ZImagePermanentError
 from airflow_provider_zimage.hooks.runware import ZImageHook, loop_clients
 from airflow_provider_zimage.inbox import BatchInboxWatch
+from airflow_provider_zimage.models import ApiErrorDetail
 from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, Outcome, TaskWait, for_error
 from airflow_provider_zimage.protocol import RunwareResponse
 
@@ -72,8 +73,6 @@ def _extend(into: RunwareResponse, more: RunwareResponse) -> None:
 
 
 def _task_error(uuid: str, exc: BaseException) -> Any:
-    from airflow_provider_zimage.models import ApiErrorDetail
-
     return ApiErrorDetail.model_validate({"code": "taskRefused", "message": str(exc), "taskUUID": uuid})
 
 

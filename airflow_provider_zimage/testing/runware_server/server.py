@@ -35,10 +35,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from airflow_provider_zimage.executor.transport import Drop, HTTPServer, Request, Response
+
 from .faults import Fault, FaultPlan, error_item, status_error
 from .images import CONTENT_TYPES, EXTENSIONS, image_cost, render_image
 from .schema import MISSING_PARAMETER, validate_inference_task
-from airflow_provider_zimage.executor.transport import Drop, HTTPServer, Request, Response
 
 log = logging.getLogger(__name__)
 
