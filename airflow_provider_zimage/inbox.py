@@ -39,7 +39,8 @@ from typing import Any
 from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_zimage import config, protocol
-from airflow_provider_zimage.exceptions import ForeignTaskError, ZImageStorageError
+from airflow_provider_zimage.exceptions import ForeignTaskError as ForeignTaskError  # re-exported
+from airflow_provider_zimage.exceptions import ZImageStorageError
 from airflow_provider_zimage.protocol import RunwareResponse
 from airflow_provider_zimage.storage import (
     _airflow_home,

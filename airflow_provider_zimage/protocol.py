@@ -19,13 +19,13 @@ from typing import Any
 from airflow_provider_zimage.exceptions import (
     ZImageAPIError,
     ZImageAuthError,
-    ZImageConflictError,
     ZImageInsufficientCreditsError,
     ZImagePermanentError,
-    ZImageTaskNotFound,
     ZImageTimeout,
     ZImageTransientError,
 )
+from airflow_provider_zimage.exceptions import ZImageConflictError as ZImageConflictError  # re-exported
+from airflow_provider_zimage.exceptions import ZImageTaskNotFound as ZImageTaskNotFound  # re-exported
 from airflow_provider_zimage.models import ApiErrorDetail, ImageInferenceRequest, ImageResult
 from airflow_provider_zimage.redaction import redact  # noqa: F401  (part of the protocol's API)
 

@@ -153,9 +153,9 @@ def _targets(
         else:
             absolute = node.module or ""
         submodules = [f"{absolute}.{alias.name}" for alias in node.names]
-        relative = [name.removeprefix(package).lstrip(".") for name in submodules]
+        leaves = [name.removeprefix(package).lstrip(".") for name in submodules]
         # `from pkg import name` loads pkg itself unless every name is a submodule of it.
-        names = submodules if all(r in known for r in relative) else [absolute, *submodules]
+        names = submodules if all(leaf in known for leaf in leaves) else [absolute, *submodules]
     found = []
     for name in names:
         if name != package and not name.startswith(package + "."):
@@ -311,7 +311,7 @@ def config_options_read(root: Path, config_module: str = CONFIG_MODULE) -> set[s
     """The options `config_module` reads: the string passed to each `_option(...)` call."""
     tree = _modules(root)[config_module].tree
     return {
-        node.args[0].value
+        str(node.args[0].value)
         for node in ast.walk(tree)
         if isinstance(node, ast.Call)
         and isinstance(node.func, ast.Name)

@@ -29,18 +29,14 @@ from airflow_provider_zimage.compat import BaseHook
 from airflow_provider_zimage.exceptions import (
     ZImageAPIError,
     ZImageAuthError,
+    ZImageConflictError,
     ZImageError,
     ZImagePermanentError,
     ZImageTaskFailed,
     ZImageTransientError,
 )
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
-from airflow_provider_zimage.protocol import (
-    RetryPolicy,
-    RunwareResponse,
-    TaskStatus,
-    ZImageConflictError,
-)
+from airflow_provider_zimage.protocol import RetryPolicy, RunwareResponse, TaskStatus
 from airflow_provider_zimage.redaction import connection_extras, mask_credentials, redact, without_query
 
 log = logging.getLogger(__name__)
