@@ -171,6 +171,17 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "/data/zimage-inputs,/opt/airflow/dags",
                         "default": None,
                     },
+                    "local_input_origins": {
+                        "description": "Comma-separated origins that the local backend may fetch "
+                        "seed_image / mask_image URLs from, every redirect hop included; entries are "
+                        "written as for allowed_image_hosts. Unset: none, so URL inputs are refused "
+                        "(base64, data URIs and files under local_input_roots keep working). The "
+                        "zimage-executor service takes --input-url-origin instead.",
+                        "version_added": "0.3.0",
+                        "type": "string",
+                        "example": "images.example.com, http://minio.internal:9000",
+                        "default": None,
+                    },
                     "allowed_image_hosts": {
                         "description": "Comma-separated origins, besides https://im.runware.ai and the "
                         "connection's own origin (scheme, host and port of its base URL), that result images "

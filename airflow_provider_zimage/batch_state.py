@@ -44,6 +44,12 @@ class BatchEntry:
     # error, or its deadline): the next try reattaches to the same taskUUID.
     ended_try: bool = False
     images: list[dict[str, Any]] = field(default_factory=list)
+    # What was paid for, small enough for thousands of entries: the model, one short digest per request
+    # parameter (to name what a template renders differently, never the values) and the digest of the
+    # row as the DAG wrote it, before rendering (see `generation.arguments_digest`).
+    model: str | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    arguments: str | None = None
 
 
 @dataclass
@@ -73,16 +79,30 @@ class BatchLedger:
         *,
         fresh: bool,
         legacy: Sequence[str] = (),
+        arguments: str | None = None,
+        keep_stored: bool = True,
     ) -> BatchEntry:
         """The recorded entry to reattach to, or the next generation for a new, changed or failed request.
 
         `fresh` (a new try) moves a failed entry to a new generation; within one try (a deferral resumed)
         a failed entry stays failed, so it is paid for at most once per try. `legacy`: what an earlier
         release called the same picture; such an entry is kept, taskUUID and images, under `fingerprint`.
+
+        A request that renders differently (another fingerprint) keeps the recorded entry within a try,
+        whatever it is: what was submitted is what gets stored. On a new try it keeps a pending entry,
+        and a stored one unless `keep_stored` is False (force=True), when the row as written in the DAG
+        (`arguments`) is unchanged; an edited row is a new request.
         """
         previous = self.entries.get(index)
         if previous is not None and previous.fingerprint in legacy:
             previous.fingerprint = fingerprint
+        if previous is not None and previous.fingerprint != fingerprint:
+            same_row = arguments is not None and previous.arguments == arguments
+            pending = previous.status in ("intent", "submitted") or (
+                keep_stored and previous.status == "stored"
+            )
+            if not fresh or (same_row and pending):
+                return previous
         if previous is not None and previous.fingerprint == fingerprint:
             if previous.status in ("intent", "submitted", "stored") or not fresh:
                 return previous

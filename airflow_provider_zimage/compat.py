@@ -10,6 +10,9 @@ directly. This module imports nothing heavier than Airflow's configuration, beca
 
 from __future__ import annotations
 
+import importlib
+import re
+
 try:
     from airflow.sdk import conf
 except ImportError:  # Airflow < 3.2: the Task SDK has no configuration of its own yet
@@ -48,6 +51,29 @@ def storage_location(path: object) -> tuple[str | None, str, str]:
     return conn_id, bucket, str(getattr(path, "key", ""))
 
 
+def secrets_masker_patterns() -> list[re.Pattern[str]]:
+    """What Airflow's secrets maskers of this process hide (connection passwords, sensitive Variables,
+    `mask_secret` values), as the compiled patterns they redact task logs with.
+
+    Airflow exposes no public reader. The Task SDK's masker (`airflow.sdk._shared.secrets_masker`,
+    3.1 and 3.3; `airflow.sdk.execution_time.secrets_masker` is a deprecated alias of it) is the one
+    a task's `mask_secret` and connection loads feed; core keeps its own instance
+    (`airflow._shared.secrets_masker`, configuration secrets). Each keeps a `replacer` regex of every
+    pattern, None until something was masked; a release that renames them gives no patterns, never an
+    error.
+    """
+    patterns = []
+    for module in ("airflow.sdk._shared.secrets_masker", "airflow._shared.secrets_masker"):
+        try:
+            masker = importlib.import_module(module)._secrets_masker()
+        except Exception:  # ImportError, or a masker that moved again
+            continue
+        replacer = getattr(masker, "replacer", None)
+        if isinstance(replacer, re.Pattern):
+            patterns.append(replacer)
+    return patterns
+
+
 __all__ = [
     "AirflowException",
     "AirflowFailException",
@@ -55,5 +81,6 @@ __all__ = [
     "BaseHook",
     "TaskDeferred",
     "conf",
+    "secrets_masker_patterns",
     "storage_location",
 ]

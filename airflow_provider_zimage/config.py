@@ -29,6 +29,7 @@ __all__ = [
     "SECTION",
     "allowed_image_hosts",
     "deferral_settle_seconds",
+    "local_input_origins",
     "local_input_roots",
     "output_path",
     "webhook_inbox",
@@ -107,6 +108,12 @@ def allowed_image_hosts() -> list[str]:
     which raises the error a task shows.
     """
     return _listed(_option("allowed_image_hosts"))
+
+
+def local_input_origins() -> list[str]:
+    """`[zimage] local_input_origins`: the comma-separated origins the in-process local backend may fetch
+    `seedImage` / `maskImage` URLs from, as written (unset: none). Parsed by `origins.parse_origins`."""
+    return _listed(_option("local_input_origins"))
 
 
 def deferral_settle_seconds() -> float:

@@ -7,16 +7,18 @@ holds no HTTP or torch code itself.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from airflow_provider_zimage.exceptions import ZImageTaskFailed
+from airflow_provider_zimage.exceptions import ZImageError, ZImageTaskFailed
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult, OldFingerprint
 from airflow_provider_zimage.outcomes import Outcome
-from airflow_provider_zimage.redaction import redact_urls
+from airflow_provider_zimage.redaction import redact_urls, scrub_secrets
 from airflow_provider_zimage.state import Ledger, LedgerStore, Submission, job_fingerprint
 from airflow_provider_zimage.storage import ArtifactStore, normalize_format
 
@@ -63,6 +65,9 @@ class GenerationJob:
     :param request: the validated request (its taskUUID is replaced by the ledger's deterministic one).
     :param backend: "runware" or "local"; part of the fingerprint.
     :param origin: the connection id (Runware) or the model source (local); part of the fingerprint.
+    :param arguments: `arguments_digest` of the operator's arguments before rendering, recorded with
+        each submission so that a later try can tell a template that renders differently (same
+        arguments, another fingerprint) from a DAG that was edited (other arguments).
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class GenerationJob:
         origin: str | None,
         store: ArtifactStore,
         on_nsfw: NsfwPolicy = "fail",
+        arguments: str | None = None,
     ) -> None:
         self.ref = ref
         self.request = request
@@ -92,6 +98,8 @@ class GenerationJob:
         self.content_fingerprints = [fp for fp, t in self.old_fingerprints.items() if t == "same"]
         self.directory = store.task_dir(ref.dag_id, ref.run_id, ref.task_id, ref.map_index)
         self.ledgers = LedgerStore(self.directory)
+        # Who makes the picture is part of it: another connection never reattaches to this one's tasks.
+        self.arguments = arguments and job_fingerprint(arguments, backend=backend, origin=origin)
 
     @property
     def task_kind(self) -> str:
@@ -138,6 +146,43 @@ class GenerationJob:
         ledger.adopt(self.fingerprint, self.legacy_fingerprints)
         return ledger
 
+    @staticmethod
+    def find(store: ArtifactStore, ref: TaskInstanceRef, task_uuid: str) -> Submission | None:
+        """The submission of task instance `ref` that carries `task_uuid` (a trigger's event names it),
+        found without building a request: on resume the templates may render another one."""
+        directory = store.task_dir(ref.dag_id, ref.run_id, ref.task_id, ref.map_index)
+        ledger = LedgerStore(directory).load(
+            dag_id=ref.dag_id, task_id=ref.task_id, run_id=ref.run_id, map_index=ref.map_index
+        )
+        return ledger.find(task_uuid)
+
+    def previous_try(self) -> Submission | None:
+        """What an earlier try made from the same unrendered arguments, when it is not this request.
+
+        Same arguments and another fingerprint: a template renders differently each time, and that
+        earlier request (pending, or stored) is this task instance's image; None when nothing was
+        recorded, the DAG was edited (other arguments), or the request renders the same.
+        """
+        if self.arguments is None:
+            return None
+        previous = self._ledger().latest_from(self.arguments)
+        if previous is None or previous.fingerprint == self.fingerprint or previous.request is None:
+            return None
+        return previous
+
+    def pinned(self, submission: Submission) -> GenerationJob:
+        """This job for the request `submission` paid for: its fingerprint, its recorded request."""
+        job = GenerationJob(
+            self.ref,
+            paid_request(submission, self.request),
+            backend=self.backend,
+            origin=self.origin,
+            store=self.store,
+            on_nsfw=self.on_nsfw,
+        )
+        job.fingerprint, job.legacy_fingerprints, job.arguments = submission.fingerprint, [], self.arguments
+        return job
+
     def next_submission(self) -> Submission:
         """The recorded submission to reattach to, or a new generation to submit."""
         return self._ledger().new_submission(self.fingerprint, self.expected_results)
@@ -158,6 +203,9 @@ class GenerationJob:
             return submission
         if submission.status == "intent" and submission.fingerprint in ledger.submissions:
             log.info("Re-sending %s %s after an interrupted submit", kind, submission.task_uuid)
+        if submission.request is None:
+            submission.request = recorded_request(self.request)
+            submission.arguments = self.arguments
         ledger.record(submission, "intent")
         self.ledgers.save(ledger)
         send(self.request_for(submission))
@@ -251,6 +299,63 @@ class GenerationJob:
         return path
 
 
+# Never recorded: the id the ledger chooses, and the delivery URLs, which are credentials (a webhook
+# token, a presigned signature) and are added inside the send anyway.
+_NOT_RECORDED = frozenset({"taskUUID", "webhookURL", "uploadEndpoint"})
+
+
+def recorded_request(request: ImageInferenceRequest) -> dict[str, Any]:
+    """The request as the ledger records it: the wire form without the taskUUID and delivery URLs."""
+    return {k: v for k, v in request.to_wire().items() if k not in _NOT_RECORDED}
+
+
+def parameter_digests(request: ImageInferenceRequest) -> dict[str, str]:
+    """One short digest per recorded parameter: enough to name what changed, too little to read it."""
+    return {
+        k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:12]
+        for k, v in recorded_request(request).items()
+    }
+
+
+def paid_request(submission: Submission, current: ImageInferenceRequest) -> ImageInferenceRequest:
+    """The request `submission` paid for, rebuilt from the ledger; the delivery URLs are `current`'s.
+
+    A ledger written before requests were recorded, or one that no longer validates, gives `current`:
+    the taskUUID and the fingerprint still come from the ledger.
+    """
+    if submission.request is None:
+        return current
+    delivery = {k: v for k, v in current.to_wire().items() if k in _NOT_RECORDED and k != "taskUUID"}
+    try:
+        return ImageInferenceRequest.model_validate({**submission.request, **delivery})
+    except (ValueError, ZImageError) as exc:
+        log.warning("the request recorded for task %s could not be read back: %s", submission.task_uuid, exc)
+        return current
+
+
+def arguments_digest(arguments: Mapping[str, Any]) -> str:
+    """A digest of an operator's arguments as written in the DAG, before any template is rendered."""
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def request_differences(current: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
+    """The wire names of the parameters whose values differ (names only: values may be long or private)."""
+    return sorted(k for k in set(current) | set(recorded) if current.get(k) != recorded.get(k))
+
+
+def warn_rendered_differently(what: str, parameters: Sequence[str]) -> None:
+    """Said once per try: the images are safe, but the DAG asks for another picture on every render."""
+    log.warning(
+        "%s renders differently than when it was paid for (%s): the image that was paid for is stored "
+        "and no other is paid for. A template that renders anew every time (such as "
+        'seed="{{ (macros.random() * 2147483647) | int }}") asks for another picture on every resume '
+        'and retry: derive it from the run (seed="{{ ds_nodash }}") or leave seed unset.',
+        what,
+        f"{', '.join(parameters)} differ" if parameters else "its parameters differ",
+    )
+
+
 def apply_nsfw_policy(results: Sequence[ImageResult], policy: NsfwPolicy) -> list[ImageResult]:
     flagged = [r for r in results if r.nsfw_content]
     if not flagged or policy == "keep":
@@ -283,8 +388,9 @@ def manifest_entry(artifact: dict[str, Any], result: ImageResult, *, model: str 
 
 
 def public_request(request: ImageInferenceRequest) -> dict[str, Any]:
-    """The request as recorded in the manifest: webhook tokens and presigned URLs are credentials."""
-    wire = request.to_wire()
+    """The request as recorded in the manifest: webhook tokens and presigned URLs are credentials, and
+    a known secret is "***" even where a request holding one was not refused before sending."""
+    wire: dict[str, Any] = scrub_secrets(request.to_wire())
     for key in ("webhookURL", "uploadEndpoint"):
         if key in wire:
             wire[key] = redact_urls(str(wire[key]))

@@ -4,6 +4,11 @@ The provider's credentials hide in three shapes: known values (the API key, the 
 query string of a URL (webhook tokens, presigned S3 signatures) and a URL's userinfo. Every module that
 prints, raises or records text uses these helpers rather than its own variant, so a new kind of
 credential is handled once.
+
+A credential can also arrive inside a request: Airflow renders Jinja in mapped values and batch rows,
+so `{{ conn.zimage_default.password }}` in a table becomes the API key in a prompt. `secret_paths`
+finds such values (the given credentials and whatever Airflow's secrets masker holds) so the operators
+refuse the request; `scrub_secrets` is the defence in depth for what a manifest or a label records.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -28,6 +33,76 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
     return text
+
+
+def _secret_values(secrets: Iterable[str | None]) -> list[str]:
+    """The given credentials long enough to look for: as short as Airflow's masker would mask
+    (`[logging] min_length_masked_secret`), never shorter than `redact`'s 4 characters."""
+    # why: Airflow at runtime only; models and the executor service import this module without it.
+    from airflow_provider_zimage.compat import conf
+
+    shortest = max(4, conf.getint("logging", "min_length_masked_secret", fallback=5))
+    return [s for s in secrets if isinstance(s, str) and len(s) >= shortest]
+
+
+def _image_data(text: str) -> bool:
+    """A data URI or base64 image: bytes, not text a template could put a secret into; a short
+    secret would match one by chance. Prompts stop at 3000 characters; base64 has no whitespace."""
+    return text.startswith("data:") or (len(text) > 3000 and not any(c.isspace() for c in text[:3000]))
+
+
+def secret_paths(value: Any, secrets: Iterable[str | None] = ()) -> list[str]:
+    """Where in `value` (nested dicts and lists) a string holds a known secret: one of `secrets`, or
+    anything Airflow's secrets masker hides in this process. Paths read `lora[0].model`."""
+    # why: Airflow at runtime only; models and the executor service import this module without it.
+    from airflow_provider_zimage.compat import secrets_masker_patterns
+
+    known = _secret_values(secrets)
+    patterns = secrets_masker_patterns()
+    found: list[str] = []
+
+    def walk(item: Any, where: str) -> None:
+        if isinstance(item, str):
+            if not _image_data(item) and (
+                any(s in item for s in known) or any(p.search(item) for p in patterns)
+            ):
+                found.append(where)
+        elif isinstance(item, Mapping):
+            for key, inner in item.items():
+                walk(inner, f"{where}.{key}" if where else str(key))
+        elif isinstance(item, (list, tuple)):
+            for index, inner in enumerate(item):
+                walk(inner, f"{where}[{index}]")
+
+    walk(value, "")
+    return found
+
+
+def scrub_secrets(value: Any, secrets: Iterable[str | None] = ()) -> Any:
+    """`value` (nested dicts and lists) with every known secret in its strings replaced by "***": what
+    a manifest or a page may show of text that should never have held one."""
+    # why: Airflow at runtime only; models and the executor service import this module without it.
+    from airflow_provider_zimage.compat import secrets_masker_patterns
+
+    known = _secret_values(secrets)
+    patterns = secrets_masker_patterns()
+    if not known and not patterns:
+        return value
+
+    def scrub(item: Any) -> Any:
+        if isinstance(item, str):
+            if _image_data(item):
+                return item
+            for pattern in patterns:
+                item = pattern.sub("***", item)
+            return redact(item, known)
+        if isinstance(item, Mapping):
+            return {key: scrub(inner) for key, inner in item.items()}
+        if isinstance(item, list):
+            return [scrub(inner) for inner in item]
+        return item
+
+    return scrub(value)
 
 
 def redact_urls(text: str) -> str:
@@ -62,7 +137,7 @@ def mask_credentials(*values: str | None) -> None:
     """
     from airflow.sdk.log import mask_secret
 
-    # why: Airflow at task runtime only; models and the executor service import this module without it.
+    # why: Airflow at runtime only; models and the executor service import this module without it.
     from airflow_provider_zimage.compat import conf
 
     shortest = conf.getint("logging", "min_length_masked_secret", fallback=5)

@@ -66,6 +66,13 @@ class Submission:
     # Epoch seconds of the first accepted submission: waits are measured from here, so a retry that
     # reattaches does not get a fresh timeout (None in ledgers written by 0.1.0).
     submitted_at: float | None = None
+    # The request as sent, without its taskUUID and delivery URLs (credentials): what was paid for. A
+    # resumed or retried try stores this request's image even when the DAG's templates now render
+    # another request (`{{ macros.random() }}`). None in ledgers written before 0.2.0.
+    request: dict[str, Any] | None = None
+    # The operator's arguments before rendering (see `generation.GenerationJob`): equal digests with
+    # different fingerprints mean a template that renders differently, not a DAG that was edited.
+    arguments: str | None = None
 
 
 @dataclass
@@ -85,6 +92,15 @@ class Ledger:
 
     def current(self, fingerprint: str) -> Submission | None:
         return self.submissions.get(fingerprint)
+
+    def find(self, task_uuid: str) -> Submission | None:
+        """The submission that carries `task_uuid`, whichever request it was made for."""
+        return next((s for s in self.submissions.values() if s.task_uuid == task_uuid), None)
+
+    def latest_from(self, arguments: str) -> Submission | None:
+        """The most recent submission made from the same unrendered arguments."""
+        made = [s for s in self.submissions.values() if s.arguments == arguments]
+        return max(made, key=lambda s: s.updated_at, default=None)
 
     def adopt(self, fingerprint: str, legacy: list[str]) -> None:
         """File a submission recorded under an earlier release's fingerprint under today's one.

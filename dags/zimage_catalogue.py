@@ -3,7 +3,10 @@
 
 1. `catalogue_requests` reads the product table (`data/products.csv`, or the CSV file named by the
    `ZIMAGE_PRODUCTS_CSV` environment variable: thousands of rows are what this DAG is for) and turns
-   every row into one request dict: the prompt from the row, the seed from the SKU.
+   every row into one request dict: the prompt from the row, the seed from the SKU. Rows an upstream
+   task returns reach `requests` as they are: Airflow renders no Jinja inside them, so a cell
+   `{{ ... }}` stays text. A list of rows written in the DAG file itself is rendered: wrap such
+   values in `airflow.sdk.literal()`.
 2. `generate` is one `ZImageBatchGenerateOperator` for the whole table: many `imageInference` tasks
    per POST, one deferral (one trigger) for all of them, downloads in parallel, one `manifest.json`.
    `reuse="content"`: a row whose picture (prompt, seed, size, model, connection) was stored by an
@@ -62,6 +65,8 @@ with DAG(
         source = Path(os.environ.get("ZIMAGE_PRODUCTS_CSV") or PRODUCTS_CSV)
         with source.open(newline="", encoding="utf-8") as handle:
             products = list(csv.DictReader(handle))
+        # Returned through XCom, the rows are not rendered as templates (no literal() here: it would
+        # reach the operator unresolved); the operator refuses a row holding a known secret anyway.
         return [
             {
                 "prompt": PROMPT.format(**product),

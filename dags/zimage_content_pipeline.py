@@ -5,7 +5,9 @@
    named by the `ZIMAGE_PRODUCTS_CSV` environment variable: your product table).
 2. `build_requests` turns each row into the keyword arguments of one image request, in Python: the size
    comes from the run's params and each product's seed from its SKU (so a product always gets the same
-   picture), and mapped values reach the operator as real integers.
+   picture), and mapped values reach the operator as real integers. Airflow renders Jinja inside values
+   mapped with `expand_kwargs`, so each prompt is wrapped in `airflow.sdk.literal()`: a table cell
+   `{{ conn.zimage_default.password }}` stays that text instead of becoming the API key.
 3. `generate` maps `ZImageGenerateOperator` over those requests with `expand_kwargs`: one task instance
    per product, each retried, reused and paid for on its own. `reuse="content"`: a product whose
    request (prompt, seed, size, model, connection) was stored by an earlier run under the same output
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.sdk import DAG, ObjectStoragePath, Param, task
+from airflow.sdk import DAG, ObjectStoragePath, Param, literal, task
 
 from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
 
@@ -105,12 +107,16 @@ with DAG(
             return list(csv.DictReader(handle))
 
     @task
-    def build_requests(products: list[dict[str, str]], params: dict[str, Any] | None = None) -> list[dict]:
+    def build_requests(
+        products: list[dict[str, str]], params: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         """One dict of operator arguments per product; the keys must be ZImageGenerateOperator arguments."""
         size = int((params or {}).get("size") or DEFAULT_SIZE)
         return [
             {
-                "prompt": PROMPT.format(**product),
+                # Table data, not a template: literal() keeps Airflow from rendering `{{ ... }}` in a
+                # cell (a secret, or an error) when it renders the mapped prompt.
+                "prompt": literal(PROMPT.format(**product)),
                 # crc32 of the SKU: stable across runs and machines (Python's hash() is salted per process).
                 "seed": zlib.crc32(product["sku"].encode()),
                 "width": size,

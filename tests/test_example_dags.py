@@ -306,6 +306,27 @@ def test_content_pipeline_pays_on_day_two_only_for_the_changed_row(
     assert xcom(second, "contact_sheet")["images"] == len(rows)
 
 
+TEMPLATE_CELL = "{{ conn.zimage_default.password }}"
+
+
+def test_content_pipeline_keeps_a_templated_table_cell_as_literal_text(
+    examples, runware, output, tmp_path, monkeypatch
+):
+    """Airflow renders Jinja inside values mapped with expand_kwargs: the DAG wraps each prompt in
+    `literal()`, so a cell that looks like a template is sent and stored as the text it is."""
+    from airflow_provider_zimage.testing.runware_server.server import DEFAULT_API_KEY
+
+    rows = products()
+    rows[1]["name"] = TEMPLATE_CELL
+    use_products(rows, tmp_path, monkeypatch)
+    result = run(examples, "zimage_content_pipeline")
+    found = manifests(run_dir(output, result.dag_id, result))
+    assert TEMPLATE_CELL in found[1]["request"]["positivePrompt"]
+    sent = json.dumps(runware.request_bodies)
+    assert TEMPLATE_CELL in sent and DEFAULT_API_KEY not in sent
+    assert all(DEFAULT_API_KEY not in json.dumps(m) for m in found)
+
+
 # -- zimage_catalogue -----------------------------------------------------------------------------------
 
 
@@ -349,6 +370,22 @@ def test_catalogue_is_one_batch_task_and_day_two_pays_only_for_the_changed_row(
         else:
             assert after["reused_from"] == before["uri"] and float(after["cost"]) == 0.0
             assert after["sha256"] == before["sha256"] and after["uri"] != before["uri"]
+
+
+def test_catalogue_rows_from_an_upstream_task_are_not_rendered_as_templates(
+    examples, runware, output, tmp_path, monkeypatch
+):
+    """The batch's rows come whole from XCom, which Airflow does not render: a template-like cell is
+    sent as text (were it rendered, the operator would refuse the row holding the key)."""
+    from airflow_provider_zimage.testing.runware_server.server import DEFAULT_API_KEY
+
+    rows = products()
+    rows[1]["name"] = TEMPLATE_CELL
+    use_products(rows, tmp_path, monkeypatch)
+    run(examples, "zimage_catalogue")
+    sent = json.dumps(runware.request_bodies)
+    assert TEMPLATE_CELL in sent and DEFAULT_API_KEY not in sent
+    assert runware.stats["total_accepted"] == len(rows)
 
 
 # -- zimage_daily_backfill ------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
 from airflow_provider_zimage.models import ImageInferenceRequest
 from airflow_provider_zimage.outcomes import Action, for_status
 from airflow_provider_zimage.protocol import RetryPolicy
+from tests.image_server import ImageServer
 
 pytestmark = pytest.mark.local
 
@@ -117,6 +118,16 @@ def poll_until(predicate: Any, timeout: float = 60.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
 
 
 def wait_done(hook: ZImageHook, task_uuid: str, expected: int = 1):
@@ -231,6 +242,67 @@ def test_a_lora_file_outside_the_allowed_roots_is_refused_like_a_missing_one_and
     unknown = post(executor, [{"taskType": "getResponse", "taskUUID": real.task_uuid}]).json()
     assert unknown["errors"][0]["code"] == "taskNotFound", "refused before acceptance: nothing ran"
     assert "1 LoRA(s)" not in executor.log(), "no pipeline call ever loaded a LoRA"
+
+
+def test_an_executor_refuses_a_seed_image_url_it_was_not_told_to_trust_and_fetches_nothing(executor):
+    """Without --input-url-origin no URL input is fetched: a token holder must not make the GPU host
+    fetch cloud metadata, a localhost admin port or another service of the private network."""
+    with ImageServer() as images:
+        req = request(inputs={"seedImage": images.url("/seed.png")}, strength=0.5)
+        answer = post(executor, [task(req)])
+    assert answer.status_code == 400
+    [refused] = answer.json()["errors"]
+    assert refused["parameter"] == "inputs.seedImage" and refused["code"] == "invalidParameter"
+    assert "--input-url-origin" in refused["message"]
+    assert images.hits == [], "the executor fetched nothing"
+    unknown = post(executor, [{"taskType": "getResponse", "taskUUID": req.task_uuid}]).json()
+    assert unknown["errors"][0]["code"] == "taskNotFound", "refused before acceptance: nothing ran"
+
+
+def test_on_an_executor_an_untrusted_origin_a_redirect_a_missing_image_and_a_closed_port_answer_alike(
+    tiny_model, tmp_path
+):
+    """A token holder learns "not fetched", never whether an address answered; an allowed origin's
+    image is used. The executor's log keeps the reason, without the URL's query."""
+    closed = f"http://127.0.0.1:{closed_port()}"
+    with ImageServer() as images, ImageServer() as elsewhere:
+        images.redirects["/away.png"] = elsewhere.url("/seed.png")
+        process = start(
+            tiny_model, tmp_path, "--input-url-origin", images.origin, "--input-url-origin", closed
+        )
+        try:
+            urls = {
+                "untrusted": elsewhere.url("/seed.png"),
+                "redirected": images.url("/away.png"),
+                "missing": images.url("/nothing.png?sig=s3cr3t"),
+                "closed": f"{closed}/seed.png",
+            }
+            answers = {}
+            for name, url in urls.items():
+                answer = post(process, [task(request(inputs={"seedImage": url}, strength=0.5))])
+                assert answer.status_code == 400, name
+                [item] = answer.json()["errors"]
+                answers[name] = {k: v for k, v in item.items() if k != "taskUUID"}
+            assert answers["untrusted"] == answers["redirected"] == answers["missing"] == answers["closed"]
+            assert elsewhere.hits == []
+            hook = hook_for(process)
+            [uuid_] = hook.submit([request(inputs={"seedImage": images.url("/seed.png")}, strength=0.5)])
+            [result] = wait_done(hook, uuid_).results
+            assert decoded(hook.download(result)).size == (128, 128)
+            assert images.hits == ["/away.png", "/nothing.png?sig=s3cr3t", "/seed.png"]
+        finally:
+            assert process.stop() == 0, process.log()[-3000:]
+    log = process.log()
+    assert "404" in log and "s3cr3t" not in log
+
+
+def test_an_unreadable_input_url_origin_stops_the_executor_naming_the_option(monkeypatch):
+    from airflow_provider_zimage.executor.cli import parse_args
+
+    monkeypatch.setenv("ZIMAGE_EXECUTOR_TOKEN", "a-token-of-twenty-characters")
+
+    with pytest.raises(SystemExit, match="--input-url-origin"):
+        parse_args(["serve", "--model", f"{TURBO}=/m", "--input-url-origin", "ftp://x.example"])
 
 
 def test_a_task_whose_upload_failed_is_an_error_item_under_its_task_uuid_and_the_hook_regenerates(executor):

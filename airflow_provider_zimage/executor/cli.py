@@ -65,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="folder file: LoRAs may be in (default: the --input-root folders)",
     )
+    serve.add_argument(
+        "--input-url-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="origin (https://host, http://host:port) seedImage/maskImage URLs may be fetched from, "
+        "redirects included (default: none, URL inputs are refused)",
+    )
     serve.add_argument("--public-url", help="base URL clients reach this executor at (for image URLs)")
     serve.add_argument("--allow-downloads", action="store_true", help="let from_pretrained use the HF hub")
     serve.add_argument("--no-preload", dest="preload", action="store_false", help="load on first request")
@@ -99,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExecutorConfig, str]:
             preload=args.preload,
             input_roots=tuple(args.input_root),
             lora_roots=tuple(args.lora_root) if args.lora_root else None,
+            input_url_origins=tuple(args.input_url_origin),
             public_url=args.public_url,
         )
     except ValueError as exc:
@@ -109,6 +118,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExecutorConfig, str]:
 def main(argv: list[str] | None = None) -> int:
     config, level = parse_args(argv)
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request's full URL at INFO: presigned upload URLs and input image URLs carry
+    # credentials in their query. The executor logs what it fetched itself, by origin.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     asyncio.run(ExecutorServer(config).serve())
     if any(t.name.startswith("zimage-") and t.is_alive() for t in threading.enumerate()):
         logging.shutdown()

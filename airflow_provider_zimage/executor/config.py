@@ -7,6 +7,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from airflow_provider_zimage.exceptions import ZImageError
+from airflow_provider_zimage.origins import parse_origins
+
 __all__ = ["ExecutorConfig", "weights_id"]
 
 
@@ -26,6 +29,9 @@ class ExecutorConfig:
     :param input_roots: folders `seedImage`/`maskImage` file paths may point into (default: none).
     :param lora_roots: folders `file:` LoRAs named by a request may be in; None: the `input_roots`.
         A path elsewhere gets the same answer as a missing file and is never opened.
+    :param input_url_origins: origins (`https://host`, `http://host:port`) `seedImage`/`maskImage`
+        URLs may be fetched from, every redirect hop included (default: none, so URL inputs are
+        refused; base64, data URIs and files under `input_roots` need none).
     :param public_url: the base URL clients reach this executor at (image URLs are built on it).
     """
 
@@ -44,6 +50,7 @@ class ExecutorConfig:
     preload: bool = True
     input_roots: tuple[str, ...] = ()
     lora_roots: tuple[str, ...] | None = None
+    input_url_origins: tuple[str, ...] = ()
     public_url: str | None = None
 
     def __post_init__(self) -> None:
@@ -55,6 +62,10 @@ class ExecutorConfig:
             raise ValueError(f"--fetch-grace must be >= 0 seconds (got {self.fetch_grace})")
         if self.max_batch < 1:
             raise ValueError(f"--max-batch must be >= 1 (got {self.max_batch})")
+        try:
+            parse_origins(self.input_url_origins, "--input-url-origin")
+        except ZImageError as exc:
+            raise ValueError(str(exc)) from None
 
 
 def weights_id(source: str) -> str:

@@ -115,6 +115,7 @@ class ExecutorServer:
                     max_models_per_device=len(self.config.models),
                     input_roots=list(self.config.input_roots),
                     lora_roots=None if self.config.lora_roots is None else list(self.config.lora_roots),
+                    input_origins=list(self.config.input_url_origins),
                 )
                 for air, source in self.config.models.items()
             }
@@ -358,7 +359,10 @@ class ExecutorServer:
                 errors += _refusal_items(exc, ids)
                 continue
             except ZImageError as exc:  # an input image that could not be downloaded
-                errors.append(error_item("invalidParameter", str(exc), **ids))
+                # Named like a refusal of the same parameter: "not allowed" and "not reachable" must
+                # read alike to a token holder (local/images.py).
+                parameter = getattr(exc, "parameter", None)
+                errors.append(error_item("invalidParameter", str(exc), parameter=parameter, **ids))
                 continue
             payload.update({"taskUUID": plan.task_uuid, "seed": plan.seeds[0], "model": air})
             record = TaskRecord(plan.task_uuid, payload, len(plan.seeds), time.time())

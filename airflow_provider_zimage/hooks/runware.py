@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ipaddress
 import logging
-import re
 import time
 import uuid
 import weakref
@@ -36,6 +34,13 @@ from airflow_provider_zimage.exceptions import (
     ZImageTransientError,
 )
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult
+from airflow_provider_zimage.origins import (
+    DEFAULT_PORTS,
+    MAX_REDIRECTS,
+    ImageOrigin,
+    check_image_url,
+    parse_origins,
+)
 from airflow_provider_zimage.protocol import RetryPolicy, RunwareResponse, TaskStatus
 from airflow_provider_zimage.redaction import connection_extras, mask_credentials, redact, without_query
 
@@ -567,36 +572,7 @@ def _require_url(result: ImageResult) -> str:
 
 # Runware serves result images from this origin; a connection's own origin (a proxy, the test server, a
 # local executor) serves them too. Anything else must be named in `[zimage] allowed_image_hosts`.
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-_MAX_REDIRECTS = 5
-# Labels of letters, digits, "-" and "_" (Docker and Kubernetes service names use "_" too).
-_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
-_ENTRY_FORMS = "host (https on 443), host:port (https), http://host[:port] or https://host[:port]"
-
-
-@dataclass(frozen=True)
-class ImageOrigin:
-    """Scheme, host and port: what a download is allowed by. A host alone is not enough, because the
-    same host's other ports (an executor's admin listener, a proxy's internal one) are other services."""
-
-    scheme: str
-    host: str
-    port: int
-
-    @classmethod
-    def of(cls, url: httpx.URL) -> ImageOrigin:
-        """Compared in one normal form: lower case, ASCII (IDNA) names, compressed IP literals and the
-        scheme's default port written out, so `HTTPS://Host:443` and `https://host` are one origin."""
-        host = url.raw_host.decode("ascii").lower()
-        with contextlib.suppress(ValueError):
-            host = ipaddress.ip_address(host).compressed
-        return cls(url.scheme, host, url.port or _DEFAULT_PORTS.get(url.scheme, 0))
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}" if self.port else f"{self.scheme}://{host}"
-
-
+_MAX_REDIRECTS = MAX_REDIRECTS
 RUNWARE_IMAGE_ORIGINS = frozenset({ImageOrigin("https", "im.runware.ai", 443)})
 
 
@@ -606,64 +582,9 @@ def allowed_image_origins(settings: ConnectionSettings) -> frozenset[ImageOrigin
     origins = set(RUNWARE_IMAGE_ORIGINS)
     with contextlib.suppress(httpx.InvalidURL, UnicodeError):
         own = httpx.URL(settings.base_url)
-        if own.scheme in _DEFAULT_PORTS and own.raw_host:
+        if own.scheme in DEFAULT_PORTS and own.raw_host:
             origins.add(ImageOrigin.of(own))
-    origins |= {_configured_origin(entry) for entry in config.allowed_image_hosts()}
-    return frozenset(origins)
-
-
-def _configured_origin(entry: str) -> ImageOrigin:
-    """One `allowed_image_hosts` entry. Without a scheme it means https, and without a port the scheme's
-    default: a bare host opens https on 443 only, never its other ports or plain http."""
-    text = entry
-    if "://" not in text:
-        if text.count(":") > 1 and not text.startswith("["):
-            text = f"[{text}]"  # a bare IPv6 literal
-        text = f"https://{text}"
-    try:
-        url = httpx.URL(text)
-        origin = ImageOrigin.of(url)
-    except (httpx.InvalidURL, UnicodeError):
-        url, origin = None, None
-    if (
-        url is None
-        or origin is None
-        or url.scheme not in _DEFAULT_PORTS
-        or url.userinfo
-        or url.path not in ("", "/")
-        or url.query
-        or url.fragment
-        or not 0 < origin.port < 65536
-        or not (":" in origin.host or _HOST_NAME.fullmatch(origin.host))
-    ):
-        raise ZImagePermanentError(
-            f"[zimage] allowed_image_hosts: cannot read the entry {entry!r}; "
-            f"write each entry as {_ENTRY_FORMS}"
-        )
-    return origin
-
-
-def check_image_url(url: str | httpx.URL, origins: frozenset[ImageOrigin]) -> httpx.URL:
-    """The URL to fetch, parsed by httpx itself so that what is checked is what is fetched; refused
-    (permanently: a retry would fetch the same URL) off the allowed origins. The refusal names the
-    origin only: a path or query may hold a presigned credential."""
-    try:
-        parsed = url if isinstance(url, httpx.URL) else httpx.URL(url)
-        origin = ImageOrigin.of(parsed)
-    except (httpx.InvalidURL, UnicodeError):
-        raise ZImagePermanentError("refusing to download an image from a URL that does not parse") from None
-    if parsed.userinfo:
-        raise ZImagePermanentError(
-            f"refusing to download an image from {origin}: the URL carries userinfo (user:password@), "
-            "which image URLs never need"
-        )
-    if origin.scheme not in _DEFAULT_PORTS or not origin.host or origin not in origins:
-        allowed = ", ".join(sorted(map(str, origins)))
-        raise ZImagePermanentError(
-            f"refusing to download an image from {origin}: only {allowed} are allowed (add the origin, "
-            "with its port, to [zimage] allowed_image_hosts)"
-        )
-    return parsed
+    return frozenset(origins | parse_origins(config.allowed_image_hosts(), "[zimage] allowed_image_hosts"))
 
 
 def _redirect_target(resp: httpx.Response, origins: frozenset[ImageOrigin]) -> httpx.URL | None:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_zimage.exceptions import ZImageValidationError
-from airflow_provider_zimage.local.images import default_input_roots, encode_image
+from airflow_provider_zimage.local.images import default_input_origins, default_input_roots, encode_image
 from airflow_provider_zimage.local.pipelines import (
     PipelineCache,
     device_lock,
@@ -30,6 +30,7 @@ from airflow_provider_zimage.local.planning import PipelineKind, Plan, model_spe
 from airflow_provider_zimage.local.refusals import issue
 from airflow_provider_zimage.local.results import GeneratedImage, LocalGenerationError
 from airflow_provider_zimage.local.schedulers import adapt_scheduler
+from airflow_provider_zimage.origins import ImageOrigin, parse_origins
 
 if TYPE_CHECKING:
     import numpy as np
@@ -66,6 +67,9 @@ class LocalZImageExecutor:
         `[zimage] local_input_roots` (default: the output path and the DAGs folder).
     :param lora_roots: folders `file:` LoRAs named by a request may be in; None: the `input_roots`. A
         path elsewhere is refused with the same words as a missing file, and never opened.
+    :param input_origins: origins (`https://host`, `http://host:port`) `seedImage`/`maskImage` URLs may
+        be fetched from, every redirect hop included; None reads `[zimage] local_input_origins`
+        (default: none, so URL inputs are refused).
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class LocalZImageExecutor:
         from_pretrained_kwargs: Mapping[str, Any] | None = None,
         input_roots: Sequence[str | os.PathLike[str]] | None = None,
         lora_roots: Sequence[str | os.PathLike[str]] | None = None,
+        input_origins: Sequence[str] | None = None,
     ) -> None:
         self.model_path = os.fspath(model_path) if model_path is not None else None
         self.device = device or "auto"
@@ -93,6 +98,7 @@ class LocalZImageExecutor:
         self.from_pretrained_kwargs = dict(from_pretrained_kwargs or {})
         self._input_roots = None if input_roots is None else [os.fspath(r) for r in input_roots]
         self.lora_roots = None if lora_roots is None else [os.fspath(r) for r in lora_roots]
+        self._input_origins = None if input_origins is None else parse_origins(input_origins, "input_origins")
         self._cache = PipelineCache(
             cpu_offload=cpu_offload,
             local_files_only=local_files_only,
@@ -109,6 +115,12 @@ class LocalZImageExecutor:
             self._input_roots = default_input_roots()
         return self._input_roots
 
+    @property
+    def input_origins(self) -> frozenset[ImageOrigin]:
+        if self._input_origins is None:
+            self._input_origins = default_input_origins()
+        return self._input_origins
+
     def validate(self, request: ImageInferenceRequest) -> None:
         """Raise `ZImageValidationError` if this backend cannot honour `request` (loads nothing)."""
         self.plan(request)
@@ -120,6 +132,7 @@ class LocalZImageExecutor:
             lora_paths=self.lora_paths,
             input_roots=self.input_roots,
             lora_roots=self.lora_roots,
+            input_origins=self.input_origins,
             delivery_supported=delivery_supported,
         )
 

@@ -30,6 +30,7 @@ from airflow_provider_zimage.local.schedulers import (
     lookup_scheduler,
 )
 from airflow_provider_zimage.models import CATALOG, ModelSpec, resolve_model
+from airflow_provider_zimage.origins import ImageOrigin
 
 if TYPE_CHECKING:
     from airflow_provider_zimage.models import ImageInferenceRequest
@@ -135,12 +136,14 @@ def plan_request(
     lora_paths: Mapping[str, str],
     input_roots: Sequence[str],
     lora_roots: Sequence[str] | None = None,
+    input_origins: frozenset[ImageOrigin] = frozenset(),
     delivery_supported: bool = False,
 ) -> Plan:
     """Validate `request` for the local pipelines and decode its image inputs; loads no model.
 
     LoRA files a request names (`file:...`) must be inside `lora_roots` (None: the `input_roots`);
-    the targets of `lora_paths`, set by whoever deploys the backend, are trusted.
+    the targets of `lora_paths`, set by whoever deploys the backend, are trusted. Image inputs given as
+    URLs are fetched only from `input_origins` (default: none).
     """
     spec = model_spec(request.model)
     issues = unsupported_features(request, delivery_supported=delivery_supported)
@@ -168,7 +171,7 @@ def plan_request(
                 issue(
                     parameter,
                     "is a Runware image UUID, which only Runware can resolve; pass the image itself "
-                    "(base64, data URI, http(s) URL or file path) to the local backend",
+                    "(base64, data URI, http(s) URL on an allowed origin, or file path) to the local backend",
                     ref,
                 )
             )
@@ -186,8 +189,12 @@ def plan_request(
     )
     raise_issues(issues)  # everything cheap is checked before any download or decode
 
-    seed_image = load_image(seed_ref, "inputs.seedImage", "RGB", input_roots) if seed_ref else None
-    mask_image = load_image(mask_ref, "inputs.maskImage", "L", input_roots) if mask_ref else None
+    seed_image = (
+        load_image(seed_ref, "inputs.seedImage", "RGB", input_roots, input_origins) if seed_ref else None
+    )
+    mask_image = (
+        load_image(mask_ref, "inputs.maskImage", "L", input_roots, input_origins) if mask_ref else None
+    )
     if seed_image is not None and (width is None or height is None):
         # Without an explicit size the output keeps the seed image's size, shrunk to the API's largest
         # side if needed and rounded down to the 16-pixel grid.

@@ -43,8 +43,12 @@ from airflow_provider_zimage.generation import (
     NsfwPolicy,
     TaskInstanceRef,
     apply_nsfw_policy,
+    arguments_digest,
     manifest_entry,
     old_job_fingerprints,
+    parameter_digests,
+    request_differences,
+    warn_rendered_differently,
 )
 from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.inbox import BatchInboxWatch, default_inbox_path
@@ -54,6 +58,7 @@ from airflow_provider_zimage.operators.generate import (
     Delivery,
     build_image_request,
     check_delivery,
+    known_secrets,
     webhook_delivery_settings,
 )
 from airflow_provider_zimage.outcomes import MAX_CONSECUTIVE_ERRORS, Action, Outcome, TaskWait, for_error
@@ -80,6 +85,8 @@ class _Prepared:
     # looked up in the content index (see `OldFingerprint`).
     legacy: tuple[str, ...] = ()
     content_legacy: tuple[str, ...] = ()
+    # The row as the DAG wrote it, before rendering (None when unknown).
+    arguments: str | None = None
 
     @property
     def expected(self) -> int:
@@ -187,6 +194,21 @@ class ZImageBatchGenerateOperator(BaseOperator):
         self.delivery = delivery
         self.webhook_grace_period = webhook_grace_period
         self.webhook_check_interval = webhook_check_interval
+        # Each row as the DAG wrote it, before Airflow renders templates into it: a retry tells a row
+        # whose template renders differently (same digest) from an edited one. An XComArg has one
+        # digest for every row (the rows come from upstream).
+        common = {"defaults": defaults, "model": model, "conn": zimage_conn_id}
+        self._zimage_arguments: list[str] | str = (
+            [arguments_digest({**common, "row": row}) for row in requests]
+            if isinstance(requests, list)
+            else arguments_digest({**common, "requests": requests})
+        )
+
+    def _row_arguments(self, index: int) -> str | None:
+        digests = getattr(self, "_zimage_arguments", None)
+        if isinstance(digests, list):
+            return digests[index] if index < len(digests) else None
+        return digests
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -198,6 +220,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
                 f"requests must be a non-empty list of dicts (got {type(requests).__name__})"
             )
         prepared = []
+        secrets = known_secrets(self.zimage_conn_id)
         for index, item in enumerate(requests):
             if not isinstance(item, dict):
                 raise AirflowFailException(f"requests[{index}]: must be a dict (got {type(item).__name__})")
@@ -215,7 +238,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
             # the manifest, the XCom's total_cost and the spend page would say a paid batch cost $0.
             args = {"model": self.model, "include_cost": True, **self.defaults, **item}
             try:
-                request = build_image_request(args)
+                request = build_image_request(args, secrets)
             except ZImageValidationError as exc:
                 params = exc.parameters
                 where = f"requests[{index}].{params[0]}" if params else f"requests[{index}]"
@@ -224,7 +247,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
             old = old_job_fingerprints(request, backend="runware", origin=self.zimage_conn_id)
             legacy = tuple(f for f, trust in old.items() if trust != "recorded")
             content_legacy = tuple(f for f, trust in old.items() if trust == "same")
-            prepared.append(_Prepared(index, request, fp, legacy, content_legacy))
+            prepared.append(_Prepared(index, request, fp, legacy, content_legacy, self._row_arguments(index)))
         return prepared
 
     # -- execution ----------------------------------------------------------------------------------
@@ -232,16 +255,18 @@ class ZImageBatchGenerateOperator(BaseOperator):
     def execute(self, context: Context) -> Any:
         return self._run(context, fresh=True)
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+    def execute_complete(
+        self, context: Context, event: dict[str, Any], rendering_warned: bool = False
+    ) -> Any:
         """Resume after the trigger; the event only says what finished: the worker reads those again
         (from the webhook inbox, or with a getResponse, which is free)."""
         if not isinstance(event, dict) or "finished" not in event:
             raise AirflowException(f"malformed event from ZImageBatchTrigger: {event!r}")
         if event.get("error"):
             self.log.warning("The batch trigger stopped polling: %s", event["error"])
-        return self._run(context, fresh=False)
+        return self._run(context, fresh=False, rendering_warned=rendering_warned)
 
-    def _run(self, context: Context, *, fresh: bool) -> Any:
+    def _run(self, context: Context, *, fresh: bool, rendering_warned: bool = False) -> Any:
         prepared = self.build_requests()
         estimate = sum(estimate_cost(p.request) for p in prepared)
         self.log.info("Batch of %d request(s); estimated cost at most $%.4f", len(prepared), estimate)
@@ -259,6 +284,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
         )
         webhook = self._webhook() if self.delivery == "webhook" else None
         run = _BatchRun(self, prepared, ledger, ledgers, store, directory, fresh=fresh, webhook=webhook)
+        run.rendering_warned = rendering_warned
         return run.go()
 
     def _webhook(self) -> tuple[str, str]:
@@ -310,6 +336,8 @@ class _BatchRun:
         # delivery="webhook": (public base URL, secret) and the inbox the API server writes to.
         self.webhook = webhook
         self.inbox = BatchInboxWatch(None, op.log, conn_id=op.zimage_conn_id) if webhook is not None else None
+        # Set once this try said which rows render differently from what was paid for.
+        self.rendering_warned = False
 
     # -- what each request needs ---------------------------------------------------------------------
 
@@ -320,10 +348,22 @@ class _BatchRun:
         for index in list(self.ledger.entries):
             if index not in self.prepared:
                 del self.ledger.entries[index]
+        rendered_differently: dict[int, list[str]] = {}
         for p in self.prepared.values():
             entry = self.ledger.entry_for(
-                p.index, p.fingerprint, p.expected, fresh=self.fresh, legacy=p.legacy
+                p.index,
+                p.fingerprint,
+                p.expected,
+                fresh=self.fresh,
+                legacy=p.legacy,
+                arguments=p.arguments,
+                keep_stored=not self.op.force,
             )
+            if entry.fingerprint != p.fingerprint:
+                # The ledger is the truth: this entry's request is what was paid for (or sent).
+                rendered_differently[p.index] = (
+                    request_differences(parameter_digests(p.request), entry.params) if entry.params else []
+                )
             if self.fresh:
                 entry.ended_try = False
             if entry.status == "stored":
@@ -343,6 +383,12 @@ class _BatchRun:
                 waiting[entry.task_uuid] = entry
             else:
                 unsent.append(entry)
+        if rendered_differently and not self.rendering_warned:
+            self.rendering_warned = True
+            rows = [f"requests[{i}]" for i in sorted(rendered_differently)]
+            names = sorted({n for found in rendered_differently.values() for n in found})
+            more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+            warn_rendered_differently(", ".join(rows[:10]) + more, names)
         return unsent, waiting
 
     def _content_reuse(self, p: _Prepared, entry: BatchEntry) -> bool:
@@ -425,6 +471,13 @@ class _BatchRun:
         """Intent recorded before the POST and submitted after: a crash in between re-sends the same
         taskUUIDs, which Runware answers with `conflictTaskUUID` (no second charge)."""
         for entry in chunk:
+            if entry.arguments is None and not entry.params:
+                p = self.prepared[entry.index]
+                entry.model, entry.params, entry.arguments = (
+                    p.request.model,
+                    parameter_digests(p.request),
+                    p.arguments,
+                )
             self.ledger.record(entry, "intent")
         self.ledgers.save(self.ledger)
         requests = [
@@ -537,6 +590,7 @@ class _BatchRun:
 
     def _store(self, entry: BatchEntry, wait: TaskWait) -> list[dict[str, Any]]:
         request = self.prepared[entry.index].request
+        model = entry.model or request.model  # the model paid for, whatever the row renders now
         images = []
         hook = getattr(self._local, "hook", None)
         if hook is None:  # one client per download thread, reused for every image it fetches
@@ -544,9 +598,7 @@ class _BatchRun:
             self._hooks.append(hook)
         for result in apply_nsfw_policy(wait.status.results, self.op.on_nsfw):
             artifact = self.store.write_image(self.directory, str(result.image_uuid), hook.download(result))
-            images.append(
-                {**manifest_entry(artifact.to_dict(), result, model=request.model), "index": entry.index}
-            )
+            images.append({**manifest_entry(artifact.to_dict(), result, model=model), "index": entry.index})
         if self.op.reuse == "content" and request.seed is not None:
             # In the download thread, after the images were verified and written: thousands of index
             # files are written in parallel, not one by one between two polls.
@@ -611,6 +663,7 @@ class _BatchRun:
                 not_before=now + deferral_settle_seconds(),
             ),
             method_name="execute_complete",
+            kwargs={"rendering_warned": True} if self.rendering_warned else None,
             timeout=timedelta(seconds=max(0.0, deadline - time.time()) + 60),
         )
 

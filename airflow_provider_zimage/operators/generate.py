@@ -28,13 +28,29 @@ from airflow_provider_zimage.exceptions import (
     ZImagePermanentError,
     ZImageValidationError,
 )
-from airflow_provider_zimage.generation import GenerationJob, NsfwPolicy, TaskInstanceRef
+from airflow_provider_zimage.generation import (
+    GenerationJob,
+    NsfwPolicy,
+    TaskInstanceRef,
+    arguments_digest,
+    recorded_request,
+    request_differences,
+    warn_rendered_differently,
+)
 from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
 from airflow_provider_zimage.inbox import WebhookInbox, default_inbox_path
 from airflow_provider_zimage.local import LocalBackendUnavailable, LocalGenerationError, LocalZImageExecutor
 from airflow_provider_zimage.models import ImageInferenceRequest, ImageResult, estimate_cost
 from airflow_provider_zimage.outcomes import Action, TaskWait, timed_out
-from airflow_provider_zimage.redaction import mask_credentials, query_secrets, redact, without_query
+from airflow_provider_zimage.redaction import (
+    REDACTED,
+    mask_credentials,
+    query_secrets,
+    redact,
+    scrub_secrets,
+    secret_paths,
+    without_query,
+)
 from airflow_provider_zimage.storage import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
 from airflow_provider_zimage.ui.links import images_tab_url
@@ -106,9 +122,57 @@ REQUEST_ARGUMENTS = (
 )
 
 
-def build_image_request(args: Mapping[str, Any]) -> ImageInferenceRequest:
+# Operator arguments whose wire name is not their field's alias (see `refuse_secrets`).
+_WIRE_NAMES = {"prompt": "positivePrompt", "seed_image": "inputs.seedImage", "mask_image": "inputs.maskImage"}
+
+
+def known_secrets(conn_id: str) -> list[str | None]:
+    """The credentials a task of `conn_id` can reach besides what Airflow's secrets masker holds: the
+    connection's password (Runware key or executor token) and secret extras, and `[zimage]
+    webhook_secret`. A connection that cannot be read (a local run) leaves the configured secret."""
+    secrets: list[str | None] = [config.webhook_secret()]
+    try:
+        secrets += ZImageHook(conn_id).settings.secrets
+    except Exception:  # AirflowNotFoundException and friends: the operator reports it where it needs one
+        pass
+    return secrets
+
+
+def refuse_secrets(args: Mapping[str, Any], secrets: Sequence[str | None] = ()) -> None:
+    """Refuse a request argument holding a known secret, before it is validated, sent or stored.
+
+    Airflow renders Jinja inside mapped values and batch rows, so a table cell
+    `{{ conn.zimage_default.password }}` becomes the API key in a prompt; Runware, the manifest and the
+    Images tab would get it in clear (only the task log is masked). Checked before building, so not
+    even a validation error quotes it. `upload_endpoint` is a credential-bearing URL by design
+    (presigned), meant for Runware, and recorded without its query.
+    """
+    fields = ImageInferenceRequest.model_fields
+    by_wire_name: dict[str, Any] = {}
+    for name, value in args.items():
+        if name in REQUEST_ARGUMENTS and name != "upload_endpoint":
+            field = fields.get(name)
+            by_wire_name[_WIRE_NAMES.get(name) or (field.alias if field and field.alias else name)] = value
+    named = secret_paths(by_wire_name, secrets)
+    if not named:
+        return
+    raise ZImageValidationError(
+        f"refused: {', '.join(named)} {'holds' if len(named) == 1 else 'hold'} a known secret (a connection "
+        "password or secret extra, a webhook secret, or a value Airflow's secrets masker hides), which "
+        "would be sent to Runware and "
+        "shown in the manifest and the Images tab. A templated value was probably rendered: wrap data "
+        "that is not a template in airflow.sdk.literal() (docs/troubleshooting.md)",
+        [{"parameter": p, "message": "holds a known secret", "value": REDACTED} for p in named],
+    )
+
+
+def build_image_request(args: Mapping[str, Any], secrets: Sequence[str | None] = ()) -> ImageInferenceRequest:
     """The validated request from operator-style arguments (`prompt`, `seed_image`, ...), written once for
-    `ZImageGenerateOperator` and every request of `ZImageBatchGenerateOperator`."""
+    `ZImageGenerateOperator` and every request of `ZImageBatchGenerateOperator`.
+
+    An argument holding one of `secrets` or a value Airflow's secrets masker holds is refused first
+    (`refuse_secrets`)."""
+    refuse_secrets(args, secrets)
     inputs = {k: v for k in ("seed_image", "mask_image") if (v := args.get(k))}
     fields: dict[str, Any] = {
         "model": args.get("model"),
@@ -239,8 +303,14 @@ class ZImageGenerateOperator(BaseOperator):
     template_fields_renderers = {"lora": "json"}
     operator_extra_links = (ZImageImageLink(),)
     ui_color = "#f4e1ff"
-    DEFAULT_MAP_INDEX_TEMPLATE = "{{ task.prompt | string | replace('\\n', ' ') | truncate(60, leeway=0) }}"
+    DEFAULT_MAP_INDEX_TEMPLATE = "{{ task.prompt_label | replace('\\n', ' ') | truncate(60, leeway=0) }}"
     """Mapped instances are labelled by the start of their prompt unless `map_index_template` is given."""
+
+    @property
+    def prompt_label(self) -> str:
+        """The prompt as the default map index label shows it: a secret rendered into it (the request
+        is refused, but Airflow still labels the failed instance) is "***" there too."""
+        return str(scrub_secrets(str(self.prompt), [config.webhook_secret()]))
 
     @property
     def map_index_template(self) -> str | None:
@@ -372,12 +442,18 @@ class ZImageGenerateOperator(BaseOperator):
                 "to get several images"
             )
         self.upload_to_storage = upload_to_storage
+        # The request arguments as the DAG wrote them, before Airflow renders any template into them:
+        # a later try compares this digest to tell a template that renders differently each time from
+        # a DAG that was edited (see `GenerationJob.previous_try`).
+        self._zimage_arguments = arguments_digest({n: getattr(self, n) for n in REQUEST_ARGUMENTS})
 
     # -- request ------------------------------------------------------------------------------------
 
     def build_request(self) -> ImageInferenceRequest:
         """The validated request; raises ZImageValidationError naming the parameter before any call."""
-        return build_image_request({name: getattr(self, name) for name in REQUEST_ARGUMENTS})
+        return build_image_request(
+            {name: getattr(self, name) for name in REQUEST_ARGUMENTS}, known_secrets(self.zimage_conn_id)
+        )
 
     def _content_reusable(self, request: ImageInferenceRequest) -> bool:
         return self.reuse == "content" and request.seed is not None and not self.force
@@ -427,7 +503,26 @@ class ZImageGenerateOperator(BaseOperator):
             origin=origin,
             store=store,
             on_nsfw=self.on_nsfw,
+            arguments=getattr(self, "_zimage_arguments", None),
         )
+
+    def _paid_by_an_earlier_try(self, job: GenerationJob) -> GenerationJob:
+        """The request an earlier try paid for, when the same arguments now render another request.
+
+        A retry never pays twice: a submission still pending at Runware is reattached to, and stored
+        images are returned (force=True pays for the new rendering instead). A DAG that was edited has
+        other arguments, and its new request is paid for as usual.
+        """
+        previous = job.previous_try()
+        if previous is None or previous.request is None:
+            return job
+        if previous.status in ("intent", "submitted") or (previous.status == "stored" and not self.force):
+            warn_rendered_differently(
+                "The request", request_differences(recorded_request(job.request), previous.request)
+            )
+            self._rendering_warned = True
+            return job.pinned(previous)
+        return job
 
     def _executor_origin(self, request: ImageInferenceRequest) -> str:
         """The connection and the weights the executor reports: other weights are another picture."""
@@ -456,6 +551,9 @@ class ZImageGenerateOperator(BaseOperator):
         if backend not in ("runware", "local", "executor"):
             raise AirflowFailException(f"backend must be 'runware', 'local' or 'executor' (got {backend!r})")
         job = self._job(context, request, backend, settings)
+        if backend != "local":
+            job = self._paid_by_an_earlier_try(job)
+            request = job.request
 
         if not self.force and (images := job.reusable_images()) is not None:
             self.log.info(
@@ -531,21 +629,26 @@ class ZImageGenerateOperator(BaseOperator):
         self.defer(
             trigger=self._trigger(wait, deadline, poll_interval, deferred=True),
             method_name="execute_complete",
+            # The resumed half of the try says what the first half already said, not twice.
+            kwargs={"rendering_warned": True} if getattr(self, "_rendering_warned", False) else None,
             timeout=timedelta(seconds=max(0.0, deadline - time.time()) + 60),
         )
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        """Resume after the trigger: validate the event before trusting it, then act on its outcome."""
+    def execute_complete(
+        self, context: Context, event: dict[str, Any], rendering_warned: bool = False
+    ) -> Any:
+        """Resume after the trigger: validate the event before trusting it, then act on its outcome.
+
+        The event's taskUUID must be one this task instance recorded in its ledger; the request stored
+        and written to the manifest is the one recorded with it (what was paid for), whatever the
+        templates render now.
+        """
         try:
             parsed = TaskEvent.model_validate(event)
         except Exception as exc:
             raise AirflowException(f"malformed event from ZImageTaskTrigger: {exc}") from None
-        request = self.build_request()
         backend = "executor" if (self.backend or self._settings().backend) == "executor" else "runware"
-        job = self._job(context, request, backend)
-        expected = job.next_submission().task_uuid
-        if parsed.task_uuid != expected:
-            raise AirflowException(f"event for task {parsed.task_uuid} does not match this task's {expected}")
+        job = self._resumed_job(context, backend, parsed.task_uuid, warn=not rendering_warned)
         self._discard_inbox(parsed.task_uuid)
         outcome = parsed.to_outcome()
         with ZImageHook(self.zimage_conn_id) as hook:
@@ -561,6 +664,40 @@ class ZImageGenerateOperator(BaseOperator):
         if outcome.action is Action.WAIT:
             outcome = timed_out(TaskWait(parsed.task_uuid, job.expected_results).status)
         end_try(job, parsed.task_uuid, outcome)
+
+    def _resumed_job(self, context: Context, backend: str, task_uuid: str, *, warn: bool) -> GenerationJob:
+        """The job of the submission `task_uuid` names, or a refusal when this task instance never made it."""
+        invalid: list[str] = []
+        try:
+            rendered: ImageInferenceRequest | None = self.build_request()
+        except ZImageValidationError as exc:
+            rendered, invalid = None, list(exc.parameters)
+        store = ArtifactStore(self.output_path or default_output_path())
+        recorded = GenerationJob.find(store, TaskInstanceRef.from_context(context), task_uuid)
+        if recorded is None or recorded.request is None:
+            # A ledger written before requests were recorded (or lost): the re-rendered request must
+            # derive the same taskUUID.
+            job = self._job(context, rendered or self.build_request(), backend)
+            expected = job.next_submission().task_uuid if recorded is None else recorded.task_uuid
+            if task_uuid != expected:
+                raise AirflowException(f"event for task {task_uuid} does not match this task's {expected}")
+            return job if recorded is None else job.pinned(recorded)
+        try:
+            paid = ImageInferenceRequest.model_validate(recorded.request)
+        except (ValueError, ZImageError) as exc:
+            if rendered is None:
+                raise AirflowFailException(
+                    f"the request of task {task_uuid} cannot be read back: {exc}"
+                ) from None
+            paid = rendered
+        job = self._job(context, paid, backend).pinned(recorded)
+        if warn and (rendered is None or rendered.fingerprint() != job.request.fingerprint()):
+            if rendered is None:
+                names = invalid
+            else:
+                names = request_differences(recorded_request(rendered), recorded.request)
+            warn_rendered_differently("The request", names)
+        return job
 
     # -- delivery -----------------------------------------------------------------------------------
 
