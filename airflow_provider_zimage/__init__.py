@@ -8,17 +8,14 @@ imported, and so must this module.
 from __future__ import annotations
 
 from airflow_provider_zimage import _moved
-
-__version__ = "0.1.0"
-
-_moved.install()  # 0.2's module paths (models, state, storage...) keep importing for one release
-
-# Defined after __version__, which get_provider_info reads.
-from airflow_provider_zimage.get_provider_info import (  # noqa: E402
+from airflow_provider_zimage._version import __version__
+from airflow_provider_zimage.get_provider_info import (
     CONN_FIELDS,
     LOCAL_DEVICES,
     LOCAL_DTYPES,
     get_provider_info,
 )
+
+_moved.install()  # 0.2's module paths (models, state, storage...) keep importing for one release
 
 __all__ = ["CONN_FIELDS", "LOCAL_DEVICES", "LOCAL_DTYPES", "__version__", "get_provider_info"]

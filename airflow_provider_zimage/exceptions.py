@@ -74,3 +74,52 @@ class ZImageTaskFailed(ZImagePermanentError):
 
 class ZImageTimeout(ZImageError):
     """Waiting for a task outlived the caller's deadline; the task may still finish at Runware."""
+
+
+class ZImageConflictError(ZImagePermanentError):
+    """Runware already holds these taskUUIDs: after a lost answer this means the first submission landed."""
+
+    def __init__(self, message: str, task_uuids: list[str], **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.task_uuids = task_uuids
+
+
+class ZImageTaskNotFound(ZImagePermanentError):
+    """getResponse does not know the taskUUID: it never landed, or it expired at Runware."""
+
+
+class ZImageStorageError(ZImageError):
+    """Refused or unreadable artifact: bad image bytes, wrong format or size, unusable name, bad JSON.
+
+    Raised before anything is written when the input is at fault, so a failed call leaves storage as
+    it was.
+    """
+
+
+class ForeignTaskError(ValueError):
+    """A webhook body names another task than its URL: its token was issued for the URL's task only."""
+
+
+class LocalBackendUnavailable(ZImageError, ImportError):
+    """torch/diffusers are missing or too old; an ImportError so `except ImportError` callers still work."""
+
+
+class LocalGenerationError(ZImageError):
+    """The pipeline ran but produced no usable image (NaN or all-black output). Retrying will not help."""
+
+
+class UploadFailed(ZImageError):
+    """`zimage-executor` could not PUT an image to a request's `uploadEndpoint`: the task ends with
+    Runware's `uploadFailed` for that image."""
+
+    def __init__(self, message: str, image_uuid: str) -> None:
+        super().__init__(message)
+        self.image_uuid = image_uuid
+
+
+class RequestTooLarge(ZImageError):
+    """An HTTP request body over the server's limit (`executor.transport`): answered 413, then closed."""
+
+
+class NotServed(LookupError):
+    """A requested file the UI does not serve (outside the output folder, not an image, malformed)."""

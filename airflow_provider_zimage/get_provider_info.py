@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_provider_zimage import __version__
+from airflow_provider_zimage._version import __version__
 
 _INTEGRATION = "Z-Image"
 

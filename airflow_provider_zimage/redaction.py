@@ -38,6 +38,7 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
 def _secret_values(secrets: Iterable[str | None]) -> list[str]:
     """The given credentials long enough to look for: as short as Airflow's masker would mask
     (`[logging] min_length_masked_secret`), never shorter than `redact`'s 4 characters."""
+    # why: Airflow at runtime only; models and the executor service import this module without it.
     from airflow_provider_zimage.compat import conf
 
     shortest = max(4, conf.getint("logging", "min_length_masked_secret", fallback=5))
@@ -53,6 +54,7 @@ def _image_data(text: str) -> bool:
 def secret_paths(value: Any, secrets: Iterable[str | None] = ()) -> list[str]:
     """Where in `value` (nested dicts and lists) a string holds a known secret: one of `secrets`, or
     anything Airflow's secrets masker hides in this process. Paths read `lora[0].model`."""
+    # why: Airflow at runtime only; models and the executor service import this module without it.
     from airflow_provider_zimage.compat import secrets_masker_patterns
 
     known = _secret_values(secrets)
@@ -79,6 +81,7 @@ def secret_paths(value: Any, secrets: Iterable[str | None] = ()) -> list[str]:
 def scrub_secrets(value: Any, secrets: Iterable[str | None] = ()) -> Any:
     """`value` (nested dicts and lists) with every known secret in its strings replaced by "***": what
     a manifest or a page may show of text that should never have held one."""
+    # why: Airflow at runtime only; models and the executor service import this module without it.
     from airflow_provider_zimage.compat import secrets_masker_patterns
 
     known = _secret_values(secrets)
@@ -134,6 +137,7 @@ def mask_credentials(*values: str | None) -> None:
     """
     from airflow.sdk.log import mask_secret
 
+    # why: Airflow at runtime only; models and the executor service import this module without it.
     from airflow_provider_zimage.compat import conf
 
     shortest = conf.getint("logging", "min_length_masked_secret", fallback=5)

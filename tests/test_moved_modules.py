@@ -26,7 +26,7 @@ MOVED = {
     "batch_state": ("jobs.batch_ledger", "BatchLedger"),
     "waiting": ("jobs.waiting", "end_try"),
     "content_index": ("jobs.content_index", "reuse"),
-    "uploads": ("jobs.uploads", "presign_put"),
+    "uploads": ("jobs.uploads", "store_uploaded"),
     "spend": ("storage.spend", "read_spend"),
     "inbox": ("webhooks.inbox", "WebhookInbox"),
 }

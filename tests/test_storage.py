@@ -32,6 +32,7 @@ from PIL import Image
 from airflow_provider_zimage.compat import storage_location
 from airflow_provider_zimage.exceptions import ZImageError
 from airflow_provider_zimage.storage import artifacts as storage
+from airflow_provider_zimage.storage import atomic as storage_atomic
 from airflow_provider_zimage.storage.artifacts import (
     ArtifactStore,
     ImageArtifact,
@@ -225,7 +226,7 @@ def _crash_after(monkeypatch, limit: int, seen: list[str]) -> None:
         seen.append(os.fspath(file))
         return _CrashingFile(builtins.open(file, mode, *args, **kwargs), limit)
 
-    monkeypatch.setattr(storage, "open", crashing_open, raising=False)
+    monkeypatch.setattr(storage_atomic, "open", crashing_open, raising=False)
 
 
 def test_crash_mid_write_leaves_no_partial_and_no_temp(store, task_dir, monkeypatch):
@@ -254,7 +255,7 @@ def test_crash_at_rename_removes_temp(tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError("rename failed (simulated)")
 
-    monkeypatch.setattr(storage.os, "replace", failing_replace)
+    monkeypatch.setattr(storage_atomic.os, "replace", failing_replace)
     with pytest.raises(OSError, match="simulated"):
         write_bytes_atomic(str(tmp_path / "d" / "x.bin"), b"abc")
     assert files_in(tmp_path / "d") == []
@@ -278,7 +279,7 @@ def test_generic_fsspec_filesystem_uses_temp_and_move(monkeypatch):
 
     fs = MemoryFileSystem()
     io_store.attach("memory", fs=fs)
-    monkeypatch.setattr(storage, "_SINGLE_PUT_PROTOCOLS", frozenset())
+    monkeypatch.setattr(storage_atomic, "_SINGLE_PUT_PROTOCOLS", frozenset())
     root = f"/zimage-generic-{os.getpid()}"
     try:
         target = ObjectStoragePath(f"memory://{root}/d/x.json")

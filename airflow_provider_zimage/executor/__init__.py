@@ -7,6 +7,7 @@ wire protocol the provider uses (see `server`). One job per module:
 * `tasks`   the task table and image store (memory, or `--output-dir` to survive restarts)
 * `queues`  one queue and one thread per device; batching of compatible images
 * `metrics` counters in Prometheus text format
+* `transport` the HTTP/1.1 server (h11 on asyncio); the test kit's Runware stand-in builds on it
 * `server`  HTTP routes, auth, the wire protocol, delivery (webhooks, uploads), SIGTERM drain
 * `cli`     the `zimage-executor` console script
 

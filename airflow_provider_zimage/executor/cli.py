@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 
 from airflow_provider_zimage.executor.config import ExecutorConfig
+from airflow_provider_zimage.executor.server import ExecutorServer
+from airflow_provider_zimage.runware.models import resolve_model
 
 __all__ = ["main", "parse_args"]
 
@@ -19,8 +21,6 @@ def _model(text: str) -> tuple[str, str]:
     air, sep, source = text.partition("=")
     if not sep or not air.strip() or not source.strip():
         raise argparse.ArgumentTypeError(f"--model must be AIR=PATH_OR_HF_ID (got {text!r})")
-    from airflow_provider_zimage.runware.models import resolve_model
-
     try:
         return resolve_model(air.strip()).air, source.strip()
     except ValueError as exc:
@@ -122,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     # credentials in their query. The executor logs what it fetched itself, by origin.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    from airflow_provider_zimage.executor.server import ExecutorServer
-
     asyncio.run(ExecutorServer(config).serve())
     if any(t.name.startswith("zimage-") and t.is_alive() for t in threading.enumerate()):
         logging.shutdown()

@@ -36,13 +36,15 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from airflow_provider_zimage import __version__
-from airflow_provider_zimage.exceptions import ZImageError, ZImageValidationError
+from airflow_provider_zimage.exceptions import UploadFailed, ZImageError, ZImageValidationError
 from airflow_provider_zimage.executor.config import ExecutorConfig, weights_id
 from airflow_provider_zimage.executor.metrics import Metrics
 from airflow_provider_zimage.executor.queues import DeviceQueue, Outcome, WorkUnit
 from airflow_provider_zimage.executor.tasks import CONTENT_TYPES, ImageStore, TaskRecord, TaskTable
+from airflow_provider_zimage.executor.transport import HTTPServer, Request, Response
 from airflow_provider_zimage.local import LocalZImageExecutor, Plan, load_count
-from airflow_provider_zimage.testing.runware_server.transport import HTTPServer, Request, Response
+from airflow_provider_zimage.local.pipelines import import_runtime, resolve_device
+from airflow_provider_zimage.runware.models import ImageInferenceRequest, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +95,7 @@ class ExecutorServer:
 
     def _engines(self) -> None:
         """One LocalZImageExecutor per (model, device); the pipeline cache makes each load happen once."""
-        import torch
-
-        from airflow_provider_zimage.local.pipelines import import_runtime, resolve_device
+        import torch  # why: an optional dependency (the `local` extra), needed once the models load
 
         import_runtime()
         devices: list[str] = []
@@ -301,8 +301,6 @@ class ExecutorServer:
 
     async def _validate(self, work: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """Every error of the request; any error rejects all of it, so nothing is half-accepted."""
-        from airflow_provider_zimage.runware.models import ImageInferenceRequest, resolve_model
-
         errors: list[dict[str, Any]] = []
         accepted: list[tuple[TaskRecord, Plan]] = []
         seen: set[str] = set()
@@ -387,8 +385,6 @@ class ExecutorServer:
 
     def _resume(self, record: TaskRecord) -> None:
         """A task a previous process accepted and did not finish: make the images it still owes."""
-        from airflow_provider_zimage.runware.models import ImageInferenceRequest
-
         try:
             req = ImageInferenceRequest.build(**record.payload)
             assert self._planner is not None
@@ -559,7 +555,7 @@ class ExecutorServer:
         NaN images), `internalError` (transient: the client reattaches) for anything unexpected.
         """
         ids = {"taskType": INFERENCE, "taskUUID": record.task_uuid}
-        if isinstance(exc, _UploadFailed):
+        if isinstance(exc, UploadFailed):
             items = [error_item("uploadFailed", str(exc), imageUUID=exc.image_uuid, **ids)]
         elif isinstance(exc, ZImageValidationError):
             items = [error_item("taskFailed", str(exc), **ids)]
@@ -616,7 +612,7 @@ class ExecutorServer:
             self._add_item(record, item)
             return
         message = f"Uploading the image to the uploadEndpoint failed ({_strip_query(url)})."
-        self._fail_image(record, _UploadFailed(message, str(item["imageUUID"])))
+        self._fail_image(record, UploadFailed(message, str(item["imageUUID"])))
 
     def _notify(self, record: TaskRecord, item: dict[str, Any], error: dict[str, Any] | None) -> None:
         url = record.payload.get("webhookURL")
@@ -641,12 +637,6 @@ class ExecutorServer:
                 status = type(exc).__name__
             log.warning("Webhook to %s failed (%s), attempt %d", _strip_query(url), status, attempt + 1)
             await asyncio.sleep(0.5 * 2**attempt)
-
-
-class _UploadFailed(ZImageError):
-    def __init__(self, message: str, image_uuid: str) -> None:
-        super().__init__(message)
-        self.image_uuid = image_uuid
 
 
 def _refusal_items(exc: ZImageError, ids: dict[str, Any]) -> list[dict[str, Any]]:

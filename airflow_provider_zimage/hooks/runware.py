@@ -22,10 +22,12 @@ from typing import Any
 
 import httpx
 
+from airflow_provider_zimage import config, get_provider_info
 from airflow_provider_zimage.compat import BaseHook
 from airflow_provider_zimage.exceptions import (
     ZImageAPIError,
     ZImageAuthError,
+    ZImageConflictError,
     ZImageError,
     ZImagePermanentError,
     ZImageTaskFailed,
@@ -41,12 +43,7 @@ from airflow_provider_zimage.origins import (
 from airflow_provider_zimage.redaction import connection_extras, mask_credentials, redact, without_query
 from airflow_provider_zimage.runware import protocol
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult
-from airflow_provider_zimage.runware.protocol import (
-    RetryPolicy,
-    RunwareResponse,
-    TaskStatus,
-    ZImageConflictError,
-)
+from airflow_provider_zimage.runware.protocol import RetryPolicy, RunwareResponse, TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +200,6 @@ class ZImageHook(BaseHook):
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        from airflow_provider_zimage import get_provider_info
-
         behaviour = get_provider_info()["connection-types"][0]["ui-field-behaviour"]
         return {
             "hidden_fields": behaviour["hidden-fields"],
@@ -590,8 +585,7 @@ def allowed_image_origins(settings: ConnectionSettings) -> frozenset[ImageOrigin
         own = httpx.URL(settings.base_url)
         if own.scheme in DEFAULT_PORTS and own.raw_host:
             origins.add(ImageOrigin.of(own))
-    configured = _conf_value("zimage", "allowed_image_hosts") or ""
-    return frozenset(origins | parse_origins([configured], "[zimage] allowed_image_hosts"))
+    return frozenset(origins | parse_origins(config.allowed_image_hosts(), "[zimage] allowed_image_hosts"))
 
 
 def _redirect_target(resp: httpx.Response, origins: frozenset[ImageOrigin]) -> httpx.URL | None:
@@ -604,12 +598,6 @@ def _redirect_target(resp: httpx.Response, origins: frozenset[ImageOrigin]) -> h
 
 def _too_many_redirects() -> ZImagePermanentError:
     return ZImagePermanentError(f"image download stopped after {_MAX_REDIRECTS} redirects")
-
-
-def _conf_value(section: str, key: str) -> str | None:
-    from airflow_provider_zimage.storage.artifacts import _conf_get
-
-    return _conf_get(section, key)
 
 
 def _raise_for_download(resp: httpx.Response) -> None:

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException
+from airflow_provider_zimage.config import deferral_settle_seconds
 from airflow_provider_zimage.exceptions import (
     ZImageAuthError,
     ZImageError,
@@ -39,7 +40,6 @@ from airflow_provider_zimage.jobs.generation import (
     request_differences,
     warn_rendered_differently,
 )
-from airflow_provider_zimage.jobs.waiting import deferral_settle_seconds
 from airflow_provider_zimage.redaction import redact_urls
 from airflow_provider_zimage.runware import protocol
 from airflow_provider_zimage.runware.models import ImageInferenceRequest

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException
+from airflow_provider_zimage.config import DEFAULT_DEFERRAL_SETTLE_S, deferral_settle_seconds  # noqa: F401  (0.2 names)
 from airflow_provider_zimage.runware import protocol
 from airflow_provider_zimage.runware.outcomes import Action, Outcome, TaskWait
 
@@ -27,21 +28,6 @@ if TYPE_CHECKING:
     from airflow_provider_zimage.jobs.generation import GenerationJob
 
 log = logging.getLogger(__name__)
-
-# Seconds a deferred task's trigger holds an answer before sending it (see `deferral_settle_seconds`).
-DEFAULT_DEFERRAL_SETTLE_S = 10.0
-
-
-def deferral_settle_seconds() -> float:
-    """`[zimage] deferral_settle_seconds`: how long a deferred trigger holds a fast answer.
-
-    Airflow 3.3 fails a deferred task whose trigger fires before the scheduler has processed the
-    deferral: the operators and the sensor set a trigger's `not_before` this long after deferring.
-    """
-    from airflow_provider_zimage.storage.artifacts import _conf_get
-
-    value = _conf_get("zimage", "deferral_settle_seconds")
-    return DEFAULT_DEFERRAL_SETTLE_S if value is None else max(0.0, float(value))
 
 
 async def first_event(trigger: BaseTrigger, limit: float | None = None) -> dict[str, Any] | None:

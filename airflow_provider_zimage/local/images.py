@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
+from airflow_provider_zimage import config
 from airflow_provider_zimage.exceptions import (
     ZImagePermanentError,
     ZImageTransientError,
@@ -74,27 +75,12 @@ URL_REFUSAL = (
 def default_input_origins() -> frozenset[ImageOrigin]:
     """`[zimage] local_input_origins` (comma-separated origins); unset: none, so URL inputs are refused
     until someone decides which servers the worker may fetch request-supplied URLs from."""
-    from airflow.configuration import conf
-
-    configured = conf.get("zimage", "local_input_origins", fallback=None) or ""
-    return parse_origins([configured], INPUT_ORIGINS_OPTION)
+    return parse_origins(config.local_input_origins(), INPUT_ORIGINS_OPTION)
 
 
 def default_input_roots() -> list[str]:
     """`[zimage] local_input_roots` (comma-separated), else the local output path and the DAGs folder."""
-    from airflow.configuration import conf
-
-    configured = conf.get("zimage", "local_input_roots", fallback=None)
-    if configured:
-        return [root.strip() for root in configured.split(",") if root.strip()]
-    roots = []
-    output = conf.get("zimage", "output_path", fallback=None)
-    if output and (output.startswith("file://") or "://" not in output):
-        roots.append(unquote(urlparse(output).path) if output.startswith("file://") else output)
-    dags = conf.get("core", "dags_folder", fallback=None)
-    if dags:
-        roots.append(dags)
-    return roots
+    return config.local_input_roots()
 
 
 def encode_image(array: np.ndarray, output_format: str, quality: int = DEFAULT_QUALITY) -> bytes:

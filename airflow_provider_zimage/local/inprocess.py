@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_zimage.exceptions import ZImageValidationError
-from airflow_provider_zimage.local.images import encode_image
+from airflow_provider_zimage.local.images import default_input_origins, default_input_roots, encode_image
 from airflow_provider_zimage.local.pipelines import (
     PipelineCache,
     device_lock,
@@ -112,16 +112,12 @@ class LocalZImageExecutor:
     @property
     def input_roots(self) -> list[str]:
         if self._input_roots is None:
-            from airflow_provider_zimage.local.images import default_input_roots
-
             self._input_roots = default_input_roots()
         return self._input_roots
 
     @property
     def input_origins(self) -> frozenset[ImageOrigin]:
         if self._input_origins is None:
-            from airflow_provider_zimage.local.images import default_input_origins
-
             self._input_origins = default_input_origins()
         return self._input_origins
 

@@ -30,9 +30,10 @@ from airflow_provider_zimage.local.schedulers import (
     lookup_scheduler,
 )
 from airflow_provider_zimage.origins import ImageOrigin
+from airflow_provider_zimage.runware.models import CATALOG, ModelSpec, resolve_model
 
 if TYPE_CHECKING:
-    from airflow_provider_zimage.runware.models import ImageInferenceRequest, ModelSpec
+    from airflow_provider_zimage.runware.models import ImageInferenceRequest
 
 __all__ = ["LoraPlan", "PipelineKind", "Plan", "batch_key", "model_spec", "plan_request"]
 
@@ -114,8 +115,6 @@ def batch_key(plan: Plan) -> Hashable | None:
 
 def model_spec(model: str) -> ModelSpec:
     """The catalog entry of `model`, refused (naming `model`) when diffusers cannot run it."""
-    from airflow_provider_zimage.runware.models import CATALOG, resolve_model
-
     spec = CATALOG.get(model) or resolve_model(model)
     if spec.hf_repo is None:
         raise_issues(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_zimage.exceptions import ZImageError
+from airflow_provider_zimage.exceptions import LocalBackendUnavailable, LocalGenerationError
 
 __all__ = ["GeneratedImage", "LocalBackendUnavailable", "LocalGenerationError"]
 
@@ -21,11 +21,3 @@ class GeneratedImage:
     @property
     def seed(self) -> int:
         return int(self.result["seed"])
-
-
-class LocalBackendUnavailable(ZImageError, ImportError):
-    """torch/diffusers are missing or too old; an ImportError so `except ImportError` callers still work."""
-
-
-class LocalGenerationError(ZImageError):
-    """The pipeline ran but produced no usable image (NaN or all-black output). Retrying will not help."""

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
+from airflow_provider_zimage import config
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, conf
+from airflow_provider_zimage.config import DEFAULT_DEFERRAL_SETTLE_S, deferral_settle_seconds  # noqa: F401  (0.2 names)
 from airflow_provider_zimage.exceptions import (
     ZImageError,
     ZImagePermanentError,
@@ -50,21 +52,20 @@ from airflow_provider_zimage.jobs.generation import (
 )
 from airflow_provider_zimage.jobs.uploads import S3_PROTOCOLS, store_uploaded
 from airflow_provider_zimage.jobs.waiting import (
-    DEFAULT_DEFERRAL_SETTLE_S,  # noqa: F401  (importable from here, as in 0.2)
-    deferral_settle_seconds,
     end_try,
     first_event,
     stored_later,
     wait_in_process,
 )
+from airflow_provider_zimage.local import LocalBackendUnavailable, LocalGenerationError, LocalZImageExecutor
 from airflow_provider_zimage.redaction import mask_credentials, scrub_secrets
 from airflow_provider_zimage.runware import protocol
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult, estimate_cost
 from airflow_provider_zimage.runware.outcomes import Action, TaskWait, timed_out
 from airflow_provider_zimage.storage.artifacts import ArtifactStore, default_output_path
 from airflow_provider_zimage.triggers.task import TaskEvent, ZImageTaskTrigger
+from airflow_provider_zimage.ui.links import images_tab_url
 from airflow_provider_zimage.webhooks.inbox import WebhookInbox, default_inbox_path
-from airflow_provider_zimage.webhooks.tokens import configured_secret
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -86,8 +87,6 @@ class ZImageImageLink(BaseOperatorLink):
     name = "Z-Image: images"
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        from airflow_provider_zimage.ui.links import images_tab_url
-
         map_index = getattr(ti_key, "map_index", -1)
         index = -1 if map_index is None else int(map_index)
         return images_tab_url(ti_key.dag_id, ti_key.run_id, ti_key.task_id, index, same_origin=True)
@@ -157,7 +156,7 @@ class ZImageGenerateOperator(BaseOperator):
     def prompt_label(self) -> str:
         """The prompt as the default map index label shows it: a secret rendered into it (the request
         is refused, but Airflow still labels the failed instance) is "***" there too."""
-        return str(scrub_secrets(str(self.prompt), [configured_secret()]))
+        return str(scrub_secrets(str(self.prompt), [config.webhook_secret()]))
 
     @property
     def map_index_template(self) -> str | None:
@@ -622,12 +621,6 @@ class ZImageGenerateOperator(BaseOperator):
         return self._finish(context, self._index(job, images))
 
     def _run_local(self, job: GenerationJob, settings: ConnectionSettings) -> list[dict[str, Any]]:
-        from airflow_provider_zimage.local import (
-            LocalBackendUnavailable,
-            LocalGenerationError,
-            LocalZImageExecutor,
-        )
-
         executor = LocalZImageExecutor(
             model_path=self._local_model_source(settings),
             device=self.device or settings.device,
@@ -651,8 +644,6 @@ class ZImageGenerateOperator(BaseOperator):
 
     def _finish(self, context: Context, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self._emit_asset_events(context, images)
-        from airflow_provider_zimage.ui.links import images_tab_url
-
         ref = TaskInstanceRef.from_context(context)  # ids and `[api] base_url` only: nothing secret
         self.log.info("Images tab: %s", images_tab_url(ref.dag_id, ref.run_id, ref.task_id, ref.map_index))
         return images

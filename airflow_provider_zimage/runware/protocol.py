@@ -19,8 +19,10 @@ from typing import Any
 from airflow_provider_zimage.exceptions import (
     ZImageAPIError,
     ZImageAuthError,
+    ZImageConflictError,
     ZImageInsufficientCreditsError,
     ZImagePermanentError,
+    ZImageTaskNotFound,
     ZImageTimeout,
     ZImageTransientError,
 )
@@ -36,18 +38,6 @@ TRANSIENT_CODES = frozenset({"rateLimitExceeded", "timeoutProvider", "serviceUna
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
-
-
-class ZImageConflictError(ZImagePermanentError):
-    """Runware already holds these taskUUIDs: after a lost answer this means the first submission landed."""
-
-    def __init__(self, message: str, task_uuids: list[str], **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.task_uuids = task_uuids
-
-
-class ZImageTaskNotFound(ZImagePermanentError):
-    """getResponse does not know the taskUUID: it never landed, or it expired at Runware."""
 
 
 def inference_payload(requests: Sequence[ImageInferenceRequest]) -> list[dict[str, Any]]:

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, conf
+from airflow_provider_zimage.config import deferral_settle_seconds
 from airflow_provider_zimage.exceptions import ZImageError, ZImagePermanentError
 from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.jobs.generation import GenerationJob, NsfwPolicy, TaskInstanceRef
 from airflow_provider_zimage.jobs.waiting import (
-    deferral_settle_seconds,
     end_try,
     stored_later,
     wait_in_process,

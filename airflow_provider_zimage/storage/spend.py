@@ -36,6 +36,8 @@ from typing import Any
 
 from airflow.sdk import ObjectStoragePath
 
+from airflow_provider_zimage.storage.atomic import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 __all__ = ["INDEX_DIR", "DaySpend", "SpendRecord", "read_spend", "record_manifest"]
@@ -112,8 +114,6 @@ def record_manifest(
     now: dt.datetime | None = None,
 ) -> ObjectStoragePath | None:
     """Write the spend record of a manifest just written to `directory`; None (logged) if it failed."""
-    from airflow_provider_zimage.storage.artifacts import write_json_atomic
-
     images = manifest.get("images") or []
     cost = manifest.get("total_cost")
     if cost is None:
@@ -186,8 +186,6 @@ def _read_day(base: ObjectStoragePath, day: str, *, compact: bool) -> dict[str, 
         compact = False
     per_dag = _aggregate(day, _day_records(folder))
     if compact and per_dag:
-        from airflow_provider_zimage.storage.artifacts import write_json_atomic
-
         try:
             write_json_atomic(
                 summary, {"version": INDEX_VERSION, "dags": [row.__dict__ for row in per_dag.values()]}

@@ -101,6 +101,7 @@ def zimage_server_factory() -> Iterator[Callable[..., RunwareTestServer]]:
     The options are `RunwareTestServer`'s (`delay`, `stagger`, `api_key`, `result_ttl`, `prices`...;
     see `airflow_provider_zimage/testing/runware_server/README.md`).
     """
+    # why: the test server needs jsonschema (dev extra); pytest loads this plugin in every session
     from airflow_provider_zimage.testing.runware_server import RunwareTestServer
 
     servers: list[RunwareTestServer] = []
@@ -135,6 +136,7 @@ def zimage_server() -> Iterator[RunwareTestServer]:
 
     For other options (delays, a different API key) use `zimage_server_factory`.
     """
+    # why: the test server needs jsonschema (dev extra); pytest loads this plugin in every session
     from airflow_provider_zimage.testing.runware_server import RunwareTestServer
 
     with RunwareTestServer() as server:
@@ -203,6 +205,7 @@ def tiny_zimage_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Skipped, with the reason, when the `local` extra (torch, diffusers, transformers) is not installed.
     """
     pytest.importorskip("diffusers", reason="tiny_zimage_model needs the provider's `local` extra")
+    # why: torch and diffusers, the optional `local` extra
     from airflow_provider_zimage.testing.tiny_model import build_tiny_zimage
 
     return build_tiny_zimage(tmp_path_factory.mktemp("zimage") / "tiny-zimage")

@@ -22,6 +22,7 @@ from airflow.triggers.base import TriggerEvent
 from airflow_provider_zimage.exceptions import ZImageAuthError, ZImagePermanentError
 from airflow_provider_zimage.hooks.runware import ZImageHook, loop_clients
 from airflow_provider_zimage.runware import protocol
+from airflow_provider_zimage.runware.models import ApiErrorDetail
 from airflow_provider_zimage.runware.outcomes import (
     MAX_CONSECUTIVE_ERRORS,
     Action,
@@ -62,8 +63,6 @@ def _extend(into: RunwareResponse, more: RunwareResponse) -> None:
 
 
 def _task_error(uuid: str, exc: BaseException) -> Any:
-    from airflow_provider_zimage.runware.models import ApiErrorDetail
-
     return ApiErrorDetail.model_validate({"code": "taskRefused", "message": str(exc), "taskUUID": uuid})
 
 

@@ -24,7 +24,12 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from airflow_provider_zimage.storage.artifacts import ArtifactStore, default_output_path
+from airflow_provider_zimage.storage.spend import read_spend
+from airflow_provider_zimage.ui.gallery import IMAGE_TYPES, NotServed, image_path, read_run
 from airflow_provider_zimage.ui.links import ui_base_url
+from airflow_provider_zimage.ui.pages import error_page, run_page, spend_page
+from airflow_provider_zimage.ui.thumbnails import thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +106,6 @@ ReadableDag = Annotated[str, Depends(dag_reader)]
 
 
 def _store() -> Any:
-    from airflow_provider_zimage.storage.artifacts import ArtifactStore, default_output_path
-
     return ArtifactStore(default_output_path())
 
 
@@ -126,9 +129,6 @@ def _map_index(raw: str | None) -> int | None:
 
 
 def _file(dag_id: str, run_id: str, task: str, index: str, name: str, *, thumb: bool) -> Response:
-    from airflow_provider_zimage.ui.gallery import IMAGE_TYPES, NotServed, image_path
-    from airflow_provider_zimage.ui.thumbnails import thumbnail
-
     try:
         path = image_path(_store(), dag_id, run_id, task, index, name)
     except NotServed as exc:
@@ -149,8 +149,6 @@ async def _refusal(request: Request, exc: Exception) -> Response:
     messages name the DAG or file, never a token or a stack.
     """
     from fastapi.exception_handlers import http_exception_handler
-
-    from airflow_provider_zimage.ui.pages import error_page
 
     if not isinstance(exc, StarletteHTTPException):  # registered for that class only
         raise exc
@@ -177,9 +175,6 @@ def create_app() -> FastAPI:
         page: Annotated[int, Query(ge=1)] = 1,
         per_page: Annotated[int, Query(ge=1, le=MAX_PER_PAGE)] = PER_PAGE,
     ) -> HTMLResponse:
-        from airflow_provider_zimage.ui.gallery import read_run
-        from airflow_provider_zimage.ui.pages import run_page
-
         run = read_run(_store(), dag_id, run_id)
         files = _run_url(request, dag_id, run_id)
         html = run_page(run, files=files, here=files, page=page, per_page=per_page, scope=f"run {run_id}")
@@ -196,9 +191,6 @@ def create_app() -> FastAPI:
         per_page: Annotated[int, Query(ge=1, le=MAX_PER_PAGE)] = PER_PAGE,
     ) -> HTMLResponse:
         from urllib.parse import quote
-
-        from airflow_provider_zimage.ui.gallery import read_run
-        from airflow_provider_zimage.ui.pages import run_page
 
         index = _map_index(map_index)
         run = read_run(_store(), dag_id, run_id, task_id=task_id, map_index=index)
@@ -221,8 +213,6 @@ def create_app() -> FastAPI:
     @app.get("/dags/{dag_id}/runs/{run_id}/summary.json")
     def run_summary(dag_id: ReadableDag, run_id: str, task_id: str | None = None) -> JSONResponse:
         """The header of the Images tab as data: count, total cost, failures."""
-        from airflow_provider_zimage.ui.gallery import read_run
-
         run = read_run(_store(), dag_id, run_id, task_id=task_id)
         return JSONResponse(
             {
@@ -246,16 +236,12 @@ def create_app() -> FastAPI:
         return _file(dag_id, run_id, task, index, name, thumb=True)
 
     def _readable_spend(user: Any, days: int) -> list[Any]:
-        from airflow_provider_zimage.storage.spend import read_spend
-
         rows = read_spend(_store().base, days=days)
         allowed = {dag_id: may_read_dag(user, dag_id) for dag_id in {r.dag_id for r in rows}}
         return [r for r in rows if allowed[r.dag_id]]
 
     @app.get("/spend", response_class=HTMLResponse)
     def spend(user: User, days: Annotated[int, Query(ge=1, le=366)] = SPEND_DAYS) -> HTMLResponse:
-        from airflow_provider_zimage.ui.pages import spend_page
-
         rows = _readable_spend(user, days)
         return HTMLResponse(spend_page(rows, days=days, ui_base=ui_base_url()), headers=_NO_STORE)
 

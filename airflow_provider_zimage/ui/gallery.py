@@ -24,6 +24,7 @@ from typing import Any
 
 from airflow.sdk import ObjectStoragePath
 
+from airflow_provider_zimage.exceptions import NotServed
 from airflow_provider_zimage.storage.artifacts import (
     MANIFEST_NAME,
     UNMAPPED_SEGMENT,
@@ -46,10 +47,6 @@ __all__ = [
 IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=-]{0,199}$")
 _MAX_CACHED = 20_000
-
-
-class NotServed(LookupError):
-    """A requested file this app does not serve (outside the output folder, not an image, malformed)."""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
 
+from airflow_provider_zimage import config
+from airflow_provider_zimage.exceptions import ForeignTaskError
+from airflow_provider_zimage.webhooks.inbox import WebhookInbox, inbox_entries, sweep
+from airflow_provider_zimage.webhooks.tokens import (
+    DEFAULT_CONN_ID,
+    TokenCheck,
+    check_token,
+    secret_for_connection,
+)
+
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -77,17 +87,13 @@ def _item_count(body: dict[str, Any] | list[Any]) -> int:
 
 
 def _store(inbox: str | None, conn_id: str, task_uuid: str, entries: dict[str, dict[str, Any]]) -> None:
-    from airflow_provider_zimage.webhooks.inbox import WebhookInbox
-
     WebhookInbox(inbox, conn_id=conn_id).put(task_uuid, entries)
 
 
 def _sweep(inbox: str | None) -> None:
     """Remove what nobody collected; a failure is logged and tried again at the next interval."""
-    from airflow_provider_zimage.webhooks.inbox import inbox_ttl, sweep
-
     try:
-        ttl = inbox_ttl()
+        ttl = config.webhook_inbox_ttl()
         removed = sweep(inbox, ttl)
     except Exception as exc:
         log.error("Could not sweep the webhook inbox: %s", exc)
@@ -129,14 +135,6 @@ def create_app(inbox: str | None = None) -> FastAPI:
         expires: str | None = None,
         conn_id: str | None = None,
     ) -> JSONResponse:
-        from airflow_provider_zimage.webhooks.inbox import ForeignTaskError, inbox_entries
-        from airflow_provider_zimage.webhooks.tokens import (
-            DEFAULT_CONN_ID,
-            TokenCheck,
-            check_token,
-            secret_for_connection,
-        )
-
         if not _TASK_UUID.match(task_uuid):
             return _refuse(404, "not a taskUUID")
         if not token:

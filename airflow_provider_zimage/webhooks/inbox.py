@@ -38,12 +38,13 @@ from typing import Any
 
 from airflow.sdk import ObjectStoragePath
 
+from airflow_provider_zimage import config
+from airflow_provider_zimage.exceptions import ForeignTaskError as ForeignTaskError  # re-exported
+from airflow_provider_zimage.exceptions import ZImageStorageError
 from airflow_provider_zimage.runware import protocol
 from airflow_provider_zimage.runware.protocol import RunwareResponse
 from airflow_provider_zimage.storage.artifacts import (
-    ZImageStorageError,
     _airflow_home,
-    _conf_get,
     as_path,
     read_json,
     safe_segment,
@@ -53,36 +54,13 @@ from airflow_provider_zimage.storage.artifacts import (
 log = logging.getLogger(__name__)
 
 DEFAULT_INBOX_DIR = "zimage-webhook-inbox"
-DEFAULT_INBOX_TTL = 86400.0
-"""A day: far longer than a delivery waits for its trigger, short enough that junk does not pile up."""
-
-
-class ForeignTaskError(ValueError):
-    """A webhook body names another task than its URL: its token was issued for the URL's task only."""
 
 
 def default_inbox_path() -> ObjectStoragePath:
-    configured = _conf_get("zimage", "webhook_inbox")
+    configured = config.webhook_inbox()
     if configured:
         return as_path(configured)
     return as_path(os.path.join(_airflow_home(), DEFAULT_INBOX_DIR))
-
-
-def inbox_ttl() -> float:
-    """`[zimage] webhook_inbox_ttl` in seconds (default a day).
-
-    :raises ValueError: naming the option, for a value that is not a number of seconds of at least 60.
-    """
-    configured = _conf_get("zimage", "webhook_inbox_ttl")
-    if not configured:
-        return DEFAULT_INBOX_TTL
-    try:
-        ttl = float(configured)
-    except ValueError:
-        ttl = -1.0
-    if not ttl >= 60:  # also refuses NaN
-        raise ValueError(f"[zimage] webhook_inbox_ttl must be a number of seconds >= 60 (got {configured!r})")
-    return ttl
 
 
 def _modified(info: Mapping[str, Any]) -> float | None:

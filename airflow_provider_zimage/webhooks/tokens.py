@@ -25,6 +25,8 @@ import math
 import time
 from urllib.parse import urlencode
 
+from airflow_provider_zimage import config
+from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.redaction import without_query  # noqa: F401  (importable from here too)
 
 ROUTE_PREFIX = "/zimage"
@@ -82,10 +84,7 @@ def check_token(
 
 def configured_secret() -> str | None:
     """`[zimage] webhook_secret`: the fallback for connections without a `webhook_secret` extra."""
-    from airflow_provider_zimage.compat import conf
-
-    value = conf.get("zimage", "webhook_secret", fallback=None)
-    return (value.strip() or None) if isinstance(value, str) else None
+    return config.webhook_secret()
 
 
 def secret_for_connection(conn_id: str) -> str | None:
@@ -96,8 +95,6 @@ def secret_for_connection(conn_id: str) -> str | None:
     trust (its holder can sign for any of them); only a token issued for one cannot be replayed for
     another, since the connection is part of the signed message.
     """
-    from airflow_provider_zimage.hooks.runware import ZImageHook
-
     try:
         secret = ZImageHook(conn_id).settings.webhook_secret
     except Exception:  # AirflowNotFoundException and friends, without importing them

@@ -35,10 +35,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from airflow_provider_zimage.executor.transport import Drop, HTTPServer, Request, Response
+
 from .faults import Fault, FaultPlan, error_item, status_error
 from .images import CONTENT_TYPES, EXTENSIONS, image_cost, render_image
 from .schema import MISSING_PARAMETER, validate_inference_task
-from .transport import Drop, HTTPServer, Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +300,7 @@ class RunwareTestServer:
             max_body_bytes=self.options.max_body_bytes,
             idle_timeout=self.options.idle_timeout,
             on_drop=lambda: self._counters.bump("dropped_connections"),
+            name="runware-test-server",
         )
         # Load the schema now: a missing seed file fails start(), not the first request.
         validate_inference_task({}, directory=self.options.seeds_dir)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from .transport import HTTPServer, Request, Response
+from airflow_provider_zimage.executor.transport import HTTPServer, Request, Response
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class HTTPSink:
     def _main(self) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
-        server = HTTPServer(self._handle)
+        server = HTTPServer(self._handle, name="runware-test-server")
         try:
 
             async def serve() -> None:

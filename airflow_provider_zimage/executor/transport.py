@@ -1,4 +1,6 @@
-"""A small HTTP/1.1 server on asyncio streams and h11.
+"""A small HTTP/1.1 server on asyncio streams and h11: the HTTP layer of `zimage-executor`, and of the
+test kit's Runware stand-in (`testing.runware_server`), which builds on it; production owns it so the
+shipped service never imports the test kit.
 
 Not uvicorn or aiohttp, because the fault that matters most for a paid API, "the task landed but the
 answer never came", needs the handler to close or reset the socket with no response at all, after it
@@ -20,6 +22,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
+
+from airflow_provider_zimage.exceptions import RequestTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +62,6 @@ class Drop:
 Handler = Callable[[Request], Awaitable["Response | Drop"]]
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class HTTPServer:
     """Serves `handler` on host:port; counts connections so tests can see keep-alive at work."""
 
@@ -72,8 +72,10 @@ class HTTPServer:
         max_body_bytes: int = 64 * 1024 * 1024,
         idle_timeout: float = 120.0,
         on_drop: Callable[[], None] | None = None,
+        name: str = "zimage-executor",
     ) -> None:
         self._handler = handler
+        self._name = name  # the Server header and log lines say which service answered
         self._max_body = max_body_bytes
         self._idle_timeout = idle_timeout
         self._on_drop = on_drop
@@ -115,7 +117,7 @@ class HTTPServer:
             while True:
                 try:
                     request = await self._read_request(conn, reader, writer)
-                except _TooLarge:
+                except RequestTooLarge:
                     too_large = Response.json(413, _error("payloadTooLarge"), [("connection", "close")])
                     await self._send(conn, writer, None, too_large)
                     break
@@ -132,7 +134,7 @@ class HTTPServer:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    log.exception("runware test server: handler failed")
+                    log.exception("%s: handler failed", self._name)
                     reply = Response.json(500, _error("internalError", f"{type(exc).__name__}: {exc}"))
                 if isinstance(reply, Drop):
                     if self._on_drop is not None:
@@ -181,7 +183,7 @@ class HTTPServer:
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > self._max_body:
-                    raise _TooLarge
+                    raise RequestTooLarge
             elif isinstance(event, h11.EndOfMessage):
                 assert head is not None
                 target = head.target.decode("latin-1")
@@ -203,7 +205,7 @@ class HTTPServer:
         headers = [
             ("content-type", reply.content_type),
             ("content-length", str(len(reply.body))),
-            ("server", "runware-test-server"),
+            ("server", self._name),
             *reply.headers,
         ]
         out = conn.send(h11.Response(status_code=reply.status, headers=headers))
