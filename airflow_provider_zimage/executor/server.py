@@ -41,7 +41,7 @@ from airflow_provider_zimage.executor.config import ExecutorConfig, weights_id
 from airflow_provider_zimage.executor.metrics import Metrics
 from airflow_provider_zimage.executor.queues import DeviceQueue, Outcome, WorkUnit
 from airflow_provider_zimage.executor.tasks import CONTENT_TYPES, ImageStore, TaskRecord, TaskTable
-from airflow_provider_zimage.executor.transport import HTTPServer, Request, Response
+from airflow_provider_zimage.executor.transport import HTTPServer, Request, Response, task_array_response
 from airflow_provider_zimage.local import LocalZImageExecutor, Plan, load_count
 from airflow_provider_zimage.local.pipelines import import_runtime, resolve_device
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, resolve_model
@@ -421,15 +421,14 @@ class ExecutorServer:
                 data += self._answer(record)
                 errors += record.errors
             elif task_type == GET_RESPONSE:
+                # The same dispatch as the test server's on purpose: both answer Runware's wire, each
+                # over its own task table; the answer itself is shared (task_array_response).
                 items, errs = self._poll(task_uuid)
                 data += items
                 errors += errs
             elif task_type == PING:
                 data.append({"taskType": PING, "pong": True})
-        body: dict[str, Any] = {"data": data}
-        if errors:
-            body["errors"] = errors
-        return Response.json(200 if data or not errors else 400, body)
+        return task_array_response(data, errors)
 
     def _poll(self, task_uuid: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         ids = {"parameter": "taskUUID", "taskType": GET_RESPONSE, "taskUUID": task_uuid}

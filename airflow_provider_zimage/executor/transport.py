@@ -216,5 +216,14 @@ class HTTPServer:
         await writer.drain()
 
 
+def task_array_response(data: list[dict[str, Any]], errors: list[dict[str, Any]]) -> Response:
+    """Runware's answer to a task array, as the executor and the test server both give it: 200 whenever
+    an item is there (errors of other tasks ride along in `errors`), 400 when only errors are."""
+    body: dict[str, Any] = {"data": data}
+    if errors:
+        body["errors"] = errors
+    return Response.json(200 if data or not errors else 400, body)
+
+
 def _error(code: str, message: str | None = None) -> dict[str, Any]:
     return {"errors": [{"code": code, "message": message or code}]}

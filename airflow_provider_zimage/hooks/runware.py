@@ -373,6 +373,8 @@ class ZImageHook(BaseHook):
         back as their own errors."""
         return self._post(protocol.get_response_payload(*task_uuids), protocol.parse_poll_response)
 
+    # wait_for_task / await_task are sync and async twins on purpose (httpx's Client / AsyncClient
+    # shape): the waiting rules they share live in protocol.poll_waits, only the I/O differs.
     def wait_for_task(
         self,
         task_uuid: str,

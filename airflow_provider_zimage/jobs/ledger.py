@@ -90,6 +90,8 @@ class Ledger:
     its earlier generation instead of reusing a taskUUID whose results may have expired.
     """
 
+    # The task instance's identity repeats BatchLedger's on purpose: two file schemas, versioned apart
+    # (STATE_VERSION, BATCH_STATE_VERSION); their file store is shared (JsonLedgerStore).
     dag_id: str
     task_id: str
     run_id: str

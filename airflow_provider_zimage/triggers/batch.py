@@ -83,6 +83,8 @@ class ZImageBatchTrigger(ZImageBaseTrigger):
     def __init__(
         self,
         *,
+        # Spelled out like ZImageTaskTrigger's on purpose: a trigger's constructor arguments are exactly
+        # what serialize() stores (ZImageBaseTrigger reads them from this signature).
         task_uuids: dict[str, int],
         zimage_conn_id: str = ZImageHook.default_conn_name,
         deadline: float,

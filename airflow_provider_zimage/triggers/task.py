@@ -113,6 +113,8 @@ class ZImageTaskTrigger(ZImageBaseTrigger):
     def __init__(
         self,
         *,
+        # Spelled out like ZImageBatchTrigger's on purpose: a trigger's constructor arguments are exactly
+        # what serialize() stores (ZImageBaseTrigger reads them from this signature).
         task_uuid: str,
         zimage_conn_id: str = ZImageHook.default_conn_name,
         expected_results: int = 1,

@@ -35,7 +35,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from airflow_provider_zimage.executor.transport import Drop, HTTPServer, Request, Response
+from airflow_provider_zimage.executor.transport import (
+    Drop,
+    HTTPServer,
+    Request,
+    Response,
+    task_array_response,
+)
 
 from .faults import Fault, FaultPlan, error_item, status_error
 from .images import CONTENT_TYPES, EXTENSIONS, image_cost, render_image
@@ -821,10 +827,7 @@ class RunwareTestServer:
                 errors += errs
             elif task_type == PING:
                 data.append({"taskType": PING, "pong": True})
-        body: dict[str, Any] = {"data": data}
-        if errors:
-            body["errors"] = errors
-        return Response.json(200 if data or not errors else 400, body)
+        return task_array_response(data, errors)
 
     def _poll(self, task_uuid: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         task = self._tasks.get(task_uuid)
