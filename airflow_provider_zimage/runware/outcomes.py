@@ -2,7 +2,7 @@
 
 The operator's in-process wait, the trigger and the sensor (poke, reschedule and deferrable) all meet
 the same answers: images, "still processing", a task-level error, a poll that failed. What each of them
-means for money is a decision, written once here and tested row by row (tests/test_outcomes.py):
+means for money is a decision, written once here and tested row by row (tests/runware/test_outcomes.py):
 
 | answer                                                   | outcome          | ledger              |
 |----------------------------------------------------------|------------------|---------------------|

@@ -1,0 +1,1 @@
+"""Unit tests of one concern package's own rules (airflow_provider_zimage/runware/)."""
