@@ -83,9 +83,11 @@ def test_a_deferred_batch_is_woken_by_webhooks_without_polling(wh, output_dir, c
     wh.server.configure(delay=0.3)
     started = time.monotonic()
     with caplog.at_level(logging.DEBUG):
-        run = run_batch_dag("batch_webhooks", output_dir, 25, webhook_grace_period=30)
+        run = run_batch_dag("batch_webhooks", output_dir, 25, webhook_grace_period=120)
     assert run.state == "success", task_states(run)
-    assert time.monotonic() - started < 30  # woken by the wh, long before polling would start
+    # Woken by the webhooks before polling would start (no getResponse poll is asserted below); the
+    # bound is the grace period, not a speed target.
+    assert time.monotonic() - started < 120
 
     got = collected(output_dir)
     assert got["summary"]["images"] == 25 and got["summary"]["failed"] == 0
