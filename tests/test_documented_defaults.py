@@ -225,7 +225,9 @@ def test_acceleration_none_on_a_twinflow_rerun_is_a_new_picture_and_is_paid_once
 
 # -- what 0.2 wrote -------------------------------------------------------------------------------
 
-# 0.2's fingerprint, frozen here as it shipped: the reference for "a manifest 0.2 wrote".
+# 0.2's fingerprint, frozen here as it shipped: the reference for "a manifest 0.2 wrote". A copy of
+# runware/models.py's `_fingerprint_0_2` tables kept on purpose: an independent oracle, so an edit of the
+# production copy cannot move the reference it is checked against.
 _DELIVERY_0_2 = {
     "taskUUID",
     "webhookURL",
