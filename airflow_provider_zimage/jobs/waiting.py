@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException
-from airflow_provider_zimage.config import DEFAULT_DEFERRAL_SETTLE_S, deferral_settle_seconds  # noqa: F401  (0.2 names)
 from airflow_provider_zimage.runware import protocol
 from airflow_provider_zimage.runware.outcomes import Action, Outcome, TaskWait
 

@@ -21,7 +21,7 @@ from airflow.sdk import BaseOperator, BaseOperatorLink
 
 from airflow_provider_zimage import config
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, conf
-from airflow_provider_zimage.config import DEFAULT_DEFERRAL_SETTLE_S, deferral_settle_seconds  # noqa: F401  (0.2 names)
+from airflow_provider_zimage.config import DEFAULT_DEFERRAL_SETTLE_S, deferral_settle_seconds  # noqa: F401  (DEFAULT_... was importable from here in 0.2)
 from airflow_provider_zimage.exceptions import (
     ZImageError,
     ZImagePermanentError,
@@ -33,7 +33,6 @@ from airflow_provider_zimage.jobs.arguments import (
     REQUEST_ARGUMENTS,
     build_image_request,
     known_secrets,
-    refuse_secrets,  # noqa: F401  (importable from here, as in 0.2)
 )
 from airflow_provider_zimage.jobs.delivery import (
     Delivery,
