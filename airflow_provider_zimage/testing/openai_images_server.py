@@ -35,7 +35,9 @@ def seed_png(prompt: str, seed: int, width: int, height: int) -> bytes:
     d = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
     image = Image.new("RGB", (width, height), (d[0], d[1], d[2]))
     draw = ImageDraw.Draw(image)
-    draw.rectangle((d[3] * width // 256, d[4] * height // 256, width - 1, height - 1), fill=(d[5], d[6], d[7]))
+    draw.rectangle(
+        (d[3] * width // 256, d[4] * height // 256, width - 1, height - 1), fill=(d[5], d[6], d[7])
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -154,11 +156,17 @@ class OpenAIImagesTestServer:
             self.requests.append(Recorded(path, dict(request.headers), body, time.monotonic()))
         if path.startswith("/files/"):
             data = self._images.get(path.removeprefix("/files/"))
-            return Response(200, data, "image/png") if data is not None else Response.json(404, {"detail": "gone"})
+            return (
+                Response(200, data, "image/png")
+                if data is not None
+                else Response.json(404, {"detail": "gone"})
+            )
         if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
             return Response.json(401, {"error": {"message": "invalid api key", "type": "auth"}})
         if path == "/v1/models":
-            return Response.json(200, {"object": "list", "data": [{"id": "Z-Image-Turbo", "object": "model"}]})
+            return Response.json(
+                200, {"object": "list", "data": [{"id": "Z-Image-Turbo", "object": "model"}]}
+            )
         if path != "/v1/images/generations" or request.method != "POST":
             return Response.json(404, {"detail": "Not Found"})
         with self._lock:
@@ -170,7 +178,9 @@ class OpenAIImagesTestServer:
                 await asyncio.sleep(fault.delay)
             if fault is not None and fault.status is not None:
                 return Response.json(
-                    fault.status, fault.body or {"error": {"message": f"scripted {fault.status}"}}, list(fault.headers.items())
+                    fault.status,
+                    fault.body or {"error": {"message": f"scripted {fault.status}"}},
+                    list(fault.headers.items()),
                 )
             if self.latency:
                 await asyncio.sleep(self.latency)
@@ -183,9 +193,13 @@ class OpenAIImagesTestServer:
             if fault is not None and fault.url is not None:
                 name = hashlib.sha256(data).hexdigest()[:16]
                 self._images[name] = data
-                return Response.json(200, {"created": int(time.time()), "data": [{"url": fault.url.format(name=name)}]})
+                return Response.json(
+                    200, {"created": int(time.time()), "data": [{"url": fault.url.format(name=name)}]}
+                )
             encoded = base64.b64encode(data).decode()
-            return Response.json(200, {"id": "test", "created": int(time.time()), "data": [{"b64_json": encoded}]})
+            return Response.json(
+                200, {"id": "test", "created": int(time.time()), "data": [{"b64_json": encoded}]}
+            )
         finally:
             with self._lock:
                 self.in_flight -= 1
