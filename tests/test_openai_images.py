@@ -10,7 +10,6 @@ of everything written.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -272,7 +271,12 @@ from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
 
 with DAG(PARAMS["dag_id"], schedule=None, start_date=pendulum.datetime(2026, 1, 1), catchup=False):
     ZImageGenerateOperator(
-        task_id="hero", prompt="a lighthouse at dusk", width=256, height=256, seed=11, output_path=PARAMS["output"]
+        task_id="hero",
+        prompt="a lighthouse at dusk",
+        width=256,
+        height=256,
+        seed=11,
+        output_path=PARAMS["output"],
     )
 """
 
