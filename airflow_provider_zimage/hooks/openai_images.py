@@ -52,6 +52,9 @@ class OpenAIImagesHook(ZImageHook):
     """The `zimage` connection used as an OpenAI images client; settings, clients and redaction are
     `ZImageHook`'s, so a key rotated in Airflow and the retry extras work the same way."""
 
+    def __enter__(self) -> OpenAIImagesHook:
+        return self
+
     def _headers(self, settings: ConnectionSettings) -> dict[str, str]:
         headers = {"Accept": "application/json"}
         if settings.api_key:  # a server without a key (a private network) takes none
