@@ -176,6 +176,11 @@ def plan_request(
     mask_ref = getattr(inputs, "mask_image", None) if inputs is not None else None
     if mask_ref is not None and seed_ref is None:
         issues.append(issue("inputs.maskImage", "requires inputs.seedImage (the image to edit)"))
+    # The request model checks these too; a request built another way (model_copy) must not slip by.
+    if getattr(request, "mask_margin", None) is not None and mask_ref is None:
+        issues.append(issue("maskMargin", "only applies with inputs.maskImage (between 32 and 128)"))
+    if getattr(request, "outpaint", None) is not None and seed_ref is None:
+        issues.append(issue("outpaint", "requires inputs.seedImage (the image to extend)"))
     for parameter, ref in (("inputs.seedImage", seed_ref), ("inputs.maskImage", mask_ref)):
         if ref is not None and _UUID.match(ref.strip()):
             issues.append(
