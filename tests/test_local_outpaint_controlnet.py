@@ -186,9 +186,12 @@ def test_mask_margin_repaints_only_the_masked_pixels_and_keeps_the_rest_to_the_b
 def test_mask_margin_calls_the_pipeline_on_the_zoomed_crop(engine):
     plan = engine.plan(margin_request())
     kwargs = plan.pipeline_kwargs()
-    # The 16x24 mask plus 32 pixels each side is an 80x88 crop, zoomed to about 128x128's pixel count.
-    assert (kwargs["width"], kwargs["height"]) == (128, 144)
-    assert kwargs["image"].size == (128, 144)
+    # The 16x24 mask at (56, 40) plus 32 pixels each side is an 80x88 crop, scaled up towards the
+    # output's pixel count, on the 16-pixel grid.
+    assert plan.region is not None and plan.region.box == (24, 8, 104, 96)
+    width, height = kwargs["width"], kwargs["height"]
+    assert width > 80 and height > 88 and width % 16 == 0 and height % 16 == 0
+    assert kwargs["image"].size == kwargs["mask_image"].size == (width, height)
 
 
 def test_mask_margin_with_an_empty_mask_is_refused_naming_the_mask(unloadable):
