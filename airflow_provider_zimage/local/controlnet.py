@@ -171,8 +171,11 @@ def controlnet_pipeline(base: Any, plan: ControlNetPlan, device: str, dtype: str
     cached = _PIPELINES.get(base)
     if cached is not None and cached[0] == plan.source:
         return cached[1]
+    # diffusers' classes are untyped; Any keeps mypy --strict from checking calls it cannot see into.
+    model_class: Any = diffusers.ZImageControlNetModel
+    pipeline_class: Any = diffusers.ZImageControlNetPipeline
     try:
-        controlnet = diffusers.ZImageControlNetModel.from_pretrained(
+        controlnet = model_class.from_pretrained(
             plan.source, dtype=getattr(torch, dtype), local_files_only=True
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -190,7 +193,7 @@ def controlnet_pipeline(base: Any, plan: ControlNetPlan, device: str, dtype: str
             f"{plan.parameter}.model: {message}", [issue(f"{plan.parameter}.model", message, plan.air)]
         )
     controlnet.to(device)
-    pipe = diffusers.ZImageControlNetPipeline(controlnet=controlnet, **base.components)
+    pipe = pipeline_class(controlnet=controlnet, **base.components)
     pipe.set_progress_bar_config(disable=True)
     _PIPELINES[base] = (plan.source, pipe)
     log.info("Loaded ControlNet %s from %s", plan.air, plan.source)
