@@ -389,9 +389,9 @@ UUID_IMAGE = str(uuid.uuid4())
 def _refusals() -> list[Any]:
     cases: list[tuple[str, dict[str, Any]]] = [
         ("model", {"model": "runware:twinflow-z-image-turbo@0", "width": 1024, "height": 1024}),
-        ("controlNet", {"controlNet": [{"model": "runware:1@1", "guideImage": UUID_IMAGE}]}),
+        ("controlNet[0].model", {"controlNet": [{"model": "runware:1@1", "guideImage": UUID_IMAGE}]}),
+        ("controlNet[0].guideImage", {"controlNet": [{"model": "runware:1@1", "guideImage": UUID_IMAGE}]}),
         ("ultralytics", {"ultralytics": {"confidence": 0.5}}),
-        ("outpaint", {"outpaint": {"top": 64}, "inputs": {"seedImage": UUID_IMAGE}}),
         ("webhookURL", {"webhookURL": "https://example.com/hook?token=secret"}),
         ("uploadEndpoint", {"uploadEndpoint": "https://bucket.example.com/put?sig=secret"}),
         ("inputs.seedImage", {"inputs": {"seedImage": UUID_IMAGE}}),

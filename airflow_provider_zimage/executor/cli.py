@@ -27,6 +27,13 @@ def _model(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _controlnet(text: str) -> tuple[str, str]:
+    air, sep, folder = text.partition("=")
+    if not sep or not air.strip() or not folder.strip():
+        raise argparse.ArgumentTypeError(f"--controlnet must be AIR=FOLDER (got {text!r})")
+    return air.strip(), os.path.abspath(folder.strip())
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zimage-executor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +80,15 @@ def _parser() -> argparse.ArgumentParser:
         help="origin (https://host, http://host:port) seedImage/maskImage URLs may be fetched from, "
         "redirects included (default: none, URL inputs are refused)",
     )
+    serve.add_argument(
+        "--controlnet",
+        action="append",
+        type=_controlnet,
+        default=[],
+        metavar="AIR=FOLDER",
+        help="a ControlNet requests may name by AIR id (controlNet[].model): a diffusers folder "
+        "(ZImageControlNetModel.save_pretrained); repeat for more",
+    )
     serve.add_argument("--public-url", help="base URL clients reach this executor at (for image URLs)")
     serve.add_argument("--allow-downloads", action="store_true", help="let from_pretrained use the HF hub")
     serve.add_argument("--no-preload", dest="preload", action="store_false", help="load on first request")
@@ -109,6 +125,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExecutorConfig, str]:
             lora_roots=tuple(args.lora_root) if args.lora_root else None,
             input_url_origins=tuple(args.input_url_origin),
             public_url=args.public_url,
+            controlnets=dict(args.controlnet),
         )
     except ValueError as exc:
         raise SystemExit(f"zimage-executor: {exc}") from None

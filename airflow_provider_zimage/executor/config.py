@@ -33,6 +33,8 @@ class ExecutorConfig:
         URLs may be fetched from, every redirect hop included (default: none, so URL inputs are
         refused; base64, data URIs and files under `input_roots` need none).
     :param public_url: the base URL clients reach this executor at (image URLs are built on it).
+    :param controlnets: ControlNet AIR id (`controlNet[].model`) -> diffusers ControlNet folder; a
+        request naming another id is refused. The folders are configuration, checked at start.
     """
 
     models: dict[str, str]
@@ -52,6 +54,7 @@ class ExecutorConfig:
     lora_roots: tuple[str, ...] | None = None
     input_url_origins: tuple[str, ...] = ()
     public_url: str | None = None
+    controlnets: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -62,6 +65,11 @@ class ExecutorConfig:
             raise ValueError(f"--fetch-grace must be >= 0 seconds (got {self.fetch_grace})")
         if self.max_batch < 1:
             raise ValueError(f"--max-batch must be >= 1 (got {self.max_batch})")
+        for air, folder in self.controlnets.items():
+            if not (Path(folder) / "config.json").is_file():
+                raise ValueError(
+                    f"--controlnet {air}: {folder} is not a diffusers ControlNet folder (no config.json)"
+                )
         try:
             parse_origins(self.input_url_origins, "--input-url-origin")
         except ZImageError as exc:

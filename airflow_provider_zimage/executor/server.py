@@ -116,6 +116,7 @@ class ExecutorServer:
                     input_roots=list(self.config.input_roots),
                     lora_roots=None if self.config.lora_roots is None else list(self.config.lora_roots),
                     input_origins=list(self.config.input_url_origins),
+                    controlnet_paths=self.config.controlnets,
                 )
                 for air, source in self.config.models.items()
             }

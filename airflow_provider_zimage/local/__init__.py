@@ -7,6 +7,8 @@ One job per module:
 * `schedulers` Runware scheduler names -> flow-matching diffusers schedulers
 * `pipelines`  pipeline cache and loading, one lock per device, load counter
 * `images`     decoding image inputs (under allowed roots) and encoding results
+* `regions`    outpaint and maskMargin: the inpainting call's canvas or zoomed crop, pasted back
+* `controlnet` controlNet[0]: AIR id -> mapped folder, the ControlNet pipeline, step windows
 * `results`    `GeneratedImage` and the backend's errors
 * `inprocess`  `LocalZImageExecutor`: plan, denoise (one image or a batch per call), encode
 

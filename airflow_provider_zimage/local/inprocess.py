@@ -9,6 +9,7 @@ was and whichever images it shared a pipeline call with.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_zimage.exceptions import ZImageValidationError
+from airflow_provider_zimage.local.controlnet import controlnet_pipeline, step_window
 from airflow_provider_zimage.local.images import default_input_origins, default_input_roots, encode_image
 from airflow_provider_zimage.local.pipelines import (
     PipelineCache,
@@ -28,6 +30,7 @@ from airflow_provider_zimage.local.pipelines import (
 )
 from airflow_provider_zimage.local.planning import PipelineKind, Plan, model_spec, plan_request
 from airflow_provider_zimage.local.refusals import issue
+from airflow_provider_zimage.local.regions import paste_back
 from airflow_provider_zimage.local.results import GeneratedImage, LocalGenerationError
 from airflow_provider_zimage.local.schedulers import adapt_scheduler
 from airflow_provider_zimage.origins import ImageOrigin, parse_origins
@@ -70,6 +73,8 @@ class LocalZImageExecutor:
     :param input_origins: origins (`https://host`, `http://host:port`) `seedImage`/`maskImage` URLs may
         be fetched from, every redirect hop included; None reads `[zimage] local_input_origins`
         (default: none, so URL inputs are refused).
+    :param controlnet_paths: ControlNet AIR ids (`controlNet[].model`) -> diffusers ControlNet folders
+        (`ZImageControlNetModel.save_pretrained`); an id not here is refused before anything loads.
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class LocalZImageExecutor:
         input_roots: Sequence[str | os.PathLike[str]] | None = None,
         lora_roots: Sequence[str | os.PathLike[str]] | None = None,
         input_origins: Sequence[str] | None = None,
+        controlnet_paths: Mapping[str, str | os.PathLike[str]] | None = None,
     ) -> None:
         self.model_path = os.fspath(model_path) if model_path is not None else None
         self.device = device or "auto"
@@ -94,6 +100,7 @@ class LocalZImageExecutor:
         self.cpu_offload = cpu_offload
         self.local_files_only = local_files_only
         self.lora_paths = dict(lora_paths or {})
+        self.controlnet_paths = {air: os.fspath(path) for air, path in (controlnet_paths or {}).items()}
         self.max_models_per_device = max(1, max_models_per_device)
         self.from_pretrained_kwargs = dict(from_pretrained_kwargs or {})
         self._input_roots = None if input_roots is None else [os.fspath(r) for r in input_roots]
@@ -134,6 +141,7 @@ class LocalZImageExecutor:
             lora_roots=self.lora_roots,
             input_origins=self.input_origins,
             delivery_supported=delivery_supported,
+            controlnet_paths=self.controlnet_paths,
         )
 
     _plan = plan  # the name tests and benches used before the split
@@ -172,7 +180,12 @@ class LocalZImageExecutor:
             if waited > 1.0:
                 log.info("Waited %.1fs for %s (another caller of this process was using it)", waited, device)
             pipe = self._cache.pipeline(self.source(plan.spec), plan.kind, device, dtype)
+            if plan.controlnet is not None:
+                pipe = controlnet_pipeline(pipe, plan.controlnet, device, dtype)
             arrays = self._run(pipe, units, device, dtype)
+        # outpaint / maskMargin: the source pixels go back where the mask is 0 (a region runs alone).
+        if plan.region is not None:
+            arrays = [paste_back(plan.region, array) for array in arrays]
         # Encoding needs no GPU: done outside the lock so the next call can start denoising.
         return [self._encode(p, seed, array) for (p, seed), array in zip(units, arrays, strict=True)]
 
@@ -245,12 +258,15 @@ class LocalZImageExecutor:
             else:
                 label = f"image (seed {seeds[0]}, task {plan.task_uuid})"
             started = time.perf_counter()
-            output = pipe(
-                **kwargs,
-                generator=generators if len(units) > 1 else generators[0],
-                output_type="np",
-                callback_on_step_end=_progress(label, started),
-            )
+            with contextlib.ExitStack() as stack:
+                if plan.controlnet is not None:
+                    stack.enter_context(step_window(pipe, plan.controlnet, plan.steps))
+                output = pipe(
+                    **kwargs,
+                    generator=generators if len(units) > 1 else generators[0],
+                    output_type="np",
+                    callback_on_step_end=_progress(label, started),
+                )
             images = np.asarray(output.images)
             log.info("%s done in %.2fs", label, time.perf_counter() - started)
             arrays = []

@@ -1,7 +1,7 @@
 """Request planning: a Runware `imageInference` request -> the validated arguments of one diffusers run.
 
-Built without torch, so a request the local pipelines cannot honour (TwinFlow, ControlNet, ultralytics,
-outpainting, a Runware image UUID, a scheduler with no flow-matching equivalent...) is refused before
+Built without torch, so a request the local pipelines cannot honour (TwinFlow, ultralytics, a ControlNet
+nobody mapped, a Runware image UUID, a scheduler with no flow-matching equivalent...) is refused before
 any model is loaded (~20 GB and tens of seconds for Z-Image), with every offending wire parameter named.
 The in-process backend and the executor service plan with this one function; only the service, which
 answers over HTTP, can honour `webhookURL` and `uploadEndpoint` (`delivery_supported=True`).
@@ -21,8 +21,10 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
+from airflow_provider_zimage.local.controlnet import ControlNetPlan, pending_controlnets
 from airflow_provider_zimage.local.images import DEFAULT_QUALITY, load_image
 from airflow_provider_zimage.local.refusals import issue, raise_issues
+from airflow_provider_zimage.local.regions import Region, mask_margin_region, outpaint_region
 from airflow_provider_zimage.local.schedulers import (
     DEFAULT_SCHEDULER,
     SUPPORTED_SCHEDULERS,
@@ -73,6 +75,8 @@ class Plan:
     output_format: str
     output_quality: int
     task_uuid: str
+    region: Region | None = None  # outpaint / maskMargin: what the call gets, how it is pasted back
+    controlnet: ControlNetPlan | None = None
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Arguments of the diffusers call shared by every image (generator and callback are per call)."""
@@ -89,6 +93,11 @@ class Plan:
             kwargs["strength"] = self.strength
         if self.mask_image is not None:
             kwargs["mask_image"] = self.mask_image
+        if self.region is not None:
+            kwargs.update(self.region.pipeline_inputs())
+        if self.controlnet is not None:
+            kwargs["control_image"] = self.controlnet.guide_image
+            kwargs["controlnet_conditioning_scale"] = self.controlnet.weight
         return kwargs
 
 
@@ -99,8 +108,8 @@ def batch_key(plan: Plan) -> Hashable | None:
     else of the call is shared: model, size, steps, guidance, scheduler, LoRAs and the negative prompt.
     Image inputs and stochastic schedulers (which draw noise from one bound generator) run alone.
     """
-    if plan.kind != "text-to-image" or plan.scheduler.stochastic:
-        return None
+    if plan.kind != "text-to-image" or plan.scheduler.stochastic or plan.controlnet is not None:
+        return None  # a ControlNet's guide image is one per call
     return (
         plan.spec.air,
         plan.width,
@@ -138,12 +147,14 @@ def plan_request(
     lora_roots: Sequence[str] | None = None,
     input_origins: frozenset[ImageOrigin] = frozenset(),
     delivery_supported: bool = False,
+    controlnet_paths: Mapping[str, str] | None = None,
 ) -> Plan:
     """Validate `request` for the local pipelines and decode its image inputs; loads no model.
 
     LoRA files a request names (`file:...`) must be inside `lora_roots` (None: the `input_roots`);
     the targets of `lora_paths`, set by whoever deploys the backend, are trusted. Image inputs given as
-    URLs are fetched only from `input_origins` (default: none).
+    URLs are fetched only from `input_origins` (default: none). ControlNets are named by AIR ids that
+    `controlnet_paths` maps to diffusers folders (configuration, never request data).
     """
     spec = model_spec(request.model)
     issues = unsupported_features(request, delivery_supported=delivery_supported)
@@ -165,6 +176,11 @@ def plan_request(
     mask_ref = getattr(inputs, "mask_image", None) if inputs is not None else None
     if mask_ref is not None and seed_ref is None:
         issues.append(issue("inputs.maskImage", "requires inputs.seedImage (the image to edit)"))
+    # The request model checks these too; a request built another way (model_copy) must not slip by.
+    if getattr(request, "mask_margin", None) is not None and mask_ref is None:
+        issues.append(issue("maskMargin", "only applies with inputs.maskImage (between 32 and 128)"))
+    if getattr(request, "outpaint", None) is not None and seed_ref is None:
+        issues.append(issue("outpaint", "requires inputs.seedImage (the image to extend)"))
     for parameter, ref in (("inputs.seedImage", seed_ref), ("inputs.maskImage", mask_ref)):
         if ref is not None and _UUID.match(ref.strip()):
             issues.append(
@@ -187,6 +203,12 @@ def plan_request(
         input_roots if lora_roots is None else lora_roots,
         issues,
     )
+    pending_controlnet = pending_controlnets(
+        getattr(request, "control_net", None) or [],
+        controlnet_paths or {},
+        has_seed_image=seed_ref is not None,
+        issues=issues,
+    )
     raise_issues(issues)  # everything cheap is checked before any download or decode
 
     seed_image = (
@@ -195,6 +217,14 @@ def plan_request(
     mask_image = (
         load_image(mask_ref, "inputs.maskImage", "L", input_roots, input_origins) if mask_ref else None
     )
+    outpaint = getattr(request, "outpaint", None)
+    region: Region | None = None
+    if seed_image is not None and outpaint is not None:
+        region = outpaint_region(outpaint, seed_image, mask_image, width, height, issues)
+        raise_issues(issues)
+        assert region is not None
+        seed_image, mask_image = region.image, region.mask_image
+        width, height = region.size
     if seed_image is not None and (width is None or height is None):
         # Without an explicit size the output keeps the seed image's size, shrunk to the API's largest
         # side if needed and rounded down to the 16-pixel grid.
@@ -208,6 +238,10 @@ def plan_request(
         seed_image = seed_image.resize((width, height), Image.Resampling.LANCZOS)
     if mask_image is not None and mask_image.size != (width, height):
         mask_image = mask_image.resize((width, height), Image.Resampling.NEAREST)
+    margin = getattr(request, "mask_margin", None)
+    if seed_image is not None and mask_image is not None and margin is not None and region is None:
+        region = mask_margin_region(int(margin), seed_image, mask_image, issues)
+        raise_issues(issues)
 
     steps = getattr(request, "steps", None) or spec.local_default_steps or 8
     cfg = getattr(request, "cfg_scale", None)
@@ -230,6 +264,15 @@ def plan_request(
                     )
                 ]
             )
+
+    controlnet = None
+    if pending_controlnet is not None:
+        guide = load_image(
+            pending_controlnet.guide_ref, "controlNet[0].guideImage", "RGB", input_roots, input_origins
+        )
+        if guide.size != (width, height):
+            guide = guide.resize((int(width), int(height)), Image.Resampling.LANCZOS)
+        controlnet = pending_controlnet.resolve(guide, int(steps))
 
     count = getattr(request, "number_results", None) or 1
     seed = getattr(request, "seed", None)
@@ -258,6 +301,8 @@ def plan_request(
         output_format=output_format,
         output_quality=getattr(request, "output_quality", None) or DEFAULT_QUALITY,
         task_uuid=str(getattr(request, "task_uuid", None) or uuid.uuid4()),
+        region=region,
+        controlnet=controlnet,
     )
 
 
@@ -300,14 +345,7 @@ def unsupported_features(request: Any, *, delivery_supported: bool = False) -> l
     """Parameters that change what Runware would return and that the local pipelines cannot reproduce."""
     issues = []
     refusals = [
-        (
-            "controlNet",
-            "control_net",
-            "needs a Z-Image ControlNet model, which the local backend does not load",
-        ),
         ("ultralytics", "ultralytics", "(face/hand detailing) is a Runware-side post-process"),
-        ("outpaint", "outpaint", "is not available locally (diffusers has no Z-Image outpainting pipeline)"),
-        ("maskMargin", "mask_margin", "(crop-and-zoom inpainting) is not implemented by the local backend"),
         (
             "acceleratorOptions",
             "accelerator_options",

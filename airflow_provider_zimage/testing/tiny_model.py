@@ -229,6 +229,46 @@ def build_tiny_lora(
     return weights
 
 
+def build_tiny_controlnet(
+    model_path: str | os.PathLike[str], path: str | os.PathLike[str], *, seed: int = 0
+) -> Path:
+    """Write a random ControlNet for the tiny transformer as a diffusers folder; returns the folder.
+
+    Shaped like the Z-Image-Turbo Fun ControlNet Union (control blocks beside transformer layers, a
+    16-channel control input) at the tiny model's sizes, and saved with `save_pretrained`, so loading it
+    takes the same `ZImageControlNetModel.from_pretrained` path as converted real weights. Its
+    `before_proj`/`after_proj` layers start at zero in diffusers (a fresh ControlNet is a no-op); here
+    they are random, so the guide image visibly changes the picture and a test can see it was applied.
+    """
+    import torch
+    from diffusers import ZImageControlNetModel
+
+    target = Path(path)
+    if (target / "config.json").is_file():
+        return target
+    transformer = json.loads((Path(model_path) / "transformer" / "config.json").read_text())
+    torch.manual_seed(seed)
+    controlnet: Any = ZImageControlNetModel(
+        control_layers_places=[0],
+        control_in_dim=transformer["in_channels"],
+        all_patch_size=transformer["all_patch_size"],
+        all_f_patch_size=transformer["all_f_patch_size"],
+        dim=transformer["dim"],
+        n_refiner_layers=transformer["n_refiner_layers"],
+        n_heads=transformer["n_heads"],
+        n_kv_heads=transformer["n_kv_heads"],
+        norm_eps=transformer["norm_eps"],
+        qk_norm=transformer["qk_norm"],
+    )
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            if "before_proj" in name or "after_proj" in name:
+                parameter.normal_(0.0, 0.5)
+    target.mkdir(parents=True, exist_ok=True)
+    controlnet.save_pretrained(target, safe_serialization=True)
+    return target
+
+
 def main() -> None:
     """`python -m airflow_provider_zimage.testing.tiny_model DIR` builds the checkpoint into DIR."""
     import argparse
