@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_zimage.exceptions import ZImageValidationError
+from airflow_provider_zimage.local import safety
+from airflow_provider_zimage.local.caching import step_cache
 from airflow_provider_zimage.local.images import default_input_origins, default_input_roots, encode_image
 from airflow_provider_zimage.local.pipelines import (
     PipelineCache,
@@ -27,6 +29,7 @@ from airflow_provider_zimage.local.pipelines import (
     resolve_device,
 )
 from airflow_provider_zimage.local.planning import PipelineKind, Plan, model_spec, plan_request
+from airflow_provider_zimage.local.prompts import check_prompt_lengths, load_tokenizer
 from airflow_provider_zimage.local.refusals import issue
 from airflow_provider_zimage.local.results import GeneratedImage, LocalGenerationError
 from airflow_provider_zimage.local.schedulers import adapt_scheduler
@@ -138,16 +141,30 @@ class LocalZImageExecutor:
 
     _plan = plan  # the name tests and benches used before the split
 
+    def check_prompts(self, plan: Plan) -> None:
+        """Refuse prompts the text encoder would cut (local/prompts.py); loads the tokenizer only."""
+        tokenizer = load_tokenizer(
+            self.source(plan.spec),
+            local_files_only=self.local_files_only,
+            from_pretrained_kwargs=self.from_pretrained_kwargs,
+        )
+        check_prompt_lengths(tokenizer, plan)
+
     def generate(self, request: ImageInferenceRequest) -> list[GeneratedImage]:
         """Run `request` and return `numberResults` encoded images with Runware-shaped result items.
 
         One pipeline call per image, in seed order: the in-process backend has nothing to batch with.
         """
         plan = self.plan(request)
+        self.check_prompts(plan)
         started = time.perf_counter()
         images = []
         for seed in plan.seeds:
             images += self.generate_batch([(plan, seed)])
+        if getattr(request, "include_cost", None):
+            # As Runware's answers (and the executor's): `cost` only when includeCost asked for it.
+            for image in images:
+                image.result["cost"] = 0.0
         log.info(
             "Generated %d image(s) %dx%d in %.2fs (task %s)",
             len(images),
@@ -173,8 +190,13 @@ class LocalZImageExecutor:
                 log.info("Waited %.1fs for %s (another caller of this process was using it)", waited, device)
             pipe = self._cache.pipeline(self.source(plan.spec), plan.kind, device, dtype)
             arrays = self._run(pipe, units, device, dtype)
-        # Encoding needs no GPU: done outside the lock so the next call can start denoising.
-        return [self._encode(p, seed, array) for (p, seed), array in zip(units, arrays, strict=True)]
+        # Checking and encoding need no GPU: done outside the lock so the next call can start denoising.
+        checked = [a for (p, _), a in zip(units, arrays, strict=True) if p.check_content]
+        verdicts = iter(safety.classify(checked) if checked else [])
+        return [
+            self._encode(p, seed, array, next(verdicts) if p.check_content else None)
+            for (p, seed), array in zip(units, arrays, strict=True)
+        ]
 
     def pipeline(self, model: str = "runware:z-image@turbo", kind: PipelineKind = "text-to-image") -> Any:
         """The cached pipeline this executor would use (loaded if needed): warm-up, benchmarks, tests."""
@@ -245,12 +267,13 @@ class LocalZImageExecutor:
             else:
                 label = f"image (seed {seeds[0]}, task {plan.task_uuid})"
             started = time.perf_counter()
-            output = pipe(
-                **kwargs,
-                generator=generators if len(units) > 1 else generators[0],
-                output_type="np",
-                callback_on_step_end=_progress(label, started),
-            )
+            with step_cache(pipe, plan.step_cache):  # off again afterwards: the pipeline is shared
+                output = pipe(
+                    **kwargs,
+                    generator=generators if len(units) > 1 else generators[0],
+                    output_type="np",
+                    callback_on_step_end=_progress(label, started),
+                )
             images = np.asarray(output.images)
             log.info("%s done in %.2fs", label, time.perf_counter() - started)
             arrays = []
@@ -297,17 +320,17 @@ class LocalZImageExecutor:
         return names
 
     @staticmethod
-    def _encode(plan: Plan, seed: int, array: np.ndarray) -> GeneratedImage:
+    def _encode(plan: Plan, seed: int, array: np.ndarray, nsfw: bool | None) -> GeneratedImage:
         data = encode_image(array, plan.output_format, plan.output_quality)
-        result = {
+        result: dict[str, Any] = {
             "taskType": "imageInference",
             "taskUUID": plan.task_uuid,
             "imageUUID": str(uuid.uuid4()),
             "seed": seed,
-            "NSFWContent": False,
-            "cost": 0.0,
             "status": "success",
         }
+        if nsfw is not None:  # only what the classifier said: never a `false` nobody computed
+            result["NSFWContent"] = nsfw
         return GeneratedImage(result=result, data=data, format=plan.output_format)
 
 

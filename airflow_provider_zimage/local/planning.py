@@ -21,8 +21,10 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
+from airflow_provider_zimage.local.caching import StepCache, plan_step_cache
 from airflow_provider_zimage.local.images import DEFAULT_QUALITY, load_image
 from airflow_provider_zimage.local.refusals import issue, raise_issues
+from airflow_provider_zimage.local.safety import safety_issues
 from airflow_provider_zimage.local.schedulers import (
     DEFAULT_SCHEDULER,
     SUPPORTED_SCHEDULERS,
@@ -35,7 +37,7 @@ from airflow_provider_zimage.runware.models import CATALOG, ModelSpec, resolve_m
 if TYPE_CHECKING:
     from airflow_provider_zimage.runware.models import ImageInferenceRequest
 
-__all__ = ["LoraPlan", "PipelineKind", "Plan", "batch_key", "model_spec", "plan_request"]
+__all__ = ["LoraPlan", "PipelineKind", "Plan", "batch_key", "guidance_for_cfg", "model_spec", "plan_request"]
 
 PipelineKind = Literal["text-to-image", "image-to-image", "inpainting"]
 SIZE_MULTIPLE = 16  # VAE factor 8 x patch size 2 of the published checkpoints
@@ -73,6 +75,8 @@ class Plan:
     output_format: str
     output_quality: int
     task_uuid: str
+    check_content: bool = False  # safety asks for a check: local/safety.py
+    step_cache: StepCache | None = None  # acceleratorOptions: local/caching.py
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Arguments of the diffusers call shared by every image (generator and callback are per call)."""
@@ -110,7 +114,19 @@ def batch_key(plan: Plan) -> Hashable | None:
         plan.scheduler,
         plan.loras,
         plan.negative_prompt,
+        plan.step_cache,  # one cache-dit setting per pipeline call
     )
+
+
+def guidance_for_cfg(cfg_scale: float) -> float:
+    """Runware's CFGScale -> diffusers' Z-Image `guidance_scale`.
+
+    Runware's scale is the usual one, neg + w * (pos - neg), with guidance off at w <= 1 (its page:
+    "negativePrompt ... Ignored when guidance is disabled (CFGScale <= 1)"). diffusers' Z-Image
+    pipelines compute pos + g * (pos - neg) and run guidance for any g > 0: the same formula with
+    g = w - 1. So CFGScale 1 (or less) is g = 0, no second pass and no negative prompt.
+    """
+    return max(0.0, float(cfg_scale) - 1.0)
 
 
 def model_spec(model: str) -> ModelSpec:
@@ -147,6 +163,10 @@ def plan_request(
     """
     spec = model_spec(request.model)
     issues = unsupported_features(request, delivery_supported=delivery_supported)
+    steps = getattr(request, "steps", None) or spec.local_default_steps or 8
+    step_cache, cache_issues = plan_step_cache(getattr(request, "accelerator_options", None), int(steps))
+    check_content, content_issues = safety_issues(request)
+    issues += cache_issues + content_issues
 
     scheduler_name = getattr(request, "scheduler", None) or "Default"
     choice = lookup_scheduler(scheduler_name)
@@ -171,7 +191,8 @@ def plan_request(
                 issue(
                     parameter,
                     "is a Runware image UUID, which only Runware can resolve; pass the image itself "
-                    "(base64, data URI, http(s) URL on an allowed origin, or file path) to the local backend",
+                    "(base64, data URI, http(s) URL on an allowed origin, or a file:// URI under the "
+                    "allowed folders) to the local backend",
                     ref,
                 )
             )
@@ -209,9 +230,9 @@ def plan_request(
     if mask_image is not None and mask_image.size != (width, height):
         mask_image = mask_image.resize((width, height), Image.Resampling.NEAREST)
 
-    steps = getattr(request, "steps", None) or spec.local_default_steps or 8
     cfg = getattr(request, "cfg_scale", None)
-    guidance = float(cfg) if cfg is not None else float(spec.local_guidance_scale or 0.0)
+    # Unset: the checkpoint's recommended diffusers scale (0 for Turbo, 4 for Z-Image).
+    guidance = guidance_for_cfg(cfg) if cfg is not None else float(spec.local_guidance_scale or 0.0)
 
     strength: float | None = None
     kind: PipelineKind = "text-to-image"
@@ -243,7 +264,8 @@ def plan_request(
         spec=spec,
         kind=kind,
         prompt=request.positive_prompt,
-        negative_prompt=getattr(request, "negative_prompt", None),
+        # Guidance off: the negative prompt is never encoded (and two plans differing only there batch).
+        negative_prompt=getattr(request, "negative_prompt", None) if guidance > 0 else None,
         width=int(width),
         height=int(height),
         steps=int(steps),
@@ -258,6 +280,8 @@ def plan_request(
         output_format=output_format,
         output_quality=getattr(request, "output_quality", None) or DEFAULT_QUALITY,
         task_uuid=str(getattr(request, "task_uuid", None) or uuid.uuid4()),
+        check_content=check_content,
+        step_cache=step_cache,
     )
 
 
@@ -308,11 +332,6 @@ def unsupported_features(request: Any, *, delivery_supported: bool = False) -> l
         ("ultralytics", "ultralytics", "(face/hand detailing) is a Runware-side post-process"),
         ("outpaint", "outpaint", "is not available locally (diffusers has no Z-Image outpainting pipeline)"),
         ("maskMargin", "mask_margin", "(crop-and-zoom inpainting) is not implemented by the local backend"),
-        (
-            "acceleratorOptions",
-            "accelerator_options",
-            "(step caching) is Runware-side; remove it for local runs",
-        ),
     ]
     if not delivery_supported:
         refusals += [
@@ -331,11 +350,6 @@ def unsupported_features(request: Any, *, delivery_supported: bool = False) -> l
                 "is Runware-side caching; the local backend runs every step (use 'none')",
                 acceleration,
             )
-        )
-    safety = getattr(request, "safety", None)
-    if safety is not None and getattr(safety, "check_content", None):
-        issues.append(
-            issue("safety.checkContent", "needs Runware's NSFW classifier; the local backend has none", True)
         )
     return issues
 
