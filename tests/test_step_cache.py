@@ -184,9 +184,13 @@ def test_the_executor_serves_step_caching(tiny_model: Path, tmp_path: Path) -> N
     try:
 
         def post(**overrides: Any) -> httpx.Response:
-            wire = {**make_request(**overrides).to_wire(), "deliveryMethod": "sync", "outputType": "base64Data"}
+            wire = {
+                **make_request(**overrides).to_wire(),
+                "deliveryMethod": "sync",
+                "outputType": "base64Data",
+            }
             headers = {"Authorization": f"Bearer {process.token}"}
-            return httpx.post(process.url, json=[wire], headers=headers, timeout=120)
+            return httpx.post(str(process.url), json=[wire], headers=headers, timeout=120)
 
         plain = post()
         cached = post(acceleratorOptions={"fbCache": True, "fbCacheThreshold": 0})

@@ -91,7 +91,10 @@ def plan_step_cache(options: Any, steps: int) -> tuple[StepCache | None, list[di
     """The cache of a request's `acceleratorOptions` (None: no caching) and its refusals."""
     if options is None:
         return None, []
-    get = lambda attribute, alias: _field(options, attribute, alias)  # noqa: E731
+
+    def get(attribute: str, alias: str) -> Any:
+        return _field(options, attribute, alias)
+
     issues = []
     prefix = "acceleratorOptions."
     if get("tea_cache", "teaCache"):
@@ -126,11 +129,15 @@ def plan_step_cache(options: Any, steps: int) -> tuple[StepCache | None, list[di
         issues.append(issue(prefix + "cacheEndStep", f"must be at most steps ({steps})", end))
     elif start >= end:
         issues.append(
-            issue(prefix + "cacheStartStep", f"leaves no step to cache before step {end} (steps={steps})", start)
+            issue(
+                prefix + "cacheStartStep", f"leaves no step to cache before step {end} (steps={steps})", start
+            )
         )
     if issues:
         return None, issues
-    max_consecutive = get("cache_max_consecutive_steps", "cacheMaxConsecutiveSteps") or DEFAULT_MAX_CONSECUTIVE
+    max_consecutive = (
+        get("cache_max_consecutive_steps", "cacheMaxConsecutiveSteps") or DEFAULT_MAX_CONSECUTIVE
+    )
     cache = StepCache(
         method=method,
         threshold=0.25 if threshold is None else float(threshold),
@@ -146,9 +153,7 @@ def _window(options: Any, steps: int) -> tuple[int, int]:
     start = _field(options, "cache_start_step", "cacheStartStep")
     if start is None:
         percent = _field(options, "cache_start_step_percentage", "cacheStartStepPercentage")
-        start = (
-            steps * percent // 100 if percent is not None else math.ceil(steps * DEFAULT_START_FRACTION)
-        )
+        start = steps * percent // 100 if percent is not None else math.ceil(steps * DEFAULT_START_FRACTION)
     end = _field(options, "cache_end_step", "cacheEndStep")
     if end is None:
         percent = _field(options, "cache_end_step_percentage", "cacheEndStepPercentage")

