@@ -143,6 +143,7 @@ class LocalZImageExecutor:
 
     def check_prompts(self, plan: Plan) -> None:
         """Refuse prompts the text encoder would cut (local/prompts.py); loads the tokenizer only."""
+        import_runtime()  # a missing `[local]` extra is named before the tokenizer is looked for
         tokenizer = load_tokenizer(
             self.source(plan.spec),
             local_files_only=self.local_files_only,

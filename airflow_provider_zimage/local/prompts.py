@@ -15,6 +15,7 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_zimage.exceptions import ZImageError
 from airflow_provider_zimage.local.refusals import issue, raise_issues
 
 if TYPE_CHECKING:
@@ -38,9 +39,12 @@ def load_tokenizer(source: str, *, local_files_only: bool, from_pretrained_kwarg
             import transformers
 
             kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in _TOKENIZER_KWARGS}
-            tokenizer = transformers.AutoTokenizer.from_pretrained(
-                source, subfolder="tokenizer", local_files_only=local_files_only, **kwargs
-            )
+            try:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(
+                    source, subfolder="tokenizer", local_files_only=local_files_only, **kwargs
+                )
+            except (OSError, ValueError) as exc:  # as a pipeline that cannot load: not the request's fault
+                raise ZImageError(f"Could not load the Z-Image tokenizer from {source!r}: {exc}") from exc
             _TOKENIZERS[key] = tokenizer
         return tokenizer
 
