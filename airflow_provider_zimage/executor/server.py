@@ -356,6 +356,8 @@ class ExecutorServer:
                     )
                 assert self._planner is not None
                 plan = await asyncio.to_thread(self._planner.plan, req, delivery_supported=True)
+                # Before acceptance, with the served model's own tokenizer (local/prompts.py).
+                await asyncio.to_thread(self._queues[0].engines[air].check_prompts, plan)
             except ZImageValidationError as exc:
                 errors += _refusal_items(exc, ids)
                 continue
@@ -467,9 +469,10 @@ class ExecutorServer:
             "taskUUID": record.task_uuid,
             "imageUUID": item["imageUUID"],
             "seed": item["seed"],
-            "NSFWContent": False,
             "status": "success",
         }
+        if item.get("nsfw") is not None:  # only what the classifier said (local/safety.py)
+            wire["NSFWContent"] = item["nsfw"]
         if payload.get("includeCost"):
             wire["cost"] = 0.0
         output_type = payload.get("outputType", "URL")
@@ -523,6 +526,7 @@ class ExecutorServer:
                         "token": token,
                         "format": image.format,
                         "data": image.data,
+                        "nsfw": image.result.get("NSFWContent"),  # None: no check was asked
                     }
                 )
         assert self._loop is not None

