@@ -211,6 +211,7 @@ ROWS: tuple[Row, ...] = (
             "strength",
         )
     ),
+    _row("ultralytics.inpaintSize", refused(_ULTRALYTICS), runware=note("runware:z-image@0 only")),
 )
 
 _BY_PARAMETER: dict[str, Row] = {row.parameter: row for row in ROWS}
