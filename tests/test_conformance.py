@@ -27,8 +27,12 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
+from airflow_provider_zimage.exceptions import ZImageValidationError
 from airflow_provider_zimage.executor.process import ExecutorProcess
-from airflow_provider_zimage.runware.support import ROWS, find, refused_parameters
+from airflow_provider_zimage.local.inprocess import LocalZImageExecutor
+from airflow_provider_zimage.runware.models import ImageInferenceRequest
+from airflow_provider_zimage.runware.support import ROWS, Backend, find, refused_parameters
+from airflow_provider_zimage.testing import tiny_model as tiny_model_kit
 from airflow_provider_zimage.testing.runware_server import RunwareTestServer
 from airflow_provider_zimage.testing.runware_server.sink import HTTPSink
 from airflow_provider_zimage.testing.tiny_model import build_tiny_lora
@@ -125,6 +129,10 @@ def executor_process(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory)
     loras.mkdir()
     (loras / "broken.safetensors").write_bytes(b"these bytes are not a safetensors file")
     build_tiny_lora(tiny_model, loras / "good")  # a LoRA that loads, for the matrix's lora rows
+    controlnet: tuple[str, ...] = ()
+    builder = getattr(tiny_model_kit, "build_tiny_controlnet", None)
+    if builder is not None:  # a provider that serves ControlNet: map the matrix's ControlNet AIR id
+        controlnet = ("--controlnet", f"{CONTROLNET['model']}={builder(tiny_model, workdir / 'controlnet')}")
     process = ExecutorProcess(
         {TURBO: str(tiny_model)},
         workdir,
@@ -136,6 +144,7 @@ def executor_process(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory)
         str(EXECUTOR_RESULT_TTL),
         "--lora-root",
         str(loras),
+        *controlnet,
         env=ONE_THREAD,
     ).start()
     yield process
@@ -298,10 +307,10 @@ WITH_MASK = {"inputs": {"seedImage": SEED_URI, "maskImage": MASK_B64}}
 TWINFLOW = "runware:twinflow-z-image-turbo@0"
 CONTROLNET = {"model": "runware:25@1", "guideImage": SEED_URI}
 ACCELERATOR = {
-    "cacheEndStep": 2,
+    "cacheEndStep": 1,  # the matrix runs one step
     "cacheEndStepPercentage": 50,
     "cacheMaxConsecutiveSteps": 2,
-    "cacheStartStep": 1,
+    "cacheStartStep": 0,
     "cacheStartStepPercentage": 10,
     "fbCache": True,
     "fbCacheThreshold": 0.2,
@@ -316,9 +325,9 @@ CONTROLNET_MEMBERS = {
     "weight": {"weight": 0.5},
     "guideImage": {},
     "controlMode": {"controlMode": "prompt"},
-    "endStep": {"endStep": 2},
+    "endStep": {"endStep": 1},
     "endStepPercentage": {"endStepPercentage": 80},
-    "startStep": {"startStep": 1},
+    "startStep": {"startStep": 0},
     "startStepPercentage": {"startStepPercentage": 10},
 }
 ULTRALYTICS = {
@@ -462,11 +471,11 @@ def named(answer: httpx.Response) -> set[str]:
     return {re.sub(r"\[\d+\]", "[]", e.get("parameter") or "") for e in answer.json().get("errors") or []}
 
 
-def refused_as(parameter: str) -> str:
+def refused_as(parameter: str, backend: Backend = "executor") -> str:
     """The parameter a refusal names: the row itself, or the refused group it belongs to."""
     return next(
         group
-        for group in refused_parameters("executor")
+        for group in refused_parameters(backend)
         if parameter == group or parameter.startswith((f"{group}.", f"{group}[]."))
     )
 
@@ -579,3 +588,27 @@ def test_an_invalid_value_is_refused_alike(
         assert answer.status_code == 400, f"{name}: {answer.text[:500]}"
         assert parameter in named(answer), f"{name} names {named(answer)}: {answer.text[:500]}"
     assert shape(answers["runware"]) == shape(answers["executor"])
+
+
+def test_the_in_process_planner_serves_or_refuses_each_parameter_as_the_table_says(
+    tiny_model: Path, tmp_path: Path, sink: HTTPSink
+) -> None:
+    # The in-process column, checked where the in-process backend decides: its planner, which loads
+    # nothing (a refusal there comes before any model load).
+    loras = tmp_path / "loras"
+    lora = build_tiny_lora(tiny_model, loras / "good")
+    executor = LocalZImageExecutor(tiny_model, device="cpu", input_roots=[], lora_roots=[str(loras)])
+    wrong = []
+    for parameter, fragment in row_examples(sink.url, str(lora)).items():
+        try:
+            executor.validate(ImageInferenceRequest.build(**{**inference(steps=1), **fragment}))
+            answer = "served"
+        except ZImageValidationError as exc:
+            answer = "refused " + ",".join(re.sub(r"\[\d+\]", "[]", str(e["parameter"])) for e in exc.errors)
+        if find(parameter).in_process.status == "refused":
+            expected = {"acceleration": "model"}.get(parameter) or refused_as(parameter, "in-process")
+            if answer.split(" ")[0] != "refused" or expected not in answer.split(" ")[1].split(","):
+                wrong.append(f"{parameter}: the table says refused as {expected}, the planner: {answer}")
+        elif answer != "served":
+            wrong.append(f"{parameter}: the table says served, the planner: {answer}")
+    assert not wrong, "\n".join(wrong)
