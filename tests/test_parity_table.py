@@ -46,7 +46,7 @@ def _openapi(schema: dict[str, Any], prefix: str = "") -> Iterator[str]:
 def _plain_page(text: str) -> Iterator[str]:
     """Pages 000, 002, 004: a name on its own line, its type on the next; `parent»childchild` nested."""
     lines = [line.strip() for line in text.splitlines()]
-    for line, following in zip(lines, lines[1:]):
+    for line, following in zip(lines, lines[1:], strict=False):
         if _PLAIN_NAME.fullmatch(line) and _TYPE_LINE.match(following):
             if "»" in line:
                 group, doubled = line.split("»", 1)
