@@ -6,6 +6,11 @@ turns into another decision: "fail, clear to reattach" instead of "generate agai
 instead of an answer about one task. So every failure case runs against the Runware test server (the
 stand-in for the seeds' contract) and a real executor process on the tiny model, and both must give the
 same status code, the same item shapes and the same error codes.
+
+The matrix below does the same for every row of the support table (runware/support.py): each seed
+parameter is sent to both, and the executor must serve it (200, Runware's item fields, images of the
+requested size and format) or refuse it naming the parameter, as the table says; the in-process column
+is checked against the planner. Changing a backend means changing its row, or this fails.
 """
 
 from __future__ import annotations
