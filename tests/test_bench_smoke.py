@@ -67,3 +67,13 @@ def test_make_test_runs_every_bench_smoke():
     # The loop takes every bench/*.py but _*.py, so a new bench is smoked without editing the Makefile.
     assert "bench/[!_]*.py" in recipe and "--smoke" in recipe
     assert "bench/gpu_check.sh --smoke" in recipe
+
+
+def test_gpu_check_measures_step_caching_and_controlnet():
+    # The next lent GPU runs one script: gpu_check.sh. The cache on/off and ControlNet figures must come
+    # out of it, and bench/accel_check.py (smoked above like every bench) is what prints them.
+    script = (REPO / "bench" / "gpu_check.sh").read_text()
+    assert "bench/accel_check.py" in script
+    source = (REPO / "bench" / "accel_check.py").read_text()
+    for figure in ("steps_computed", "psnr_db", "controlnet_seconds_per_image", "not built yet"):
+        assert figure in source, figure

@@ -6,10 +6,18 @@ turns into another decision: "fail, clear to reattach" instead of "generate agai
 instead of an answer about one task. So every failure case runs against the Runware test server (the
 stand-in for the seeds' contract) and a real executor process on the tiny model, and both must give the
 same status code, the same item shapes and the same error codes.
+
+The matrix below does the same for every row of the support table (runware/support.py): each seed
+parameter is sent to both, and the executor must serve it (200, Runware's item fields, images of the
+requested size and format) or refuse it naming the parameter, as the table says; the in-process column
+is checked against the planner. Changing a backend means changing its row, or this fails.
 """
 
 from __future__ import annotations
 
+import base64
+import io
+import re
 import socket
 import time
 import uuid
@@ -20,11 +28,19 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 pytest.importorskip("diffusers")
 
+from airflow_provider_zimage.exceptions import ZImageValidationError
 from airflow_provider_zimage.executor.process import ExecutorProcess
+from airflow_provider_zimage.local.inprocess import LocalZImageExecutor
+from airflow_provider_zimage.runware.models import ImageInferenceRequest
+from airflow_provider_zimage.runware.support import ROWS, Backend, find, refused_parameters
+from airflow_provider_zimage.testing import tiny_model as tiny_model_kit
 from airflow_provider_zimage.testing.runware_server import RunwareTestServer
+from airflow_provider_zimage.testing.runware_server.sink import HTTPSink
+from airflow_provider_zimage.testing.tiny_model import build_tiny_lora
 
 pytestmark = pytest.mark.local
 
@@ -117,6 +133,11 @@ def executor_process(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory)
     loras = workdir / "loras"
     loras.mkdir()
     (loras / "broken.safetensors").write_bytes(b"these bytes are not a safetensors file")
+    build_tiny_lora(tiny_model, loras / "good")  # a LoRA that loads, for the matrix's lora rows
+    controlnet: tuple[str, ...] = ()
+    builder = getattr(tiny_model_kit, "build_tiny_controlnet", None)
+    if builder is not None:  # a provider that serves ControlNet: map the matrix's ControlNet AIR id
+        controlnet = ("--controlnet", f"{CONTROLNET['model']}={builder(tiny_model, workdir / 'controlnet')}")
     process = ExecutorProcess(
         {TURBO: str(tiny_model)},
         workdir,
@@ -128,6 +149,7 @@ def executor_process(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory)
         str(EXECUTOR_RESULT_TTL),
         "--lora-root",
         str(loras),
+        *controlnet,
         env=ONE_THREAD,
     ).start()
     yield process
@@ -263,3 +285,335 @@ def test_a_refused_parameter_is_named_with_the_same_code(
     }
     unknown = server.poll(task["taskUUID"]).json()["errors"]
     assert [e["code"] for e in unknown] == ["taskNotFound"], "a refused request accepted nothing"
+
+
+# --------------------------------------------------------------------------------------------------
+# The matrix: every row of the support table (runware/support.py), valid and invalid, sync and async.
+# What the table says the executor serves must come back as Runware's answer does (200, the same item
+# keys, images of the requested size and format); what it says the executor refuses must be refused
+# with that parameter named. So the table cannot claim what the executor does not do.
+# --------------------------------------------------------------------------------------------------
+
+
+def _png(mode: str, colour: int | tuple[int, int, int], size: int = 128) -> str:
+    image = Image.new(mode, (size, size), colour)
+    if mode == "L":
+        image.paste(255, (32, 32, 96, 96))  # the area to repaint
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+SEED_B64 = _png("RGB", (40, 90, 160))
+SEED_URI = f"data:image/png;base64,{SEED_B64}"
+MASK_B64 = _png("L", 0)
+WITH_SEED = {"inputs": {"seedImage": SEED_URI}}
+WITH_MASK = {"inputs": {"seedImage": SEED_URI, "maskImage": MASK_B64}}
+TWINFLOW = "runware:twinflow-z-image-turbo@0"
+CONTROLNET = {"model": "runware:25@1", "guideImage": SEED_URI}
+ACCELERATOR = {
+    "cacheEndStep": 1,  # the matrix runs one step
+    "cacheEndStepPercentage": 50,
+    "cacheMaxConsecutiveSteps": 2,
+    "cacheStartStep": 0,
+    "cacheStartStepPercentage": 10,
+    "fbCache": True,
+    "fbCacheThreshold": 0.2,
+    "teaCache": True,
+    "teaCacheDistance": 0.4,
+    "dbCache": True,
+    "dbCacheThreshold": 0.2,
+    "dbCacheSkipInterval": 3,
+}
+CONTROLNET_MEMBERS = {
+    "model": {},
+    "weight": {"weight": 0.5},
+    "guideImage": {},
+    "controlMode": {"controlMode": "prompt"},
+    "endStep": {"endStep": 1},
+    "endStepPercentage": {"endStepPercentage": 80},
+    "startStep": {"startStep": 0},
+    "startStepPercentage": {"startStepPercentage": 10},
+}
+ULTRALYTICS = {
+    "CFGScale": 4.0,
+    "confidence": 0.5,
+    "maskBlur": 4,
+    "maskPadding": 4,
+    "negativePrompt": "blurry",
+    "positivePrompt": "a clear face",
+    "steps": 4,
+    "strength": 0.3,
+    "inpaintSize": 512,
+}
+
+
+def row_examples(sink: str, lora: str) -> dict[str, dict[str, Any]]:
+    """One request fragment per row, valid for Runware's schema and setting that row's parameter.
+    A new row needs an example here: test_every_row_has_an_example says so."""
+    examples: dict[str, dict[str, Any]] = {
+        "taskType": {},
+        "taskUUID": {},
+        "webhookURL": {"webhookURL": f"{sink}/hook?token=t"},
+        "includeCost": {"includeCost": True},
+        "model": {},
+        "numberResults": {"numberResults": 2},
+        "uploadEndpoint": {"uploadEndpoint": f"{sink}/bucket/{uuid.uuid4()}.png"},
+        "ttl": {"ttl": 60, "outputType": "URL"},
+        "outputType": {"outputType": "base64Data"},
+        "outputFormat": {"outputFormat": "WEBP"},
+        "outputQuality": {"outputFormat": "JPG", "outputQuality": 50},
+        "deliveryMethod": {"deliveryMethod": "async"},
+        "safety": {"safety": {"mode": "none"}},
+        "safety.checkContent": {"safety": {"checkContent": True}},
+        "safety.mode": {"safety": {"mode": "fast"}},
+        "inputs": WITH_SEED,
+        "inputs.seedImage": {"inputs": {"seedImage": SEED_B64}},
+        "inputs.maskImage": WITH_MASK,
+        "positivePrompt": {"positivePrompt": "a red bicycle against a white wall"},
+        "negativePrompt": {"negativePrompt": "blurry"},
+        "width": {"width": 192, "height": 128},
+        "height": {"width": 128, "height": 192},
+        "seed": {"seed": 12345},
+        "steps": {"steps": 3},
+        "scheduler": {"scheduler": "Euler"},
+        "CFGScale": {"CFGScale": 3.5},
+        "strength": {**WITH_SEED, "strength": 0.6},
+        "maskMargin": {**WITH_MASK, "maskMargin": 32},
+        "acceleration": {"model": TWINFLOW, "acceleration": "high"},
+        "acceleratorOptions": {"acceleratorOptions": {"fbCache": True}},
+        "outpaint": {**WITH_SEED, "outpaint": {"top": 64, "bottom": 64}},
+        "lora": {"lora": [{"model": f"file:{lora}"}]},
+        "lora[].model": {"lora": [{"model": f"file:{lora}"}]},
+        "lora[].weight": {"lora": [{"model": f"file:{lora}", "weight": 0.5}]},
+        "lora[].transformer": {"lora": [{"model": f"file:{lora}", "transformer": "both"}]},
+        "controlNet": {"controlNet": [CONTROLNET]},
+        "ultralytics": {"ultralytics": {"confidence": 0.5}},
+    }
+    for name, value in ACCELERATOR.items():
+        examples[f"acceleratorOptions.{name}"] = {"acceleratorOptions": {name: value}}
+    for side in ("top", "right", "bottom", "left"):
+        examples[f"outpaint.{side}"] = {**WITH_SEED, "outpaint": {side: 64}}
+    for name, extra in CONTROLNET_MEMBERS.items():
+        examples[f"controlNet[].{name}"] = {"controlNet": [{**CONTROLNET, **extra}]}
+    for name, value in ULTRALYTICS.items():
+        model = "runware:z-image@0" if name == "inpaintSize" else TURBO  # page 000 only
+        examples[f"ultralytics.{name}"] = {"model": model, "ultralytics": {name: value}}
+    return examples
+
+
+# The executor answers about the model before anything else: TwinFlow's own parameter is refused there
+# as the model (no diffusers pipeline), and Z-Image's (page 000 only) as a model it does not serve.
+NAMED_FIRST = {"acceleration": "model", "ultralytics.inpaintSize": "model"}
+
+
+@pytest.fixture(scope="module")
+def sink() -> Iterator[HTTPSink]:
+    with HTTPSink() as running:
+        yield running
+
+
+def image_of(item: dict[str, Any]) -> Image.Image:
+    """The picture an item carries, whichever outputType delivered it."""
+    if "imageBase64Data" in item:
+        data = base64.b64decode(item["imageBase64Data"])
+    elif "imageDataURI" in item:
+        data = base64.b64decode(item["imageDataURI"].split(",", 1)[1])
+    else:
+        answer = httpx.get(item["imageURL"], timeout=30)
+        answer.raise_for_status()
+        data = answer.content
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def settled(server: Server, task: dict[str, Any], first: httpx.Response) -> httpx.Response:
+    """The answer with the task's images: the sync answer itself, or getResponse until all are in."""
+    if task.get("deliveryMethod") != "async" or first.status_code != 200:
+        return first
+    count = task.get("numberResults", 1)
+
+    def done(answer: httpx.Response) -> bool:
+        items = answer.json().get("data") or []
+        return (
+            answer.status_code != 200
+            or sum(i.get("status") == "success" for i in items) >= count
+            or any(i.get("status") == "error" for i in items)
+        )
+
+    return server.poll_until(task["taskUUID"], done, timeout=120)
+
+
+def assert_images(answer: httpx.Response, task: dict[str, Any], who: str) -> None:
+    items = [i for i in answer.json()["data"] if i.get("taskType") == "imageInference"]
+    assert len(items) == task.get("numberResults", 1), f"{who}: {answer.text[:500]}"
+    width, height = task.get("width", 128), task.get("height", 128)
+    wanted = {"JPG": "JPEG", "PNG": "PNG", "WEBP": "WEBP"}[task.get("outputFormat", "JPG")]
+    key = {"URL": "imageURL", "base64Data": "imageBase64Data", "dataURI": "imageDataURI"}[
+        task.get("outputType", "URL")
+    ]
+    for item in items:
+        assert key in item, f"{who}: no {key} in {sorted(item)}"
+        image = image_of(item)
+        assert (image.size, image.format) == ((width, height), wanted), f"{who}: {image.size} {image.format}"
+
+
+def item_keys(answer: httpx.Response) -> list[list[str]]:
+    """The keys of each result item. `status` aside: the executor also puts it on the items of a sync
+    answer, where the seeds' examples have none; an extra field no client reads there."""
+    return sorted(sorted(set(i) - {"status"}) for i in answer.json().get("data") or [])
+
+
+def sent(server: Server, **fragment: Any) -> tuple[dict[str, Any], httpx.Response]:
+    task = inference(**{"deliveryMethod": "sync", "steps": 1, **fragment})
+    first = server.post([task])
+    return task, settled(server, task, first)
+
+
+def named(answer: httpx.Response) -> set[str]:
+    """The parameters an answer's error items name, list indexes written `[]` as the table does."""
+    return {re.sub(r"\[\d+\]", "[]", e.get("parameter") or "") for e in answer.json().get("errors") or []}
+
+
+def refused_as(parameter: str, backend: Backend = "executor") -> str:
+    """The parameter a refusal names: the row itself, or the refused group it belongs to."""
+    return next(
+        group
+        for group in refused_parameters(backend)
+        if parameter == group or parameter.startswith((f"{group}.", f"{group}[]."))
+    )
+
+
+@pytest.fixture(scope="module")
+def examples(sink: HTTPSink, executor_process: ExecutorProcess) -> dict[str, dict[str, Any]]:
+    lora = executor_process.workdir / "loras" / "good" / "pytorch_lora_weights.safetensors"
+    return row_examples(sink.url, str(lora))
+
+
+def test_every_row_has_an_example() -> None:
+    missing = {row.parameter for row in ROWS} - set(row_examples("http://sink", "/lora"))
+    assert not missing, f"add a request fragment for these rows to row_examples(): {sorted(missing)}"
+
+
+@pytest.mark.parametrize("parameter", [row.parameter for row in ROWS])
+def test_the_executor_serves_or_refuses_each_parameter_as_the_table_says(
+    parameter: str,
+    examples: dict[str, dict[str, Any]],
+    zimage_server: RunwareTestServer,
+    executor_process: ExecutorProcess,
+) -> None:
+    runware = Server("runware", zimage_server.url, str(zimage_server.api_key), {}, lambda: None, 1.0)
+    assert executor_process.url is not None
+    executor = Server("executor", executor_process.url, executor_process.token, {}, lambda: None, 1.0)
+    fragment = examples[parameter]
+    task, answer = sent(runware, **fragment)
+    assert answer.status_code == 200, f"the example is not valid for Runware: {answer.text[:500]}"
+    assert_images(answer, task, "runware")
+
+    support = find(parameter).executor
+    task, local = sent(executor, **fragment)
+    if support.status == "refused":
+        expected = NAMED_FIRST.get(parameter) or refused_as(parameter)
+        assert local.status_code == 400 and expected in named(local), (
+            f"the table says the executor refuses {parameter} (as {expected}); it answered {local.text[:500]}"
+        )
+        assert {e["code"] for e in local.json()["errors"]} <= {"invalidParameter", "unsupportedParameter"}
+        if expected not in NAMED_FIRST.values():
+            assert find(expected).executor.text in local.text, "refused with the table's words"
+        unknown = executor.poll(task["taskUUID"]).json()["errors"]
+        assert [e["code"] for e in unknown] == ["taskNotFound"], "a refused request accepted nothing"
+        return
+    assert local.status_code == 200, (
+        f"the table says the executor serves {parameter}; it answered {local.text[:500]}"
+    )
+    assert_images(local, task, "executor")
+    assert item_keys(local) == item_keys(answer), "the same result fields as Runware's"
+
+
+@pytest.mark.parametrize(
+    ("delivery", "output_type", "output_format"),
+    [
+        ("sync", "URL", "JPG"),
+        ("async", "base64Data", "PNG"),
+        ("sync", "dataURI", "WEBP"),
+        ("async", "URL", "WEBP"),
+    ],
+)
+def test_both_deliver_images_of_the_requested_size_and_format(
+    delivery: str, output_type: str, output_format: str, server: Server
+) -> None:
+    fragment = {"deliveryMethod": delivery, "outputType": output_type, "outputFormat": output_format}
+    task, answer = sent(server, width=192, height=128, numberResults=2, **fragment)
+    assert answer.status_code == 200, answer.text[:500]
+    assert_images(answer, task, server.name)
+    assert all(i.get("status", "success") == "success" for i in answer.json()["data"])
+    assert {i["taskUUID"] for i in answer.json()["data"]} == {task["taskUUID"]}
+
+
+# One out-of-range value per group: both refuse it before accepting anything, naming the same
+# parameter with the same code.
+INVALID = {
+    "height": {"width": 128, "height": 4096},
+    "steps": {"steps": 51},
+    "CFGScale": {"CFGScale": 25},
+    "strength": {**WITH_SEED, "strength": 1.5},
+    "numberResults": {"numberResults": 21},
+    "outputQuality": {"outputQuality": 10},
+    "outputType": {"outputType": "GIF"},
+    "outputFormat": {"outputFormat": "BMP"},
+    "ttl": {"ttl": 30},
+    "scheduler": {"scheduler": "NotAScheduler"},
+    "seed": {"seed": -1},
+    "safety.mode": {"safety": {"mode": "paranoid"}},
+    "lora[].weight": {"lora": [{"model": "runware:1@1", "weight": 5}]},
+    "controlNet[].weight": {"controlNet": [{**CONTROLNET, "weight": 5}]},
+    "acceleratorOptions.fbCacheThreshold": {"acceleratorOptions": {"fbCacheThreshold": 2}},
+    "outpaint.top": {**WITH_SEED, "outpaint": {"top": -1}},
+    "ultralytics.confidence": {"ultralytics": {"confidence": 2}},
+    "maskMargin": {**WITH_MASK, "maskMargin": 8},
+    "positivePrompt": {"positivePrompt": ""},
+}
+
+
+@pytest.mark.parametrize("delivery", ["sync", "async"])
+@pytest.mark.parametrize("parameter", sorted(INVALID))
+def test_an_invalid_value_is_refused_alike(
+    parameter: str, delivery: str, zimage_server: RunwareTestServer, executor_process: ExecutorProcess
+) -> None:
+    assert executor_process.url is not None
+    answers = {}
+    for name, url, token in (
+        ("runware", zimage_server.url, str(zimage_server.api_key)),
+        ("executor", executor_process.url, executor_process.token),
+    ):
+        server = Server(name, url, token, {}, lambda: None, 1.0)
+        answer = server.post([inference(deliveryMethod=delivery, **INVALID[parameter])])
+        answers[name] = answer
+        assert answer.status_code == 400, f"{name}: {answer.text[:500]}"
+        assert parameter in named(answer), f"{name} names {named(answer)}: {answer.text[:500]}"
+    assert shape(answers["runware"]) == shape(answers["executor"])
+
+
+def test_the_in_process_planner_serves_or_refuses_each_parameter_as_the_table_says(
+    tiny_model: Path, tmp_path: Path, sink: HTTPSink
+) -> None:
+    # The in-process column, checked where the in-process backend decides: its planner, which loads
+    # nothing (a refusal there comes before any model load).
+    loras = tmp_path / "loras"
+    lora = build_tiny_lora(tiny_model, loras / "good")
+    executor = LocalZImageExecutor(tiny_model, device="cpu", input_roots=[], lora_roots=[str(loras)])
+    wrong = []
+    for parameter, fragment in row_examples(sink.url, str(lora)).items():
+        try:
+            executor.validate(ImageInferenceRequest.build(**{**inference(steps=1), **fragment}))
+            answer = "served"
+        except ZImageValidationError as exc:
+            answer = "refused " + ",".join(re.sub(r"\[\d+\]", "[]", str(e["parameter"])) for e in exc.errors)
+        if find(parameter).in_process.status == "refused":
+            expected = {"acceleration": "model"}.get(parameter) or refused_as(parameter, "in-process")
+            if answer.split(" ")[0] != "refused" or expected not in answer.split(" ")[1].split(","):
+                wrong.append(f"{parameter}: the table says refused as {expected}, the planner: {answer}")
+        elif answer != "served":
+            wrong.append(f"{parameter}: the table says served, the planner: {answer}")
+    assert not wrong, "\n".join(wrong)

@@ -35,6 +35,7 @@ from airflow_provider_zimage.local.schedulers import (
 )
 from airflow_provider_zimage.origins import ImageOrigin
 from airflow_provider_zimage.runware.models import CATALOG, ModelSpec, resolve_model
+from airflow_provider_zimage.runware.support import Backend, refusals
 
 if TYPE_CHECKING:
     from airflow_provider_zimage.runware.models import ImageInferenceRequest
@@ -362,34 +363,11 @@ def _lora_plans(
     return plans
 
 
-_DELIVERY_REFUSAL = "is a Runware delivery option; local results are returned directly"
-
-
 def unsupported_features(request: Any, *, delivery_supported: bool = False) -> list[dict[str, Any]]:
-    """Parameters that change what Runware would return and that the local pipelines cannot reproduce."""
-    issues = []
-    refusals = [
-        ("ultralytics", "ultralytics", "(face/hand detailing) is a Runware-side post-process"),
-    ]
-    if not delivery_supported:
-        refusals += [
-            ("webhookURL", "webhook_url", _DELIVERY_REFUSAL),
-            ("uploadEndpoint", "upload_endpoint", _DELIVERY_REFUSAL),
-        ]
-    for wire, attribute, message in refusals:
-        value = getattr(request, attribute, None)
-        if value not in (None, [], {}):
-            issues.append(issue(wire, message, value))
-    acceleration = getattr(request, "acceleration", None)
-    if acceleration not in (None, "none"):
-        issues.append(
-            issue(
-                "acceleration",
-                "is Runware-side caching; the local backend runs every step (use 'none')",
-                acceleration,
-            )
-        )
-    return issues
+    """Parameters that change what Runware would return and that the local pipelines cannot reproduce:
+    the rows runware/support.py marks refused for this backend, with its words."""
+    backend: Backend = "executor" if delivery_supported else "in-process"
+    return [issue(name, message, value) for name, message, value in refusals(request.to_wire(), backend)]
 
 
 # Hugging Face's rule for an owner or repo name: no path step ("..", "."), nothing a folder could be.

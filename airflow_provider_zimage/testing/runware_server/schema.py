@@ -84,6 +84,12 @@ def _validators(directory: str | None) -> dict[str | None, Draft202012Validator]
                 "enum": list(ACCELERATION_LEVELS),
                 "default": "medium",
             }
+        if model == Z_IMAGE:  # page 000 lists ultralytics.inpaintSize for Z-Image only
+            ultralytics = props["ultralytics"]
+            ultralytics["properties"] = {
+                **ultralytics["properties"],
+                "inpaintSize": {"type": "integer", "minimum": 128, "maximum": 2048, "default": 1024},
+            }
         schemas[model] = schema
     # Used when `model` is missing or unknown: reports the model error, plus anything else wrong.
     generic = copy.deepcopy(base)
