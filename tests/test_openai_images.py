@@ -94,8 +94,8 @@ def test_an_unset_step_count_is_sent_as_the_catalogs_so_the_picture_does_not_dep
         ({"lora": [{"model": "hf:owner/repo", "weight": 0.8}]}, "lora"),
         ({"scheduler": "DPM++ 2M Karras"}, "scheduler"),
         ({"model": "runware:z-image@0"}, "model"),
-        ({"seed_image": "https://example.com/a.png", "strength": 0.5}, "inputs.seedImage"),
-        ({"safety": {"check_content": True}}, "safety"),
+        ({"seed_image": "https://example.com/a.png", "strength": 0.5}, "inputs"),
+        ({"safety": {"check_content": True}}, "safety.checkContent"),
     ],
 )
 def test_what_the_engine_would_get_wrong_is_refused_before_anything_is_sent(
@@ -324,7 +324,7 @@ def _request(**kwargs: Any) -> Any:
         ({"acceleration": "high", "model": "runware:twinflow-z-image-turbo@0"}, "acceleration"),
         ({"webhook_url": "https://hooks.example.com/x?token=abc"}, "webhookURL"),
         ({"upload_endpoint": "https://bucket.example.com/x?X-Amz-Signature=abc"}, "uploadEndpoint"),
-        ({"safety": {"check_content": True}}, "safety"),
+        ({"safety": {"check_content": True}}, "safety.checkContent"),
     ],
 )
 def test_every_refusal_names_its_parameter_and_the_backend(arguments: dict[str, Any], parameter: str) -> None:

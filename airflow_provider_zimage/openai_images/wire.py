@@ -8,8 +8,10 @@ image reproducible from the seed recorded in the manifest (the local backend's r
 
 Parameters the OpenAI schema lacks travel as SGLang's documented extras of `ImageGenerationsRequest`
 (`seed`, `num_inference_steps`, `guidance_scale`, `negative_prompt`); vLLM-Omni's images endpoint reads
-the same names. What the engine cannot take per request is refused, parameter named, from `REFUSALS`:
-the one list the docs and the conformance matrix read.
+the same names. What the engine cannot take per request is refused, parameter named, by the rows of
+runware/support.py marked refused for `openai_images` (the one table the local backends, the parity
+page and the conformance matrix read); the value checks no row can express (a model the connection
+serves, sizes in multiples of 16, a scheduler the engine runs) are made here, and their rows are notes.
 
 Pixels travel losslessly (`output_format: "png"`, `response_format: "b64_json"`) and the provider
 encodes the requested `outputFormat` / `outputQuality` itself: the OpenAI schema has no quality that
@@ -23,7 +25,7 @@ import base64
 import binascii
 import io
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,7 @@ from airflow_provider_zimage.local.refusals import issue
 from airflow_provider_zimage.runware.catalog import CATALOG
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, resolve_model
 from airflow_provider_zimage.runware.protocol import parse_retry_after
+from airflow_provider_zimage.runware.support import Backend, refusals, refused_parameters
 
 __all__ = [
     "BACKEND",
@@ -49,7 +52,6 @@ __all__ = [
     "SIZE_MULTIPLE",
     "ImageAnswer",
     "ImageCall",
-    "Refusal",
     "encode_result",
     "error_for_answer",
     "generations_url",
@@ -58,7 +60,7 @@ __all__ = [
     "served_models",
 ]
 
-BACKEND = "openai_images"
+BACKEND: Backend = "openai_images"
 GENERATIONS_PATH = "/images/generations"
 SIZE_MULTIPLE = 16  # VAE factor 8 x patch size 2: the engine rounds anything else down, silently
 MAX_SEED = 2**63 - 1  # Runware's seed range; seed + numberResults - 1 must stay inside it
@@ -70,84 +72,18 @@ _TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
 _MAX_ANSWER_PIXELS = 2048 * 2048  # the largest size a request may ask for
 
 
-@dataclass(frozen=True)
-class Refusal:
-    """A Runware parameter this backend cannot honour per request, and why (shown to the user)."""
-
-    parameter: str
-    reason: str
-    # The offending value in the wire request, or None when the request does not use the parameter.
-    found: Callable[[dict[str, Any]], Any]
-
-
-def _inputs(key: str) -> Callable[[dict[str, Any]], Any]:
-    return lambda wire: (wire.get("inputs") or {}).get(key)
-
-
-def _scheduler(wire: dict[str, Any]) -> Any:
+def _scheduler(wire: Mapping[str, Any]) -> Any:
+    """A scheduler other than the one the server runs anyway, or None."""
     name = wire.get("scheduler")
     return None if name is None or str(name).strip().lower() in _DEFAULT_SCHEDULERS else name
 
 
-def _safety(wire: dict[str, Any]) -> Any:
-    safety = wire.get("safety") or {}
-    return safety if safety.get("checkContent") else None
-
-
-REFUSALS: tuple[Refusal, ...] = (
-    Refusal(
-        "scheduler",
-        "the server's sampler is fixed when it starts; the OpenAI images API has no per-request "
-        "scheduler (leave it unset or 'Default')",
-        _scheduler,
-    ),
-    Refusal(
-        "lora",
-        "LoRA adapters are loaded server-wide on SGLang (its set_lora endpoint), not per request; "
-        "serve a merged checkpoint or use backend 'local' / 'executor'",
-        lambda w: w.get("lora"),
-    ),
-    Refusal("controlNet", "the OpenAI images API has no ControlNet", lambda w: w.get("controlNet")),
-    Refusal("ultralytics", "the OpenAI images API has no detail refinement", lambda w: w.get("ultralytics")),
-    Refusal(
-        "inputs.seedImage",
-        "image-to-image goes through /v1/images/edits, which this backend does not call",
-        _inputs("seedImage"),
-    ),
-    Refusal(
-        "inputs.maskImage",
-        "inpainting goes through /v1/images/edits, which this backend does not call",
-        _inputs("maskImage"),
-    ),
-    Refusal(
-        "strength",
-        "only applies to image-to-image, which this backend does not serve",
-        lambda w: w.get("strength"),
-    ),
-    Refusal("outpaint", "the OpenAI images API has no outpainting", lambda w: w.get("outpaint")),
-    Refusal("maskMargin", "the OpenAI images API has no inpainting", lambda w: w.get("maskMargin")),
-    Refusal(
-        "acceleration",
-        "step caching is chosen when the server starts (SGLang's cache flags), not per request",
-        lambda w: w.get("acceleration"),
-    ),
-    Refusal(
-        "acceleratorOptions",
-        "step caching is chosen when the server starts (SGLang's cache flags), not per request",
-        lambda w: w.get("acceleratorOptions"),
-    ),
-    Refusal("safety", "the server runs no content checker (checkContent)", _safety),
-    Refusal(
-        "webhookURL",
-        "the OpenAI images API answers on the same HTTP request; there is nothing to post back",
-        lambda w: w.get("webhookURL"),
-    ),
-    Refusal(
-        "uploadEndpoint",
-        "the OpenAI images API answers with the image; the provider stores it itself",
-        lambda w: w.get("uploadEndpoint"),
-    ),
+_SCHEDULER = (
+    "the server's sampler is fixed when it starts; the OpenAI images API has no per-request "
+    "scheduler (leave it unset or 'Default')"
 )
+# The parameters this backend refuses by name, read from the support table (docs, error messages).
+REFUSALS: tuple[str, ...] = refused_parameters(BACKEND)
 
 
 def served_models(value: Any) -> dict[str, str]:
@@ -222,12 +158,11 @@ def _refusals(
                 base_seed,
             )
         )
-    for refusal in REFUSALS:
-        value = refusal.found(wire)
-        if value is not None and value != [] and value != {}:
-            issues.append(
-                issue(refusal.parameter, f"not supported by backend {BACKEND}: {refusal.reason}", value)
-            )
+    scheduler = _scheduler(wire)
+    if scheduler is not None:
+        issues.append(issue("scheduler", f"not supported by backend {BACKEND}: {_SCHEDULER}", scheduler))
+    for name, message, value in refusals(wire, BACKEND):
+        issues.append(issue(name, f"not supported by backend {BACKEND}: {message}", value))
     return issues
 
 

