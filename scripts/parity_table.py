@@ -25,7 +25,12 @@ START = (
     "`python -m scripts.parity_table --write`; edit the rows there, not here -->"
 )
 END = "<!-- parity-table:end -->"
-HEADER = {"runware": "Runware", "executor": "executor", "in-process": "in-process"}
+HEADER = {
+    "runware": "Runware",
+    "executor": "executor",
+    "in-process": "in-process",
+    "openai_images": "openai_images",
+}
 
 
 def _cell(row: Row, backend: str) -> str:

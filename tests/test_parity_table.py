@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ import pytest
 
 from airflow_provider_zimage.runware import support
 from airflow_provider_zimage.runware.support import (
+    BACKENDS,
     ROWS,
-    Row,
     find,
     note,
     refusals,
@@ -126,13 +127,25 @@ def test_docs_backends_shows_the_current_parity_table() -> None:
 
 def test_a_changed_row_makes_the_page_stale(monkeypatch: pytest.MonkeyPatch) -> None:
     text = parity_table.DOC.read_text(encoding="utf-8")
-    changed = tuple(
-        Row(r.parameter, r.runware, note("changed"), r.in_process) if r.parameter == "seed" else r
-        for r in ROWS
-    )
+    changed = tuple(replace(r, executor=note("changed")) if r.parameter == "seed" else r for r in ROWS)
     monkeypatch.setattr(parity_table, "ROWS", changed)
     assert parity_table.current(text) != parity_table.render()
-    assert "| `seed` | yes | yes, but: changed | yes |" in parity_table.updated(text)
+    seed = find("seed").openai_images.cell()
+    assert f"| `seed` | yes | yes, but: changed | yes | {seed} |" in parity_table.updated(text)
+
+
+def test_the_parity_table_has_a_column_for_every_backend_and_a_cell_for_every_row() -> None:
+    lines = parity_table.render().splitlines()
+    assert lines[2] == "| parameter | Runware | executor | in-process | openai_images |"
+    assert len(BACKENDS) == 4
+    rows = [line for line in lines if line.startswith("| `")]
+    assert [line.split("`")[1] for line in rows] == [row.parameter for row in ROWS]
+    cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in rows]  # "\|" inside a cell is text
+    assert all(len(row) == 1 + len(BACKENDS) for row in cells), [row for row in cells if len(row) != 5]
+    refused_here = [row.parameter for row in ROWS if row.openai_images.status == "refused"]
+    assert refused_here and all(
+        "**refused**" in line.rsplit(" | ", 1)[1] for line in rows if line.split("`")[1] in refused_here
+    ), "the openai_images column shows what the table refuses"
 
 
 def test_a_refused_group_is_refused_once_naming_the_group() -> None:
@@ -146,11 +159,11 @@ def test_a_refused_group_is_refused_once_naming_the_group() -> None:
 def test_a_refused_member_of_a_served_list_is_named_with_its_index(monkeypatch: pytest.MonkeyPatch) -> None:
     # After ControlNet is served, one member may stay refused: the error must say which list item.
     rows = tuple(
-        Row(
-            r.parameter,
-            r.runware,
-            refused("no step windows") if r.parameter == "controlNet[].startStep" else support.SERVED,
-            r.in_process,
+        replace(
+            r,
+            executor=refused("no step windows")
+            if r.parameter == "controlNet[].startStep"
+            else support.SERVED,
         )
         if r.parameter.startswith("controlNet")
         else r
