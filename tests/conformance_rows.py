@@ -52,7 +52,7 @@ WITH_MASK = {"inputs": {"seedImage": SEED_URI, "maskImage": MASK_B64}}
 TWINFLOW = "runware:twinflow-z-image-turbo@0"
 CONTROLNET = {"model": "runware:25@1", "guideImage": SEED_URI}
 ACCELERATOR = {
-    "cacheEndStep": 1,  # the matrix runs one step
+    "cacheEndStep": 4,  # with CACHE_STEPS: a cache needs steps to reuse
     "cacheEndStepPercentage": 50,
     "cacheMaxConsecutiveSteps": 2,
     "cacheStartStep": 0,
@@ -65,11 +65,12 @@ ACCELERATOR = {
     "dbCacheThreshold": 0.2,
     "dbCacheSkipInterval": 3,
 }
+CACHE_STEPS = 4  # the matrix runs one step elsewhere; step caching never reuses step 0
 CONTROLNET_MEMBERS = {
     "model": {},
     "weight": {"weight": 0.5},
     "guideImage": {},
-    "controlMode": {"controlMode": "prompt"},
+    "controlMode": {"controlMode": "balanced"},
     "endStep": {"endStep": 1},
     "endStepPercentage": {"endStepPercentage": 80},
     "startStep": {"startStep": 0},
@@ -121,8 +122,9 @@ def row_examples(sink: str, lora: str) -> dict[str, dict[str, Any]]:
         "strength": {**WITH_SEED, "strength": 0.6},
         "maskMargin": {**WITH_MASK, "maskMargin": 32},
         "acceleration": {"model": TWINFLOW, "acceleration": "high"},
-        "acceleratorOptions": {"acceleratorOptions": {"fbCache": True}},
-        "outpaint": {**WITH_SEED, "outpaint": {"top": 64, "bottom": 64}},
+        "acceleratorOptions": {"steps": CACHE_STEPS, "acceleratorOptions": {"fbCache": True}},
+        # The output is the seed image (128x128) plus the extensions, as Runware's page says.
+        "outpaint": {**WITH_SEED, "height": 256, "outpaint": {"top": 64, "bottom": 64}},
         "lora": {"lora": [{"model": f"file:{lora}"}]},
         "lora[].model": {"lora": [{"model": f"file:{lora}"}]},
         "lora[].weight": {"lora": [{"model": f"file:{lora}", "weight": 0.5}]},
@@ -131,9 +133,10 @@ def row_examples(sink: str, lora: str) -> dict[str, dict[str, Any]]:
         "ultralytics": {"ultralytics": {"confidence": 0.5}},
     }
     for name, value in ACCELERATOR.items():
-        examples[f"acceleratorOptions.{name}"] = {"acceleratorOptions": {name: value}}
+        examples[f"acceleratorOptions.{name}"] = {"steps": CACHE_STEPS, "acceleratorOptions": {name: value}}
     for side in ("top", "right", "bottom", "left"):
-        examples[f"outpaint.{side}"] = {**WITH_SEED, "outpaint": {side: 64}}
+        grown = "height" if side in ("top", "bottom") else "width"
+        examples[f"outpaint.{side}"] = {**WITH_SEED, grown: 192, "outpaint": {side: 64}}
     for name, extra in CONTROLNET_MEMBERS.items():
         examples[f"controlNet[].{name}"] = {"controlNet": [{**CONTROLNET, **extra}]}
     for name, value in ULTRALYTICS.items():

@@ -562,6 +562,8 @@ def test_gpu_check_tiny_path_runs_and_batches(tmp_path):
         env={**os.environ, "PYTHON": sys.executable, **ONE_THREAD},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    # gpu_check.sh prints gpu_check.py's JSON report, then bench/accel_check.py's figures.
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    report = next(r for r in reports if "batched" in r)
     assert report["mode"] == "tiny" and report["batched"] is True
     assert report["seconds_per_image_batch1"] > 0 and report["images_per_minute_batch4"] > 0

@@ -72,10 +72,19 @@ def test_the_request_reaches_the_engine_with_sglangs_own_parameter_names(
         "output_format": "png",
         "seed": 42,
         "num_inference_steps": 6,
-        "guidance_scale": 1.5,
+        "guidance_scale": 0.5,  # Runware's CFGScale 1.5 = SGLang's pos + 0.5 * (pos - neg)
         "negative_prompt": "fog",
     }
     assert call.headers["authorization"] == f"Bearer {API_KEY}"
+
+
+def test_cfgscale_1_means_no_guidance_on_the_engine_as_on_runware(engine: OpenAIImagesTestServer) -> None:
+    # Runware: guidance off at CFGScale <= 1, negativePrompt ignored. SGLang's Z-Image guides for any
+    # guidance_scale > 0, so sending 1 as given would run guidance with the negative prompt.
+    generate(negative_prompt="fog", cfg_scale=1.0)
+    (call,) = engine.generations
+    assert call.body["guidance_scale"] == 0.0
+    assert "negative_prompt" not in call.body
 
 
 def test_an_unset_step_count_is_sent_as_the_catalogs_so_the_picture_does_not_depend_on_the_server(

@@ -97,14 +97,7 @@ def plan_step_cache(options: Any, steps: int) -> tuple[StepCache | None, list[di
 
     issues = []
     prefix = "acceleratorOptions."
-    if get("tea_cache", "teaCache"):
-        issues.append(
-            issue(
-                prefix + "teaCache",
-                "has no local equivalent (cache-dit has no TeaCache); use fbCache or dbCache",
-                True,
-            )
-        )
+    # teaCache: refused by its row in runware/support.py (no cache-dit equivalent), with the same words.
     fb, db = bool(get("fb_cache", "fbCache")), bool(get("db_cache", "dbCache"))
     if fb and db:
         issues.append(issue(prefix + "dbCache", "cannot be combined with fbCache locally: choose one", True))

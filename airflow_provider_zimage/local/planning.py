@@ -34,6 +34,7 @@ from airflow_provider_zimage.local.schedulers import (
     lookup_scheduler,
 )
 from airflow_provider_zimage.origins import ImageOrigin
+from airflow_provider_zimage.runware.catalog import guidance_for_cfg
 from airflow_provider_zimage.runware.models import CATALOG, ModelSpec, resolve_model
 from airflow_provider_zimage.runware.support import Backend, refusals
 
@@ -126,17 +127,6 @@ def batch_key(plan: Plan) -> Hashable | None:
         plan.negative_prompt,
         plan.step_cache,  # one cache-dit setting per pipeline call
     )
-
-
-def guidance_for_cfg(cfg_scale: float) -> float:
-    """Runware's CFGScale -> diffusers' Z-Image `guidance_scale`.
-
-    Runware's scale is the usual one, neg + w * (pos - neg), with guidance off at w <= 1 (its page:
-    "negativePrompt ... Ignored when guidance is disabled (CFGScale <= 1)"). diffusers' Z-Image
-    pipelines compute pos + g * (pos - neg) and run guidance for any g > 0: the same formula with
-    g = w - 1. So CFGScale 1 (or less) is g = 0, no second pass and no negative prompt.
-    """
-    return max(0.0, float(cfg_scale) - 1.0)
 
 
 def model_spec(model: str) -> ModelSpec:

@@ -39,7 +39,7 @@ from airflow_provider_zimage.exceptions import (
     ZImageValidationError,
 )
 from airflow_provider_zimage.local.refusals import issue
-from airflow_provider_zimage.runware.catalog import CATALOG
+from airflow_provider_zimage.runware.catalog import CATALOG, guidance_for_cfg
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, resolve_model
 from airflow_provider_zimage.runware.protocol import parse_retry_after
 from airflow_provider_zimage.runware.support import Backend, refusals, refused_parameters
@@ -183,7 +183,10 @@ def plan_calls(request: ImageInferenceRequest, served: Mapping[str, str], base_s
     check_request(request, served, base_seed)
     spec = CATALOG[request.model]
     steps = request.steps or spec.local_default_steps or spec.default_steps
-    guidance = request.cfg_scale if request.cfg_scale is not None else spec.local_guidance_scale
+    # CFGScale means Runware's scale on every backend: g = CFGScale - 1, no guidance at <= 1 (SGLang's
+    # Z-Image guides for any g > 0, as diffusers does); unset: the checkpoint's recommended g.
+    cfg = request.cfg_scale
+    guidance = guidance_for_cfg(cfg) if cfg is not None else spec.local_guidance_scale
     width = request.width or spec.default_width
     height = request.height or spec.default_height
     common: dict[str, Any] = {
@@ -198,7 +201,7 @@ def plan_calls(request: ImageInferenceRequest, served: Mapping[str, str], base_s
         common["num_inference_steps"] = int(steps)
     if guidance is not None:
         common["guidance_scale"] = float(guidance)
-    if request.negative_prompt:
+    if request.negative_prompt and guidance:  # ignored without guidance, as on Runware
         common["negative_prompt"] = request.negative_prompt
     count = request.number_results or 1
     return [ImageCall(i, base_seed + i, {**common, "seed": base_seed + i}) for i in range(count)]

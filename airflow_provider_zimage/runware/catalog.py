@@ -245,3 +245,15 @@ def estimate_cost(request: ImageInferenceRequest) -> float:
         spec.price_per_megapixel_step * megapixels * steps,
     )
     return math.ceil(per_image * (request.number_results or 1) * 1e6 - 1e-6) / 1e6
+
+
+def guidance_for_cfg(cfg_scale: float) -> float:
+    """Runware's CFGScale -> the `guidance_scale` of diffusers' Z-Image pipelines and SGLang's
+    (both compute pos + g * (pos - neg); SGLang: configs/pipeline_configs/zimage.py).
+
+    Runware's scale is the usual one, neg + w * (pos - neg), with guidance off at w <= 1 (its page:
+    "negativePrompt ... Ignored when guidance is disabled (CFGScale <= 1)"). diffusers' Z-Image
+    pipelines compute pos + g * (pos - neg) and run guidance for any g > 0: the same formula with
+    g = w - 1. So CFGScale 1 (or less) is g = 0, no second pass and no negative prompt.
+    """
+    return max(0.0, float(cfg_scale) - 1.0)

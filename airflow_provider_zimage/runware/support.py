@@ -219,7 +219,7 @@ ROWS: tuple[Row, ...] = (
     _row(
         "negativePrompt",
         note("ignored at CFGScale <= 1 (as on Runware); refused over 512 tokens when used"),
-        openai_images=note("sent as the negative_prompt extra"),
+        openai_images=note("sent as negative_prompt when guidance runs (CFGScale > 1); not token-counted"),
     ),
     *(
         _row(
@@ -245,7 +245,7 @@ ROWS: tuple[Row, ...] = (
     _row(
         "CFGScale",
         note("diffusers' guidance_scale = CFGScale - 1: no guidance at <= 1, as on Runware"),
-        openai_images=note("sent as guidance_scale as given (unset: the checkpoint's local value)"),
+        openai_images=note("sent as guidance_scale = CFGScale - 1, as locally (unset: the checkpoint's)"),
     ),
     _row(
         "strength",
