@@ -36,8 +36,10 @@ from airflow_provider_zimage.exceptions import ZImageStorageError
 from airflow_provider_zimage.storage.atomic import (
     as_path,
     dumps_json,
+    dumps_json_lines,
     read_json,
     write_bytes_atomic,
+    write_chunks_atomic,
     write_json_atomic,
 )
 from airflow_provider_zimage.storage.spend import record_manifest
@@ -408,13 +410,20 @@ class ArtifactStore:
         return ImageArtifact.describe(target, payload, fmt, width, height)
 
     def write_manifest(
-        self, directory: ObjectStoragePath | str, manifest: Mapping[str, Any]
+        self, directory: ObjectStoragePath | str, manifest: Mapping[str, Any], *, image_per_line: bool = False
     ) -> ObjectStoragePath:
         """Write ``manifest.json``; call it only after every image it lists has been written.
 
         Its presence is the commit marker for the whole task directory (see the module docstring).
+        `image_per_line` (a batch): the images are encoded one by one as they are written, one per line,
+        so a 100,000-image manifest is never held in memory a second time as text.
         """
-        target = write_json_atomic(as_path(directory) / MANIFEST_NAME, dict(manifest))
+        if image_per_line:
+            target, _ = write_chunks_atomic(
+                as_path(directory) / MANIFEST_NAME, dumps_json_lines(dict(manifest), "images")
+            )
+        else:
+            target = write_json_atomic(as_path(directory) / MANIFEST_NAME, dict(manifest))
         log.info("Wrote manifest %s", target)
         # After the manifest: the spend page counts only images that are committed (see `spend`).
         record_manifest(self._base, as_path(directory), manifest)
