@@ -17,6 +17,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -37,6 +38,7 @@ from airflow_provider_zimage.jobs.generation import (
     NsfwPolicy,
     apply_nsfw_policy,
     manifest_entry,
+    old_job_fingerprints,
     parameter_digests,
     request_differences,
     warn_rendered_differently,
@@ -107,12 +109,26 @@ class Prepared:
     index: int
     request: ImageInferenceRequest
     fingerprint: str
-    # What earlier releases called the same picture: adopted by the ledger; only the sure ones are
-    # looked up in the content index (see `OldFingerprint`).
-    legacy: tuple[str, ...] = ()
-    content_legacy: tuple[str, ...] = ()
     # The row as the DAG wrote it, before rendering (None when unknown).
     arguments: str | None = None
+    # The connection, part of what earlier releases' fingerprints were made of.
+    origin: str | None = None
+
+    @cached_property
+    def _old(self) -> dict[str, str]:
+        # Computed only when asked (a ledger entry under another fingerprint, an old index file): half
+        # the cost of preparing a row, paid 100,000 times for nothing otherwise.
+        return old_job_fingerprints(self.request, backend="runware", origin=self.origin)
+
+    @property
+    def legacy(self) -> tuple[str, ...]:
+        """What earlier releases called the same picture: adopted by the ledger (see `OldFingerprint`)."""
+        return tuple(f for f, trust in self._old.items() if trust != "recorded")
+
+    @property
+    def content_legacy(self) -> tuple[str, ...]:
+        """The sure ones of `legacy`, the only ones looked up in the content index."""
+        return tuple(f for f, trust in self._old.items() if trust == "same")
 
     @property
     def expected(self) -> int:
@@ -177,12 +193,13 @@ class BatchJob:
         candidates: list[tuple[Prepared, BatchEntry]] = []
         rendered_differently: dict[int, list[str]] = {}
         for p in self.prepared.values():
+            previous = self.ledger.entries.get(p.index)
             entry = self.ledger.entry_for(
                 p.index,
                 p.fingerprint,
                 p.expected,
                 fresh=self.fresh,
-                legacy=p.legacy,
+                legacy=p.legacy if previous is not None and previous.fingerprint != p.fingerprint else (),
                 arguments=p.arguments,
                 keep_stored=not self.settings.force,
             )
@@ -243,7 +260,9 @@ class BatchJob:
         def copy(item: tuple[Prepared, BatchEntry]) -> list[dict[str, Any]] | None:
             p, _ = item
             try:
-                return index.reuse(p.fingerprint, self.directory, p.content_legacy)
+                # Earlier releases' fingerprints can only be in their per-fingerprint files.
+                legacy = p.content_legacy if index.files else ()
+                return index.reuse(p.fingerprint, self.directory, legacy, durable=False)
             except ZImageError as exc:  # a copy that fails costs a payment, never the batch
                 self.log.warning("requests[%d]: could not reuse the indexed image: %s", p.index, exc)
                 return None
@@ -257,6 +276,9 @@ class BatchJob:
                 entry.images = [{**image, "index": p.index} for image in copies]
                 self.ledger.record(entry, "stored")
                 self.reused += 1
+        if len(to_generate) < len(candidates):
+            # The copies were written without one flush each; made durable here, all at once.
+            self.store.flush()
         return to_generate
 
     def _count(self) -> None:

@@ -113,14 +113,19 @@ class ContentIndex:
                 for fingerprint, images in _read_shard(batch / f"{shard}.json").items():
                     self.pictures.setdefault(fingerprint, []).append(images)
 
-    def reuse(self, fingerprint: str, directory: Any, legacy: Sequence[str] = ()) -> Images | None:
-        """As `reuse`, from what was read at construction (an old per-fingerprint file still counts)."""
+    def reuse(
+        self, fingerprint: str, directory: Any, legacy: Sequence[str] = (), *, durable: bool = True
+    ) -> Images | None:
+        """As `reuse`, from what was read at construction (an old per-fingerprint file still counts).
+
+        `durable=False`: the copies on a local disk are not flushed one by one; the caller calls
+        `ArtifactStore.flush()` once after all of them."""
         for key in (fingerprint, *legacy):
             found = list(self.pictures.get(key, ()))
             if key in self.files:
                 found.append(_read_file(self.store, key) or [])
             for images in found:
-                copies = _copies(self.store, images, directory) if images else None
+                copies = _copies(self.store, images, directory, durable) if images else None
                 if copies is not None:
                     return copies
         return None
@@ -193,7 +198,7 @@ def _batch_lookup(store: ArtifactStore, fingerprint: str) -> Iterator[Images]:
             yield images
 
 
-def _copies(store: ArtifactStore, indexed: Images, directory: Any) -> Images | None:
+def _copies(store: ArtifactStore, indexed: Images, directory: Any, durable: bool = True) -> Images | None:
     """Verified copies of `indexed` in `directory`, or None when any source is gone or changed."""
     sources: list[tuple[dict[str, Any], bytes]] = []
     for image in indexed:
@@ -212,7 +217,7 @@ def _copies(store: ArtifactStore, indexed: Images, directory: Any) -> Images | N
     copies = []
     for image, payload in sources:
         name = str(image.get("image_uuid") or as_path(str(image["uri"])).stem)
-        artifact = store.copy_image(str(image["uri"]), directory, name, payload)
+        artifact = store.copy_image(str(image["uri"]), directory, name, payload, durable=durable)
         # The copy's own location and hash; what the picture is (seed, model, imageUUID) is the source's.
         copies.append(
             {
