@@ -179,7 +179,9 @@ def mb(n: int) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="100 and 300 images, seconds")
     parser.add_argument("--full", action="store_true", help="also 100,000 images (tens of minutes)")
     parser.add_argument("--sizes", type=int, nargs="*", help="override the sizes (smallest is the baseline)")
@@ -197,9 +199,10 @@ def main() -> int:
     sizes = args.sizes or ([100, 300] if args.smoke else [1_000, 10_000] + ([100_000] if args.full else []))
     sizes = sorted(sizes)
     failures: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="zimage-batch-scale-") as tmp, server_process(
-        "--port", "0", "--delay", "0", "--api-key", API_KEY
-    ) as url:
+    with (
+        tempfile.TemporaryDirectory(prefix="zimage-batch-scale-") as tmp,
+        server_process("--port", "0", "--delay", "0", "--api-key", API_KEY) as url,
+    ):
         work = Path(tmp)
         results = []
         print(
@@ -212,7 +215,8 @@ def main() -> int:
             w = r["written"]
             files = sum(v[1] for v in w.values())
             print(
-                f"{n:>8,} {r['wall']:>8.1f} {1000 * r['wall'] / n:>7.2f} {r['cpu']:>7.1f} {r['rss_mb']:>11.0f} "
+                f"{n:>8,} {r['wall']:>8.1f} {1000 * r['wall'] / n:>7.2f} {r['cpu']:>7.1f} "
+                f"{r['rss_mb']:>11.0f} "
                 f"{mb(w.get('ledger', [0])[0]):>9} {mb(r['ledger_size']):>8} {mb(w.get('index', [0])[0]):>8} "
                 f"{mb(w.get('manifest', [0])[0]):>11} {files:>7,} {r['paid']:>7,}",
                 flush=True,
@@ -220,7 +224,9 @@ def main() -> int:
             if r["paid"] != n or r["summary"]["images"] != n or r["manifest_images"] != n:
                 failures.append(f"{n}: paid {r['paid']}, stored {r['summary']['images']} (expected {n} each)")
             if w.get("ledger", [0])[0] > 3 * r["ledger_size"]:
-                failures.append(f"{n}: ledger bytes written {w['ledger'][0]} > 3x the final {r['ledger_size']}")
+                failures.append(
+                    f"{n}: ledger bytes written {w['ledger'][0]} > 3x the final {r['ledger_size']}"
+                )
         base, top = results[0], results[-1]
         ratio = (top["wall"] / top["n"]) / (base["wall"] / base["n"])
         print(f"\nms per image at {top['n']:,} / at {base['n']:,}: {ratio:.2f}x (target <= 1.3x)")
@@ -232,7 +238,8 @@ def main() -> int:
         again = run_child(url, work, top["n"], f"scheduled__{top['n']}_again", changed=changed)
         share = again["wall"] / top["wall"]
         print(
-            f"re-run of {top['n']:,} with {changed:,} rows changed (reuse='content'): paid {again['paid']:,}, "
+            f"re-run of {top['n']:,} with {changed:,} rows changed (reuse='content'): "
+            f"paid {again['paid']:,}, "
             f"reused {again['summary']['reused']:,}, wall {again['wall']:.1f} s = {share:.2f}x the first "
             f"run (target < 0.25x), peak RSS {again['rss_mb']:.0f} MB"
         )

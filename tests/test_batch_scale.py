@@ -1,4 +1,4 @@
-"""A catalogue's cost per image stays flat: what one task instance writes grows with the batch, not its square.
+"""A catalogue's cost per image stays flat: what a task instance writes grows with the batch, not its square.
 
 Counted through spies on the storage layer (bytes and files written, sleeps of the wait loop, the
 thread that copies a reused image), never by wall time, so a loaded machine cannot make them pass or fail.
@@ -40,9 +40,7 @@ def final_ledger_size(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and "_zimage_batch" in str(p))
 
 
-def test_bytes_written_to_the_batch_ledger_stay_within_3x_its_final_size(
-    zimage_conn, output_dir, written
-):
+def test_bytes_written_to_the_batch_ledger_stay_within_3x_its_final_size(zimage_conn, output_dir, written):
     n = 300
     summary = run_try(batch(output_dir, rows(n), chunk_size=10, max_in_flight=50), FakeTI("manual__big"))
     assert summary["images"] == n
@@ -100,7 +98,9 @@ def test_a_retry_reads_the_journal_and_reattaches_after_a_kill_between_chunks(
 
 def test_content_reuse_writes_no_file_per_image(zimage_conn, output_dir, written):
     n = 60
-    run_try(batch(output_dir, rows(n), reuse="content", chunk_size=10), FakeTI("scheduled__d1", dag_id="shop"))
+    run_try(
+        batch(output_dir, rows(n), reuse="content", chunk_size=10), FakeTI("scheduled__d1", dag_id="shop")
+    )
     index_files = {path for path, _ in written if "_zimage_content" in path}
     assert len(index_files) <= 17, len(index_files)  # one per shard of the batch, not one per image
     again = run_try(batch(output_dir, rows(n), reuse="content"), FakeTI("scheduled__d2", dag_id="shop"))
@@ -135,7 +135,6 @@ def test_the_next_window_goes_out_when_the_previous_one_frees_room_not_after_the
     slept: list[float] = []
     real_sleep = batch_module.time.sleep
     main = threading.main_thread()
-
 
     import time as _time
 

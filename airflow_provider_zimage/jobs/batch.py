@@ -17,8 +17,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cached_property
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Any, Literal
 
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException
@@ -113,6 +113,20 @@ class Prepared:
     arguments: str | None = None
     # The connection, part of what earlier releases' fingerprints were made of.
     origin: str | None = None
+    # Kept when `request` is let go (see `release`).
+    seed: int | None = field(init=False)
+    model: str = field(init=False)
+    expected: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.seed, self.model = self.request.seed, self.request.model
+        self.expected = self.request.number_results or 1
+
+    def release(self) -> None:
+        """Let go of the request once it is sent or its image is stored: a batch then holds requests
+        for what is still to send, not for 100,000 rows (a validated request is ~2.4 KB)."""
+        self.__dict__.pop("_old", None)
+        self.request = None  # type: ignore[assignment]
 
     @cached_property
     def _old(self) -> dict[str, str]:
@@ -129,10 +143,6 @@ class Prepared:
     def content_legacy(self) -> tuple[str, ...]:
         """The sure ones of `legacy`, the only ones looked up in the content index."""
         return tuple(f for f, trust in self._old.items() if trust == "same")
-
-    @property
-    def expected(self) -> int:
-        return self.request.number_results or 1
 
 
 class BatchJob:
@@ -231,6 +241,10 @@ class BatchJob:
                 unsent.append(entry)
         unsent += self._content_reuse(candidates)
         unsent.sort(key=lambda e: e.index)
+        to_send = {e.index for e in unsent}
+        for p in self.prepared.values():
+            if p.index not in to_send:
+                p.release()
         self._count()
         if rendered_differently and not self.rendering_warned:
             self.rendering_warned = True
@@ -243,7 +257,7 @@ class BatchJob:
     def _content_reusable(self, p: Prepared) -> bool:
         return (
             self.settings.reuse == "content"
-            and p.request.seed is not None
+            and p.seed is not None
             and not (self.settings.force and self.fresh)
         )
 
@@ -269,7 +283,7 @@ class BatchJob:
 
         to_generate = []
         with ThreadPoolExecutor(self.settings.download_concurrency) as pool:
-            for (p, entry), copies in zip(candidates, pool.map(copy, candidates)):
+            for (p, entry), copies in zip(candidates, pool.map(copy, candidates), strict=True):
                 if copies is None:
                     to_generate.append(entry)
                     continue
@@ -387,6 +401,8 @@ class BatchJob:
             ).request
             for e in chunk
         ]
+        for e in chunk:
+            self.prepared[e.index].release()
         if delivery.webhook_base_url is not None:
             self.log.info(
                 "Runware will POST the results to %s/zimage/webhooks/<taskUUID>",
@@ -495,8 +511,8 @@ class BatchJob:
             self.log.warning("Could not clear the webhook inbox of requests[%d]: %s", entry.index, exc)
 
     def _store(self, entry: BatchEntry, wait: TaskWait) -> list[dict[str, Any]]:
-        request = self.prepared[entry.index].request
-        model = entry.model or request.model  # the model paid for, whatever the row renders now
+        # The model paid for, whatever the row renders now.
+        model = entry.model or self.prepared[entry.index].model
         images = []
         hook = getattr(self._local, "hook", None)
         if hook is None:  # one client per download thread, reused for every image it fetches
@@ -568,7 +584,7 @@ class BatchJob:
             for e in entries
             if e.status == "stored"
             and e.images
-            and self.prepared[e.index].request.seed is not None
+            and self.prepared[e.index].seed is not None
             and not any("reused_from" in i for i in e.images)
         )
         ledger = self.ledger

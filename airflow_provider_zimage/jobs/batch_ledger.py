@@ -31,7 +31,9 @@ from airflow_provider_zimage.storage.artifacts import (
     ZImageStorageError,
     as_path,
     dumps_json,
+    dumps_json_lines,
     write_bytes_atomic,
+    write_chunks_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -173,17 +175,18 @@ class BatchLedger:
         self.entries[entry.index] = entry
         self.dirty.add(entry.index)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, *, entries: bool = True) -> dict[str, Any]:
+        data: dict[str, Any] = {
             "version": self.version,
             "dag_id": self.dag_id,
             "task_id": self.task_id,
             "run_id": self.run_id,
             "map_index": self.map_index,
-            # A shallow copy per entry, not dataclasses.asdict: asdict deep-copies every image dict and
-            # was half the cost of each save of a 1,000-request ledger.
-            "entries": {str(i): dict(vars(e)) for i, e in sorted(self.entries.items())},
         }
+        if entries:
+            # A shallow copy per entry, not dataclasses.asdict: asdict deep-copies every image dict.
+            data["entries"] = {str(i): dict(vars(e)) for i, e in sorted(self.entries.items())}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BatchLedger:
@@ -311,15 +314,16 @@ class BatchLedgerStore(JsonLedgerStore[BatchLedger]):
         The snapshot names the last segment it holds (`journal_seq`), so a crash between the two steps
         leaves segments that the next load skips, never replays over newer state.
         """
-        data = ledger.to_dict()
         ledger.dirty.clear()  # changed entries go straight into the snapshot
-        data["journal_seq"] = self.seq
-        payload = dumps_json(data, indent=None)
-        write_bytes_atomic(self.path, payload)
-        self.bytes_written += len(payload)
+        head = ledger.to_dict(entries=False)
+        head["journal_seq"] = self.seq
+        # One entry encoded at a time: 100,000 entries are never held a second time, as text.
+        head["entries"] = ((str(i), dict(vars(e))) for i, e in sorted(ledger.entries.items()))
+        _, size = write_chunks_atomic(self.path, dumps_json_lines(head, "entries", pairs=True))
+        self.bytes_written += size
         self.files_written += 1
         self.snapshot_seq = self.seq
-        self.snapshot_bytes = len(payload)
+        self.snapshot_bytes = size
         self.journal_bytes = 0
         self._written = {i: e.task_uuid for i, e in ledger.entries.items()}
         self._images = {i: len(e.images) for i, e in ledger.entries.items()}

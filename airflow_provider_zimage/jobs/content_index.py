@@ -62,16 +62,22 @@ def record_batch(store: ArtifactStore, batch_id: str, pictures: Iterable[tuple[s
     Written once when the batch finishes (a crashed try's index is written by the retry that finishes
     it): the index is a hint, and 16 objects for 100,000 images replace 100,000 files.
     """
-    shards: dict[str, dict[str, Images]] = {}
+    # References grouped by shard; each shard's copies (without the batch's own `index`) are made
+    # while it is written, so 100,000 images are never copied at once.
+    shards: dict[str, list[tuple[str, Images]]] = {}
     for fingerprint, images in pictures:
         if images:
-            shards.setdefault(_shard(fingerprint), {})[fingerprint] = [
-                {k: v for k, v in i.items() if k != "index"} for i in images
-            ]
+            shards.setdefault(_shard(fingerprint), []).append((fingerprint, images))
     directory = batch_index_dir(store, batch_id)
     written = 0
     for shard in sorted(shards):
-        document = {"version": INDEX_VERSION, "pictures": shards.pop(shard)}
+        document = {
+            "version": INDEX_VERSION,
+            "pictures": {
+                fingerprint: [{k: v for k, v in i.items() if k != "index"} for i in images]
+                for fingerprint, images in shards.pop(shard)
+            },
+        }
         # Not fsynced, as the per-fingerprint files: a lost index costs a future payment, nothing else.
         payload = dumps_json(document, indent=None)
         write_bytes_atomic(directory / f"{shard}.json", payload, durable=False)

@@ -56,11 +56,13 @@ __all__ = [
     "default_output_path",
     "inspect_image",
     "dumps_json",
+    "dumps_json_lines",
     "normalize_format",
     "read_json",
     "safe_segment",
     "verify",
     "write_bytes_atomic",
+    "write_chunks_atomic",
     "write_json_atomic",
 ]
 

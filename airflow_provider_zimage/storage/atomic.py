@@ -224,11 +224,12 @@ def dumps_json(obj: Any, *, indent: int | None = 2) -> bytes:
     return (text + "\n").encode("utf-8")
 
 
-def dumps_json_lines(obj: dict[str, Any], key: str) -> Iterator[bytes]:
+def dumps_json_lines(obj: dict[str, Any], key: str, *, pairs: bool = False) -> Iterator[bytes]:
     """`obj` as one JSON document, piece by piece: `obj[key]` (a long list) one item per line.
 
     Sorted keys and the same encoding as `dumps_json`, so a reader parses what it always did; each
-    item is encoded when its line is written, never the whole list at once.
+    item is encoded when its line is written (and may be made just then, by a generator), never the
+    whole list at once. `pairs`: `obj[key]` yields (name, value) pairs, written as a JSON object.
     """
     yield b"{"
     for n, name in enumerate(sorted(obj)):
@@ -236,10 +237,13 @@ def dumps_json_lines(obj: dict[str, Any], key: str) -> Iterator[bytes]:
         if name != key:
             yield head.encode("utf-8") + dumps_json(obj[name], indent=None).rstrip(b"\n")
             continue
-        yield (head + "[").encode("utf-8")
+        yield (head + ("{" if pairs else "[")).encode("utf-8")
         for i, item in enumerate(obj[name]):
-            yield (b",\n" if i else b"\n") + dumps_json(item, indent=None).rstrip(b"\n")
-        yield b"\n]"
+            line = dumps_json(item[1] if pairs else item, indent=None).rstrip(b"\n")
+            if pairs:
+                line = json.dumps(str(item[0])).encode("utf-8") + b":" + line
+            yield (b",\n" if i else b"\n") + line
+        yield b"\n}" if pairs else b"\n]"
     yield b"}\n"
 
 
