@@ -19,10 +19,7 @@ from airflow_provider_zimage.jobs.batch_ledger import (
 )
 from airflow_provider_zimage.storage.artifacts import as_path, write_json_atomic
 
-try:
-    from tests.s3_server import MOTO_CONN_ID, MotoS3Server, moto_s3_server, s3_bucket  # noqa: F401
-except ImportError:  # pragma: no cover
-    from s3_server import MOTO_CONN_ID, MotoS3Server, moto_s3_server, s3_bucket  # noqa: F401
+from tests.s3_server import MOTO_CONN_ID  # the s3_bucket fixture comes with tests/conftest.py
 
 IDENTITY = {"dag_id": "shop", "task_id": "catalogue", "run_id": "manual__1", "map_index": -1}
 
