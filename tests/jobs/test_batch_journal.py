@@ -18,7 +18,6 @@ from airflow_provider_zimage.jobs.batch_ledger import (
     BatchLedgerStore,
 )
 from airflow_provider_zimage.storage.artifacts import as_path, write_json_atomic
-
 from tests.s3_server import MOTO_CONN_ID  # the s3_bucket fixture comes with tests/conftest.py
 
 IDENTITY = {"dag_id": "shop", "task_id": "catalogue", "run_id": "manual__1", "map_index": -1}
