@@ -12,11 +12,13 @@ through `ArtifactStore`, requests are finished by `jobs.delivery` and sent by th
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Any, Literal
 
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException
@@ -36,6 +38,7 @@ from airflow_provider_zimage.jobs.generation import (
     NsfwPolicy,
     apply_nsfw_policy,
     manifest_entry,
+    old_job_fingerprints,
     parameter_digests,
     request_differences,
     warn_rendered_differently,
@@ -106,16 +109,40 @@ class Prepared:
     index: int
     request: ImageInferenceRequest
     fingerprint: str
-    # What earlier releases called the same picture: adopted by the ledger; only the sure ones are
-    # looked up in the content index (see `OldFingerprint`).
-    legacy: tuple[str, ...] = ()
-    content_legacy: tuple[str, ...] = ()
     # The row as the DAG wrote it, before rendering (None when unknown).
     arguments: str | None = None
+    # The connection, part of what earlier releases' fingerprints were made of.
+    origin: str | None = None
+    # Kept when `request` is let go (see `release`).
+    seed: int | None = field(init=False)
+    model: str = field(init=False)
+    expected: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.seed, self.model = self.request.seed, self.request.model
+        self.expected = self.request.number_results or 1
+
+    def release(self) -> None:
+        """Let go of the request once it is sent or its image is stored: a batch then holds requests
+        for what is still to send, not for 100,000 rows (a validated request is ~2.4 KB)."""
+        self.__dict__.pop("_old", None)
+        self.request = None  # type: ignore[assignment]
+
+    @cached_property
+    def _old(self) -> dict[str, str]:
+        # Computed only when asked (a ledger entry under another fingerprint, an old index file): half
+        # the cost of preparing a row, paid 100,000 times for nothing otherwise.
+        return old_job_fingerprints(self.request, backend="runware", origin=self.origin)
 
     @property
-    def expected(self) -> int:
-        return self.request.number_results or 1
+    def legacy(self) -> tuple[str, ...]:
+        """What earlier releases called the same picture: adopted by the ledger (see `OldFingerprint`)."""
+        return tuple(f for f, trust in self._old.items() if trust != "recorded")
+
+    @property
+    def content_legacy(self) -> tuple[str, ...]:
+        """The sure ones of `legacy`, the only ones looked up in the content index."""
+        return tuple(f for f, trust in self._old.items() if trust == "same")
 
 
 class BatchJob:
@@ -153,6 +180,10 @@ class BatchJob:
         self.done_here = 0
         self.store_errors: dict[int, str] = {}
         self.reused = 0
+        # Counted as they change, not by walking every entry per progress line (100,000 of them).
+        self.stored_count = 0
+        self.failed_count = 0
+        self.cost = 0.0
         self._local = threading.local()
         self._hooks: list[ZImageHook] = []
         # delivery="webhook": the inbox the API server writes to.
@@ -168,15 +199,17 @@ class BatchJob:
         # Requests removed from the list (a shorter re-run) are forgotten, not stored.
         for index in list(self.ledger.entries):
             if index not in self.prepared:
-                del self.ledger.entries[index]
+                self.ledger.forget(index)
+        candidates: list[tuple[Prepared, BatchEntry]] = []
         rendered_differently: dict[int, list[str]] = {}
         for p in self.prepared.values():
+            previous = self.ledger.entries.get(p.index)
             entry = self.ledger.entry_for(
                 p.index,
                 p.fingerprint,
                 p.expected,
                 fresh=self.fresh,
-                legacy=p.legacy,
+                legacy=p.legacy if previous is not None and previous.fingerprint != p.fingerprint else (),
                 arguments=p.arguments,
                 keep_stored=not self.settings.force,
             )
@@ -185,8 +218,9 @@ class BatchJob:
                 rendered_differently[p.index] = (
                     request_differences(parameter_digests(p.request), entry.params) if entry.params else []
                 )
-            if self.fresh:
+            if self.fresh and entry.ended_try:
                 entry.ended_try = False
+                self.ledger.touch(entry)
             if entry.status == "stored":
                 # force=True regenerates once per try, not again when a deferral resumes.
                 forced = self.settings.force and self.fresh
@@ -195,15 +229,23 @@ class BatchJob:
                     continue
                 self.log.info("requests[%d]: stored images missing or force=True: generating again", p.index)
                 entry = self.ledger.regenerate(entry)
-            if entry.status == "intent" and self._content_reuse(p, entry):
-                continue
             self.ledger.entries[p.index] = entry
+            if entry.status == "intent" and self._content_reusable(p):
+                candidates.append((p, entry))
+                continue
             if entry.status == "failed" or entry.ended_try or entry.status == "stored":
                 continue
             if entry.status == "submitted":
                 waiting[entry.task_uuid] = entry
             else:
                 unsent.append(entry)
+        unsent += self._content_reuse(candidates)
+        unsent.sort(key=lambda e: e.index)
+        to_send = {e.index for e in unsent}
+        for p in self.prepared.values():
+            if p.index not in to_send:
+                p.release()
+        self._count()
         if rendered_differently and not self.rendering_warned:
             self.rendering_warned = True
             rows = [f"requests[{i}]" for i in sorted(rendered_differently)]
@@ -212,17 +254,53 @@ class BatchJob:
             warn_rendered_differently(", ".join(rows[:10]) + more, names)
         return unsent, waiting
 
-    def _content_reuse(self, p: Prepared, entry: BatchEntry) -> bool:
-        """A seeded picture stored before under this output_path: copied here, nothing sent or paid."""
-        if self.settings.reuse != "content" or p.request.seed is None or (self.settings.force and self.fresh):
-            return False
-        copies = content_index.reuse(self.store, p.fingerprint, self.directory, p.content_legacy)
-        if copies is None:
-            return False
-        entry.images = [{**image, "index": p.index} for image in copies]
-        self.ledger.record(entry, "stored")
-        self.reused += 1
-        return True
+    def _content_reusable(self, p: Prepared) -> bool:
+        return (
+            self.settings.reuse == "content"
+            and p.seed is not None
+            and not (self.settings.force and self.fresh)
+        )
+
+    def _content_reuse(self, candidates: list[tuple[Prepared, BatchEntry]]) -> list[BatchEntry]:
+        """Seeded pictures stored before under this output_path: copied here, nothing sent or paid.
+
+        The index is read once for the whole batch, and the copies (each reads its source to check the
+        sha256) run in a pool as downloads do. Returns the entries to generate.
+        """
+        if not candidates:
+            return []
+        index = content_index.ContentIndex(self.store)
+
+        def copy(item: tuple[Prepared, BatchEntry]) -> list[dict[str, Any]] | None:
+            p, _ = item
+            try:
+                # Earlier releases' fingerprints can only be in their per-fingerprint files.
+                legacy = p.content_legacy if index.files else ()
+                return index.reuse(p.fingerprint, self.directory, legacy, durable=False)
+            except ZImageError as exc:  # a copy that fails costs a payment, never the batch
+                self.log.warning("requests[%d]: could not reuse the indexed image: %s", p.index, exc)
+                return None
+
+        to_generate = []
+        with ThreadPoolExecutor(self.settings.download_concurrency) as pool:
+            for (p, entry), copies in zip(candidates, pool.map(copy, candidates), strict=True):
+                if copies is None:
+                    to_generate.append(entry)
+                    continue
+                entry.images = [{**image, "index": p.index} for image in copies]
+                self.ledger.record(entry, "stored")
+                self.reused += 1
+        if len(to_generate) < len(candidates):
+            # The copies were written without one flush each; made durable here, all at once.
+            self.store.flush()
+        return to_generate
+
+    def _count(self) -> None:
+        """The progress counters, from the ledger once per try (then kept as entries change)."""
+        entries = [self.ledger.entries[i] for i in self.prepared if i in self.ledger.entries]
+        self.stored_count = sum(1 for e in entries if e.status == "stored")
+        self.failed_count = sum(1 for e in entries if e.status == "failed" or e.ended_try)
+        self.cost = sum(i.get("cost") or 0.0 for e in entries if e.status == "stored" for i in e.images)
 
     def run(self) -> dict[str, Any] | Defer:
         """The batch's summary (the XCom), or the decision to defer what is still waiting."""
@@ -238,13 +316,25 @@ class BatchJob:
         errors_in_a_row = 0
         with hook, ThreadPoolExecutor(self.settings.download_concurrency) as pool:
             while unsent or waiting:
-                while unsent and len(waiting) < self.settings.max_in_flight:
+                sent = 0
+                while sent < len(unsent) and len(waiting) < self.settings.max_in_flight:
                     room = min(self.settings.chunk_size, self.settings.max_in_flight - len(waiting))
-                    chunk, unsent = unsent[:room], unsent[room:]
+                    chunk = unsent[sent : sent + room]
+                    sent += len(chunk)
                     self._submit(hook, chunk)
                     waiting.update((e.task_uuid, e) for e in chunk)
-                if self.inbox is not None and self._settle(self.inbox.check(list(waiting)), waiting, pool):
-                    self._progress()
+                if sent:
+                    # Sliced once per window, not once per chunk: 100,000 rows would be copied per POST.
+                    unsent = unsent[sent:]
+                    # New tasks are polled from the first interval again, not at a timer that grew
+                    # while earlier windows were answered.
+                    delays = protocol.poll_delays(poll_interval, self.settings.max_poll_interval)
+                    next_poll = min(next_poll, time.time() + next(delays)) if next_poll else 0.0
+                freed = 0
+                if self.inbox is not None:
+                    freed = self._settle(self.inbox.check(list(waiting)), waiting, pool)
+                    if freed:
+                        self._progress()
                 due = self._due(waiting) if time.time() >= next_poll else []
                 if due:
                     try:
@@ -262,7 +352,7 @@ class BatchJob:
                         self.log.warning("batched getResponse failed (%d in a row): %s", errors_in_a_row, exc)
                     else:
                         errors_in_a_row = 0
-                        self._settle(answer, waiting, pool)
+                        freed += self._settle(answer, waiting, pool)
                         self._progress()
                     next_poll = time.time() + next(delays)
                 if not waiting and not unsent:
@@ -272,6 +362,8 @@ class BatchJob:
                     break
                 if self.settings.deferrable and time.time() >= defer_at and waiting:
                     return self._defer(waiting, poll_interval)
+                if freed and unsent and len(waiting) < self.settings.max_in_flight:
+                    continue  # room was freed: the next window goes out now, not after the poll timer
                 interval = self.settings.webhook_check_interval if self.inbox is not None else None
                 time.sleep(protocol.next_pause(next_poll, time.time(), inbox_interval=interval))
             for download_hook in self._hooks:
@@ -309,6 +401,8 @@ class BatchJob:
             ).request
             for e in chunk
         ]
+        for e in chunk:
+            self.prepared[e.index].release()
         if delivery.webhook_base_url is not None:
             self.log.info(
                 "Runware will POST the results to %s/zimage/webhooks/<taskUUID>",
@@ -385,8 +479,11 @@ class BatchJob:
                 entry.images = future.result()
                 self.ledger.record(entry, "stored")
                 self.done_here += 1
+                self.stored_count += 1
+                self.cost += sum(i.get("cost") or 0.0 for i in entry.images)
             except ZImageTaskFailed as exc:  # NSFW with on_nsfw="fail": Runware made it, we refuse it
                 self.ledger.record(entry, "failed", str(exc))
+                self.failed_count += 1
             except Exception as exc:
                 # Paid and still at Runware: the ledger keeps it submitted, a retry stores it for free.
                 self.store_errors[entry.index] = f"{type(exc).__name__}: {exc}"
@@ -400,6 +497,8 @@ class BatchJob:
         else:
             entry.ended_try = True
             entry.reason = outcome.message
+            self.ledger.touch(entry)
+        self.failed_count += 1
         # A delivered error must not end the next try too (as `ZImageGenerateOperator` clears it).
         self._discard_inbox(entry)
 
@@ -412,8 +511,8 @@ class BatchJob:
             self.log.warning("Could not clear the webhook inbox of requests[%d]: %s", entry.index, exc)
 
     def _store(self, entry: BatchEntry, wait: TaskWait) -> list[dict[str, Any]]:
-        request = self.prepared[entry.index].request
-        model = entry.model or request.model  # the model paid for, whatever the row renders now
+        # The model paid for, whatever the row renders now.
+        model = entry.model or self.prepared[entry.index].model
         images = []
         hook = getattr(self._local, "hook", None)
         if hook is None:  # one client per download thread, reused for every image it fetches
@@ -422,17 +521,6 @@ class BatchJob:
         for result in apply_nsfw_policy(wait.status.results, self.settings.on_nsfw):
             artifact = self.store.write_image(self.directory, str(result.image_uuid), hook.download(result))
             images.append({**manifest_entry(artifact.to_dict(), result, model=model), "index": entry.index})
-        if self.settings.reuse == "content" and request.seed is not None:
-            # In the download thread, after the images were verified and written: thousands of index
-            # files are written in parallel, not one by one between two polls.
-            try:
-                content_index.record(
-                    self.store,
-                    entry.fingerprint,
-                    [{k: v for k, v in i.items() if k != "index"} for i in images],
-                )
-            except ZImageError as exc:  # a lost hint costs a future payment, not this image
-                self.log.warning("Could not index requests[%d] for reuse: %s", entry.index, exc)
         self._discard_inbox(entry)
         return images
 
@@ -447,22 +535,20 @@ class BatchJob:
             entry = waiting.pop(uuid)
             entry.ended_try = True
             entry.reason = f"unfinished after {self.settings.timeout:g}s; a retry reattaches to the same task"
+            self.ledger.touch(entry)
+            self.failed_count += 1
         if late:
             self.ledgers.save(self.ledger)
 
     def _progress(self) -> None:
-        entries = self.ledger.entries.values()
-        done = sum(1 for e in entries if e.status == "stored")
-        failed = sum(1 for e in entries if e.status == "failed" or e.ended_try)
         elapsed = max(1e-6, time.monotonic() - self.started)
-        cost = sum(i.get("cost") or 0.0 for e in entries for i in e.images)
         self.log.info(
             "Batch progress: %d/%d stored, %d failed, %.1f images/min, cost so far $%.4f",
-            done,
+            self.stored_count,
             len(self.prepared),
-            failed,
+            self.failed_count,
             self.done_here * 60 / elapsed,
-            cost,
+            self.cost,
         )
 
     def _defer(self, waiting: dict[str, BatchEntry], poll_interval: float) -> Defer:
@@ -489,8 +575,30 @@ class BatchJob:
             rendering_warned=self.rendering_warned,
         )
 
+    def _index_content(self, entries: list[BatchEntry]) -> None:
+        """reuse="content": this batch's generated seeded pictures, one index for the task instance."""
+        if self.settings.reuse != "content":
+            return
+        pictures = (
+            (e.fingerprint, e.images)
+            for e in entries
+            if e.status == "stored"
+            and e.images
+            and self.prepared[e.index].seed is not None
+            and not any("reused_from" in i for i in e.images)
+        )
+        ledger = self.ledger
+        name = "\x1f".join([ledger.dag_id, ledger.run_id, ledger.task_id, str(ledger.map_index)])
+        try:
+            content_index.record_batch(self.store, hashlib.sha256(name.encode()).hexdigest()[:32], pictures)
+        except ZImageError as exc:  # a lost hint costs a future payment, not these images
+            self.log.warning("Could not index the batch's images for reuse: %s", exc)
+
     def _finish(self) -> dict[str, Any]:
+        # The journal folded into one snapshot: a re-run (or a reader) finds one small document.
+        self.ledgers.compact(self.ledger)
         entries = [self.ledger.entries[i] for i in sorted(self.prepared)]
+        self._index_content(entries)
         images = [image for e in entries if e.status == "stored" for image in e.images]
         failed = [
             {"index": e.index, "task_uuid": e.task_uuid, "reason": e.reason or "failed"}
@@ -515,7 +623,7 @@ class BatchJob:
             "failed": failed,
             "total_cost": total,
         }
-        path = self.store.write_manifest(self.directory, manifest)
+        path = self.store.write_manifest(self.directory, manifest, image_per_line=True)
         self.log.info(
             "Batch done: %d image(s) from %d request(s), %d failed, %d reused; total cost $%.4f",
             len(images),

@@ -1,9 +1,16 @@
 """The batch ledger: one deterministic taskUUID per request of a `ZImageBatchGenerateOperator`.
 
 The same three layers as `state` (deterministic taskUUID, intent before the POST and submitted after,
-on object storage next to the artifacts), for thousands of requests in one task instance. One file per
-task instance (`_zimage_batch.json`, written atomically, versioned): a retry or a killed worker reads it
-and reattaches to every submitted request, and sends only what was never accepted.
+on object storage next to the artifacts), for thousands of requests in one task instance: a retry or a
+killed worker reads it and reattaches to every submitted request, and sends only what was never accepted.
+
+Written in time linear in the batch (a catalogue is 100,000 rows; rewriting the whole ledger per chunk
+cost the square of that): `_zimage_batch.json` is a snapshot (written atomically, versioned), and every
+state change after it is a small record in a journal segment, one object per save
+(`_zimage_batch.journal/{seq}.jsonl`, written atomically: object stores have no append). Loading reads
+the snapshot and replays the segments after it; the job compacts (a new snapshot, then the segments
+removed) when it finishes, defers, or the journal outgrows the live state. A crash at any moment leaves
+a snapshot and whole segments, so a retry always has a record to reattach to.
 
 The request's index is part of the taskUUID material, so two identical requests in one batch are two
 images (the user listed them twice), and an edited row gets a new fingerprint, hence a new taskUUID.
@@ -11,15 +18,34 @@ images (the user listed them twice), and an edited row gets a new fingerprint, h
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from airflow_provider_zimage.jobs.ledger import JsonLedgerStore, derive_task_uuid
+from airflow_provider_zimage.storage.artifacts import (
+    ZImageStorageError,
+    as_path,
+    dumps_json,
+    dumps_json_lines,
+    write_bytes_atomic,
+    write_chunks_atomic,
+)
+
+log = logging.getLogger(__name__)
 
 BATCH_STATE_FILE = "_zimage_batch.json"
+BATCH_JOURNAL_DIR = "_zimage_batch.journal"
 BATCH_STATE_VERSION = 1
+
+# What a journal record of an entry already journaled under the same taskUUID carries: the fields a
+# state change moves. Everything else (fingerprint, taskUUID, digests) is written once per generation.
+_MUTABLE = ("status", "submitted_at", "reason", "ended_try")
+_SEGMENT = re.compile(r"^(\d{12})\.jsonl$")
 
 EntryStatus = Literal["intent", "submitted", "failed", "stored"]
 
@@ -56,6 +82,19 @@ class BatchLedger:
     map_index: int
     entries: dict[int, BatchEntry] = field(default_factory=dict)
     version: int = BATCH_STATE_VERSION
+    # Indexes changed since the last save (`touch`, `record`, `forget`): what the next journal segment
+    # holds. Not part of the document.
+    dirty: set[int] = field(default_factory=set, repr=False, compare=False)
+
+    def touch(self, entry: BatchEntry) -> None:
+        """Something about `entry` changed outside `record` (ended_try, reason, a new generation)."""
+        self.entries[entry.index] = entry
+        self.dirty.add(entry.index)
+
+    def forget(self, index: int) -> None:
+        """A request removed from the list (a shorter re-run)."""
+        if self.entries.pop(index, None) is not None:
+            self.dirty.add(index)
 
     def _uuid(self, index: int, fingerprint: str, generation: int) -> str:
         return derive_task_uuid(
@@ -92,6 +131,7 @@ class BatchLedger:
         previous = self.entries.get(index)
         if previous is not None and previous.fingerprint in legacy:
             previous.fingerprint = fingerprint
+            self.dirty.add(index)
         if previous is not None and previous.fingerprint != fingerprint:
             same_row = arguments is not None and previous.arguments == arguments
             pending = previous.status in ("intent", "submitted") or (
@@ -133,18 +173,20 @@ class BatchLedger:
         if status == "submitted" and entry.submitted_at is None:
             entry.submitted_at = time.time()
         self.entries[entry.index] = entry
+        self.dirty.add(entry.index)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, *, entries: bool = True) -> dict[str, Any]:
+        data: dict[str, Any] = {
             "version": self.version,
             "dag_id": self.dag_id,
             "task_id": self.task_id,
             "run_id": self.run_id,
             "map_index": self.map_index,
-            # A shallow copy per entry, not dataclasses.asdict: asdict deep-copies every image dict and
-            # was half the cost of each save of a 1,000-request ledger.
-            "entries": {str(i): dict(vars(e)) for i, e in sorted(self.entries.items())},
         }
+        if entries:
+            # A shallow copy per entry, not dataclasses.asdict: asdict deep-copies every image dict.
+            data["entries"] = {str(i): dict(vars(e)) for i, e in sorted(self.entries.items())}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BatchLedger:
@@ -155,17 +197,139 @@ class BatchLedger:
         entries = {int(k): BatchEntry(**v) for k, v in (data.get("entries") or {}).items()}
         return cls(data["dag_id"], data["task_id"], data["run_id"], int(data["map_index"]), entries)
 
+    def apply(self, record: dict[str, Any]) -> None:
+        """One journal record: a whole entry, the fields a state change moved, or a removal."""
+        index = int(record.pop("i"))
+        if record.get("deleted"):
+            self.entries.pop(index, None)
+        elif "task_uuid" in record:
+            self.entries[index] = BatchEntry(index=index, **record)
+        elif index in self.entries:
+            for name, value in record.items():
+                setattr(self.entries[index], name, value)
+
 
 class BatchLedgerStore(JsonLedgerStore[BatchLedger]):
-    """The batch ledger of one task instance (`_zimage_batch.json`)."""
+    """The batch ledger of one task instance: `_zimage_batch.json` and its journal (module docstring)."""
 
     file_name = BATCH_STATE_FILE
     description = "batch ledger"
-    # Compact: rewritten after every chunk and every round of results, by machines for machines.
+    # Compact: by machines for machines.
     indent = None
+
+    def __init__(self, directory: Any) -> None:
+        super().__init__(directory)
+        self.journal = as_path(directory) / BATCH_JOURNAL_DIR
+        # The last segment written or read, and what the snapshot already holds.
+        self.seq = 0
+        self.snapshot_seq = 0
+        # Bytes in the journal since the snapshot, and the snapshot's own size: the journal is
+        # compacted when it outgrows the live state, so a reader never replays much more than it keeps.
+        self.journal_bytes = 0
+        self.snapshot_bytes = 0
+        # taskUUID each entry was last journaled (or loaded) under: later records carry only `_MUTABLE`.
+        self._written: dict[int, str] = {}
+        # Images are written once per generation: the count last journaled for each entry.
+        self._images: dict[int, int] = {}
+        self.bytes_written = 0
+        self.files_written = 0
 
     def empty(self, dag_id: str, task_id: str, run_id: str, map_index: int) -> BatchLedger:
         return BatchLedger(dag_id, task_id, run_id, map_index)
 
     def parse(self, data: dict[str, Any]) -> BatchLedger:
+        self.snapshot_seq = self.seq = int(data.get("journal_seq") or 0)
         return BatchLedger.from_dict(data)
+
+    def load(self, *, dag_id: str, task_id: str, run_id: str, map_index: int) -> BatchLedger:
+        """The snapshot, then every whole journal segment after it, in order."""
+        ledger = super().load(dag_id=dag_id, task_id=task_id, run_id=run_id, map_index=map_index)
+        for seq, path in self._segments():
+            self.seq = max(self.seq, seq)
+            if seq <= self.snapshot_seq:
+                continue  # compacted into the snapshot; its removal was interrupted
+            try:
+                raw = path.fs.cat_file(path.path)
+                for line in raw.decode("utf-8").splitlines():
+                    if line.strip():
+                        ledger.apply(json.loads(line))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                # A segment is written whole or not at all; an unreadable one is someone else's damage.
+                # Skipping it can at worst resubmit, which the deterministic taskUUIDs make a conflict.
+                log.warning("ignoring unreadable %s segment %s: %s", self.description, path, exc)
+                continue
+            self.journal_bytes += len(raw)
+        self._written = {i: e.task_uuid for i, e in ledger.entries.items()}
+        self._images = {i: len(e.images) for i, e in ledger.entries.items()}
+        ledger.dirty.clear()
+        return ledger
+
+    def _segments(self) -> list[tuple[int, Any]]:
+        try:
+            children = list(self.journal.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        found = []
+        for child in children:
+            match = _SEGMENT.match(child.name)
+            if match:
+                found.append((int(match.group(1)), child))
+        return sorted(found, key=lambda s: s[0])
+
+    def _record(self, ledger: BatchLedger, index: int) -> dict[str, Any]:
+        entry = ledger.entries.get(index)
+        if entry is None:
+            self._written.pop(index, None)
+            self._images.pop(index, None)
+            return {"i": index, "deleted": True}
+        if self._written.get(index) != entry.task_uuid:
+            record = {"i": index, **{k: v for k, v in vars(entry).items() if k != "index"}}
+        else:
+            record = {"i": index, **{k: getattr(entry, k) for k in _MUTABLE}}
+            if self._images.get(index) != len(entry.images) or entry.status == "stored":
+                record["images"] = entry.images
+        self._written[index] = entry.task_uuid
+        self._images[index] = len(entry.images)
+        return record
+
+    def save(self, ledger: BatchLedger) -> None:
+        """What changed since the last save, as one journal segment (or a snapshot when it outgrew it)."""
+        if not ledger.dirty:
+            return
+        payload = b"".join(dumps_json(self._record(ledger, i), indent=None) for i in sorted(ledger.dirty))
+        self.seq += 1
+        write_bytes_atomic(self.journal / f"{self.seq:012d}.jsonl", payload)
+        ledger.dirty.clear()
+        self.journal_bytes += len(payload)
+        self.bytes_written += len(payload)
+        self.files_written += 1
+        # A journal that replays much more than it keeps (rounds of ended_try on the same entries):
+        # compact. A plain run writes each entry about three times and never gets here before its end.
+        if self.journal_bytes > 4 * max(self.snapshot_bytes, 1 << 20):
+            self.compact(ledger)
+
+    def compact(self, ledger: BatchLedger) -> None:
+        """The whole ledger as the snapshot, then the journal it replaces removed.
+
+        The snapshot names the last segment it holds (`journal_seq`), so a crash between the two steps
+        leaves segments that the next load skips, never replays over newer state.
+        """
+        ledger.dirty.clear()  # changed entries go straight into the snapshot
+        head = ledger.to_dict(entries=False)
+        head["journal_seq"] = self.seq
+        # One entry encoded at a time: 100,000 entries are never held a second time, as text.
+        head["entries"] = ((str(i), dict(vars(e))) for i, e in sorted(ledger.entries.items()))
+        _, size = write_chunks_atomic(self.path, dumps_json_lines(head, "entries", pairs=True))
+        self.bytes_written += size
+        self.files_written += 1
+        self.snapshot_seq = self.seq
+        self.snapshot_bytes = size
+        self.journal_bytes = 0
+        self._written = {i: e.task_uuid for i, e in ledger.entries.items()}
+        self._images = {i: len(e.images) for i, e in ledger.entries.items()}
+        segments = [path for seq, path in self._segments() if seq <= self.seq]
+        if segments:
+            try:
+                segments[0].fs.rm([p.path for p in segments])
+            except (OSError, ZImageStorageError) as exc:  # skipped by the next load: left, not harmful
+                log.warning("could not remove the compacted %s journal: %s", self.description, exc)

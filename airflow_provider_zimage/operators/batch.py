@@ -41,7 +41,6 @@ from airflow_provider_zimage.jobs.generation import (
     NsfwPolicy,
     TaskInstanceRef,
     arguments_digest,
-    old_job_fingerprints,
 )
 from airflow_provider_zimage.jobs.ledger import job_fingerprint
 from airflow_provider_zimage.jobs.openai_images import (
@@ -210,10 +209,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
                 where = f"requests[{index}].{params[0]}" if params else f"requests[{index}]"
                 raise AirflowFailException(f"{where}: {exc}") from None
             fp = job_fingerprint(request.fingerprint(), backend="runware", origin=self.zimage_conn_id)
-            old = old_job_fingerprints(request, backend="runware", origin=self.zimage_conn_id)
-            legacy = tuple(f for f, trust in old.items() if trust != "recorded")
-            content_legacy = tuple(f for f, trust in old.items() if trust == "same")
-            prepared.append(Prepared(index, request, fp, legacy, content_legacy, self._row_arguments(index)))
+            prepared.append(Prepared(index, request, fp, self._row_arguments(index), self.zimage_conn_id))
         return prepared
 
     # -- execution ----------------------------------------------------------------------------------

@@ -27,13 +27,22 @@ import datetime as dt
 import json
 import os
 import uuid
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_zimage.exceptions import ZImageStorageError
 
-__all__ = ["as_path", "dumps_json", "read_json", "write_bytes_atomic", "write_json_atomic"]
+__all__ = [
+    "as_path",
+    "dumps_json",
+    "dumps_json_lines",
+    "read_json",
+    "write_bytes_atomic",
+    "write_chunks_atomic",
+    "write_json_atomic",
+]
 
 _LOCAL_PROTOCOLS = frozenset({"", "file", "local"})
 # Filesystems where one pipe_file call is one atomic object PUT (see module docstring).
@@ -97,6 +106,27 @@ def _write_local_atomic(target: str, data: bytes, durable: bool = True) -> None:
         _fsync_dir(directory)
 
 
+def _write_local_chunks_atomic(target: str, chunks: Iterable[bytes], durable: bool) -> None:
+    """As `_write_local_atomic`, the payload written piece by piece: never all in memory at once."""
+    directory = os.path.dirname(target) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, _temp_name(os.path.basename(target)))
+    try:
+        with open(tmp, "xb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        _fsync_dir(directory)
+
+
 def _write_generic_atomic(path: ObjectStoragePath, data: bytes) -> None:
     fs = path.fs
     parent = path.parent
@@ -137,6 +167,33 @@ def write_bytes_atomic(
     return target
 
 
+def write_chunks_atomic(
+    path: ObjectStoragePath | str | os.PathLike[str], chunks: Iterable[bytes], *, durable: bool = True
+) -> tuple[ObjectStoragePath, int]:
+    """`write_bytes_atomic` for a payload made piece by piece (a 100,000-image manifest); returns the
+    path and the bytes written. On a local disk the pieces are streamed to the temp file; an object
+    store needs the whole payload for its one PUT (see the module docstring), joined once."""
+    target = as_path(path)
+    if target.protocol in _LOCAL_PROTOCOLS:
+        counted = _Counted(chunks)
+        _write_local_chunks_atomic(target.path, counted, durable)
+        return target, counted.total
+    payload = b"".join(chunks)
+    write_bytes_atomic(target, payload, durable=durable)
+    return target, len(payload)
+
+
+class _Counted:
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self.chunks = chunks
+        self.total = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.chunks:
+            self.total += len(chunk)
+            yield chunk
+
+
 def _json_default(obj: Any) -> Any:
     """Encode the few non-JSON types manifests and ledgers naturally contain."""
     if isinstance(obj, (dt.datetime, dt.date)):
@@ -165,6 +222,29 @@ def dumps_json(obj: Any, *, indent: int | None = 2) -> bytes:
     except (TypeError, ValueError) as exc:
         raise ZImageStorageError(f"cannot encode as JSON: {exc}") from exc
     return (text + "\n").encode("utf-8")
+
+
+def dumps_json_lines(obj: dict[str, Any], key: str, *, pairs: bool = False) -> Iterator[bytes]:
+    """`obj` as one JSON document, piece by piece: `obj[key]` (a long list) one item per line.
+
+    Sorted keys and the same encoding as `dumps_json`, so a reader parses what it always did; each
+    item is encoded when its line is written (and may be made just then, by a generator), never the
+    whole list at once. `pairs`: `obj[key]` yields (name, value) pairs, written as a JSON object.
+    """
+    yield b"{"
+    for n, name in enumerate(sorted(obj)):
+        head = ("," if n else "") + json.dumps(name) + ":"
+        if name != key:
+            yield head.encode("utf-8") + dumps_json(obj[name], indent=None).rstrip(b"\n")
+            continue
+        yield (head + ("{" if pairs else "[")).encode("utf-8")
+        for i, item in enumerate(obj[name]):
+            line = dumps_json(item[1] if pairs else item, indent=None).rstrip(b"\n")
+            if pairs:
+                line = json.dumps(str(item[0])).encode("utf-8") + b":" + line
+            yield (b",\n" if i else b"\n") + line
+        yield b"\n}" if pairs else b"\n]"
+    yield b"}\n"
 
 
 def write_json_atomic(

@@ -464,13 +464,16 @@ def batch_dir(deployment: Deployment, dag_id: str, run_id: str) -> Path:
 
 
 def batch_ledger_counts(deployment: Deployment, dag_id: str, run_id: str) -> dict[str, int]:
-    """Entries of the batch ledger (`_zimage_batch.json`) by status."""
-    path = batch_dir(deployment, dag_id, run_id) / "_zimage_batch.json"
-    if not path.exists():
+    """Entries of the batch ledger (`_zimage_batch.json` and its journal) by status, read as a retry does."""
+    from airflow_provider_zimage.jobs.batch_ledger import BatchLedgerStore
+
+    folder = batch_dir(deployment, dag_id, run_id)
+    if not folder.exists():
         return {}
+    ledger = BatchLedgerStore(folder).load(dag_id=dag_id, task_id="generate", run_id=run_id, map_index=-1)
     counts: dict[str, int] = {}
-    for entry in json.loads(path.read_text())["entries"].values():
-        counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+    for entry in ledger.entries.values():
+        counts[entry.status] = counts.get(entry.status, 0) + 1
     return counts
 
 
