@@ -5,7 +5,9 @@ LocalExecutor, dag-processor and triggerer as separate processes, SQLite) agains
 server with a fixed generation delay, everything on this machine, one run:
 
 (a) N mapped `ZImageGenerateOperator` tasks, deferrable (`--mapped-n`, default N);
-(b) one `ZImageBatchGenerateOperator` over the same number of requests, deferrable;
+(b) one `ZImageBatchGenerateOperator` over the same number of requests, deferrable, default settings;
+    then the same batch (other rows) with `defer_after=0` (batch*) and `defer_after=5` (batch5, the
+    earlier default; left out of the smoke);
 (floor) a bare client in this process, no Airflow: the same N requests submitted in chunks of 100
     through `ZImageHook`, polled with batched `getResponse` every 0.5 s, downloaded by 8 threads and
     written with their sha256, which is the API's own speed plus download and store.
@@ -48,9 +50,11 @@ from tests.e2e.harness import Deployment, DeploymentConfig
 MAPPED = "bench_mapped"
 BATCH = "bench_batch"
 # The same batch (other rows, so nothing is reused) deferring at once: its trigger's settle window
-# ([zimage] deferral_settle_seconds, 10 s from the deferral) then overlaps the generation time instead
-# of starting after `defer_after` (5 s by default).
+# ([zimage] deferral_settle_seconds, 10 s from the deferral) then overlaps the generation time.
 BATCH_NOW = "bench_batch_defer_at_once"
+# And deferring after 5 s, the earlier default (now 5 s plus the settle window): answers that come
+# within the window after the deferral are held until it ends.
+BATCH_AT_5 = "bench_batch_defer_after_5"
 POLL = {"poll_interval": 0.5, "max_poll_interval": 2.0}
 
 DAGS = {
@@ -217,15 +221,21 @@ def main() -> None:
         + DAGS[BATCH].format(
             dag_id=BATCH_NOW, n=args.n, poll=json.dumps(POLL), prefix="deferred", extra='{"defer_after": 0}'
         ),
+        BATCH_AT_5: HEADER
+        + DAGS[BATCH].format(
+            dag_id=BATCH_AT_5, n=args.n, poll=json.dumps(POLL), prefix="at five", extra='{"defer_after": 5}'
+        ),
     }
     with Deployment(sources, DeploymentConfig(runware_delay=args.delay)) as deployment:
         assert deployment.control is not None
-        deployment.wait_for_dags([MAPPED, BATCH, BATCH_NOW])
+        deployment.wait_for_dags([MAPPED, BATCH, BATCH_NOW, BATCH_AT_5])
         deployment.control.configure(delay=args.delay)
         floor = bare_client(deployment, args.n, deployment.home / "bare")
         mapped = None if args.skip_mapped else measure(deployment, MAPPED)
         batch = measure(deployment, BATCH)
         batch_now = measure(deployment, BATCH_NOW)
+        # Left out of the smoke: the same deferral path as batch*, plus its 10 s window.
+        batch_at_5 = None if args.smoke else measure(deployment, BATCH_AT_5)
         again = measure(deployment, BATCH, clear=batch["run_id"])
         one_pct = measure(deployment, BATCH, conf={"changed": changed})
         next_day = measure(deployment, BATCH, conf={"changed": changed})
@@ -240,7 +250,12 @@ def main() -> None:
         f"{'':<7} {'images':>6} {'run wall s':>10} {'task wall s':>11} {'images/min':>10} "
         f"{'run/floor':>9} {'task/floor':>10} {'DB rows':>7} {'paid':>5}  CPU s by component"
     )
-    rows = (("mapped", mapped, mapped_n), ("batch", batch, args.n), ("batch*", batch_now, args.n))
+    rows = (
+        ("mapped", mapped, mapped_n),
+        ("batch", batch, args.n),
+        ("batch*", batch_now, args.n),
+        ("batch5", batch_at_5, args.n),
+    )
     for label, f, count in rows:
         if f is None:
             continue
@@ -253,7 +268,10 @@ def main() -> None:
     if mapped is not None:
         rate = (args.n / batch["wall"]) / (mapped_n / mapped["wall"])
         print(f"batch vs mapped: {rate:.1f}x the images per minute")
+    print("batch: default settings (defer_after None: 5 s + [zimage] deferral_settle_seconds)")
     print("batch*: the same batch with defer_after=0 (defers at once; the settle overlaps generation)")
+    if batch_at_5 is not None:
+        print("batch5: the same batch with defer_after=5 (the earlier default)")
     print(f"re-run (the same DAG run cleared): paid {again['paid']}, wall {again['wall']:.1f} s")
     print(
         f"new run, {changed} of {args.n} rows changed: paid {one_pct['paid']}, wall {one_pct['wall']:.1f} s"
@@ -263,6 +281,7 @@ def main() -> None:
         "mapped": (mapped, mapped_n),
         "batch": (batch, args.n),
         "batch*": (batch_now, args.n),
+        "batch5": (batch_at_5, args.n),
         "re-run": (again, 0),
         "changed rows": (one_pct, changed),
         "same rows": (next_day, 0),
@@ -275,6 +294,7 @@ def main() -> None:
                 "mapped": mapped,
                 "batch": batch,
                 "batch_defer_at_once": batch_now,
+                "batch_defer_after_5": batch_at_5,
                 "again": again,
                 "changed": one_pct,
                 "next_day": next_day,
