@@ -90,3 +90,18 @@ def test_an_explicit_defer_after_is_kept(zimage_conn, output_dir, monkeypatch):
 def test_a_negative_defer_after_is_refused_naming_it(output_dir):
     with pytest.raises(ValueError, match="defer_after must be >= 0"):
         batch(output_dir, rows(1), deferrable=True, defer_after=-1)
+
+
+def test_a_batch_still_receiving_answers_does_not_defer_between_them(zimage_conn, output_dir):
+    """`defer_after` counts from the last answer, not from the start: a batch whose images arrive one
+    every 0.8 s is storing, not waiting, so a deferral would only hold the next answers in a trigger."""
+    requests = [
+        {"prompt": f"staggered shot {i} __delay:{0.6 + 0.8 * i:.1f}__", "seed": 7 + i} for i in range(4)
+    ]
+    started = time.monotonic()
+    summary = batch(output_dir, requests, deferrable=True, defer_after=1.2).execute(
+        {"ti": FakeTI("manual__staggered")}
+    )
+    assert summary["images"] == 4  # a TaskDeferred above is the old behaviour (deferred at 1.2 s)
+    assert time.monotonic() - started >= 3.0  # the last answer came at 3 s: it waited for it
+    one_submission_each(zimage_conn, 4)
