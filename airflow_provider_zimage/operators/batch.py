@@ -60,10 +60,10 @@ def default_defer_after() -> float:
     deferral_settle_seconds` (15 s at the defaults).
 
     A deferred trigger holds answers that come within that window of the deferral (Airflow's deferral
-    race), and nothing a trigger can read says the race is over, so a batch deferring at 5 s whose
-    answers come at 12 s resumes at 15 s at the earliest, plus a task start. Waiting the window out on
-    the worker instead stores them as they come; a batch still waiting after it defers, and its
-    trigger, firing after the window, holds nothing. One task instance holds its worker 10 s longer.
+    race; nothing a trigger can read says the race is over), so a batch deferring at 5 s whose answers
+    come at 12 s resumes at 15 s at the earliest, plus a task start. Waiting the window out on the
+    worker stores them as they come; a batch that defers after it, and whose answers come after the
+    window, is held by nothing. The price: one task instance keeps its worker up to 10 s longer.
     """
     return BASE_DEFER_AFTER_S + deferral_settle_seconds()
 
@@ -89,8 +89,9 @@ class ZImageBatchGenerateOperator(BaseOperator):
     :param fail_on_partial_error: after storing everything else, fail (retryably) listing the requests
         Runware failed; a retry resubmits only those, under a new generation.
     :param download_concurrency: images fetched and stored at once.
-    :param defer_after: with deferrable=True, seconds of in-process polling before deferring; None
-        (default): 5 s plus `[zimage] deferral_settle_seconds` (`default_defer_after`).
+    :param defer_after: with deferrable=True, the batch defers once this many seconds pass without a
+        new stored answer (counted from the start until the first); None (default): 5 s plus `[zimage]
+        deferral_settle_seconds` (`default_defer_after`).
     :param poll_interval: first wait between batched getResponse polls (growing by 1.5x up to
         `max_poll_interval`); None: 1 s on Runware, 0.1 s on a zimage-executor (the connection's backend).
     :param reuse: "task" reuses what this task instance stored before; "content" also copies a seeded
