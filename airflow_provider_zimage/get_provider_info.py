@@ -201,8 +201,10 @@ def get_provider_info() -> dict[str, Any]:
                         "default": None,
                     },
                     "deferral_settle_seconds": {
-                        "description": "Seconds a deferred task's trigger holds an early answer, so the "
-                        "scheduler has processed the deferral first (apache/airflow#66374); 10 when unset.",
+                        "description": "The window after a deferral within which the task's trigger "
+                        "holds an answer, so the scheduler has processed the deferring try's exit first "
+                        "(apache/airflow#66374); an answer after it is sent at once. The batch operator "
+                        "waits 5 s plus this on the worker before deferring, by default. 10 when unset.",
                         "version_added": "0.2.0",
                         "type": "float",
                         "example": "10",

@@ -5,7 +5,9 @@ LocalExecutor, dag-processor and triggerer as separate processes, SQLite) agains
 server with a fixed generation delay, everything on this machine, one run:
 
 (a) N mapped `ZImageGenerateOperator` tasks, deferrable (`--mapped-n`, default N);
-(b) one `ZImageBatchGenerateOperator` over the same number of requests, deferrable;
+(b) one `ZImageBatchGenerateOperator` over the same number of requests, deferrable, default settings;
+    then the same batch (other rows) with `defer_after=0` (batch*) and `defer_after=5` (batch5, the
+    earlier default; left out of the smoke);
 (floor) a bare client in this process, no Airflow: the same N requests submitted in chunks of 100
     through `ZImageHook`, polled with batched `getResponse` every 0.5 s, downloaded by 8 threads and
     written with their sha256, which is the API's own speed plus download and store.
@@ -48,9 +50,11 @@ from tests.e2e.harness import Deployment, DeploymentConfig
 MAPPED = "bench_mapped"
 BATCH = "bench_batch"
 # The same batch (other rows, so nothing is reused) deferring at once: its trigger's settle window
-# ([zimage] deferral_settle_seconds, 10 s from the deferral) then overlaps the generation time instead
-# of starting after `defer_after` (5 s by default).
+# ([zimage] deferral_settle_seconds, 10 s from the deferral) then overlaps the generation time.
 BATCH_NOW = "bench_batch_defer_at_once"
+# And deferring after 5 s, the earlier default (now 5 s plus the settle window): answers that come
+# within the window after the deferral are held until it ends.
+BATCH_AT_5 = "bench_batch_defer_after_5"
 POLL = {"poll_interval": 0.5, "max_poll_interval": 2.0}
 
 DAGS = {
@@ -74,8 +78,9 @@ with DAG({dag_id!r}, schedule=None, start_date=START, catchup=False,
     def rows(**context):
         # A product table: the first `changed` rows got new packaging since the last run.
         changed = int(context["dag_run"].conf.get("changed", 0))
+        salt = str(context["dag_run"].conf.get("salt", ""))  # another round: new rows, nothing reused
         return [
-            {{"prompt": f"{prefix} row {{i}}" + (" (new packaging)" if i < changed else ""),
+            {{"prompt": f"{prefix}{{salt}} row {{i}}" + (" (new packaging)" if i < changed else ""),
               "seed": 10_000 + i}}
             for i in range({n})
         ]
@@ -200,6 +205,7 @@ def main() -> None:
     parser.add_argument("--mapped-n", type=int, default=None, help="mapped task instances (default --n)")
     parser.add_argument("--delay", type=float, default=10.0, help="server-side seconds per generation")
     parser.add_argument("--skip-mapped", action="store_true", help="only the batch, the floor and re-runs")
+    parser.add_argument("--rounds", type=int, default=1, help="batch, batch* and batch5 runs each")
     parser.add_argument("--smoke", action="store_true", help="seconds, tiny sizes (make bench-smoke)")
     args = parser.parse_args()
     if args.smoke:
@@ -217,15 +223,29 @@ def main() -> None:
         + DAGS[BATCH].format(
             dag_id=BATCH_NOW, n=args.n, poll=json.dumps(POLL), prefix="deferred", extra='{"defer_after": 0}'
         ),
+        BATCH_AT_5: HEADER
+        + DAGS[BATCH].format(
+            dag_id=BATCH_AT_5, n=args.n, poll=json.dumps(POLL), prefix="at five", extra='{"defer_after": 5}'
+        ),
     }
     with Deployment(sources, DeploymentConfig(runware_delay=args.delay)) as deployment:
         assert deployment.control is not None
-        deployment.wait_for_dags([MAPPED, BATCH, BATCH_NOW])
+        deployment.wait_for_dags([MAPPED, BATCH, BATCH_NOW, BATCH_AT_5])
         deployment.control.configure(delay=args.delay)
         floor = bare_client(deployment, args.n, deployment.home / "bare")
         mapped = None if args.skip_mapped else measure(deployment, MAPPED)
         batch = measure(deployment, BATCH)
         batch_now = measure(deployment, BATCH_NOW)
+        # Left out of the smoke: the same deferral path as batch*, plus its 10 s window.
+        batch_at_5 = None if args.smoke else measure(deployment, BATCH_AT_5)
+        # More rounds in the reverse order, on new rows: the first run of a deployment starts cold.
+        extra_rounds = []
+        for r in range(1, args.rounds):
+            salt = {"salt": f" round {r}"}
+            at_5 = measure(deployment, BATCH_AT_5, conf=salt)
+            extra_rounds.append(
+                (r, measure(deployment, BATCH, conf=salt), measure(deployment, BATCH_NOW, conf=salt), at_5)
+            )
         again = measure(deployment, BATCH, clear=batch["run_id"])
         one_pct = measure(deployment, BATCH, conf={"changed": changed})
         next_day = measure(deployment, BATCH, conf={"changed": changed})
@@ -240,7 +260,15 @@ def main() -> None:
         f"{'':<7} {'images':>6} {'run wall s':>10} {'task wall s':>11} {'images/min':>10} "
         f"{'run/floor':>9} {'task/floor':>10} {'DB rows':>7} {'paid':>5}  CPU s by component"
     )
-    rows = (("mapped", mapped, mapped_n), ("batch", batch, args.n), ("batch*", batch_now, args.n))
+    rows = [
+        ("mapped", mapped, mapped_n),
+        ("batch", batch, args.n),
+        ("batch*", batch_now, args.n),
+        ("batch5", batch_at_5, args.n),
+    ]
+    for r, again_batch, again_now, again_at_5 in extra_rounds:
+        rows += [(f"batch5/{r}", again_at_5, args.n), (f"batch/{r}", again_batch, args.n)]
+        rows.append((f"batch*/{r}", again_now, args.n))
     for label, f, count in rows:
         if f is None:
             continue
@@ -253,7 +281,12 @@ def main() -> None:
     if mapped is not None:
         rate = (args.n / batch["wall"]) / (mapped_n / mapped["wall"])
         print(f"batch vs mapped: {rate:.1f}x the images per minute")
+    print("batch: default settings (defer_after None: 5 s + [zimage] deferral_settle_seconds)")
     print("batch*: the same batch with defer_after=0 (defers at once; the settle overlaps generation)")
+    if extra_rounds:
+        print("x/N: round N+1, in the reverse order, on new rows")
+    if batch_at_5 is not None:
+        print("batch5: the same batch with defer_after=5 (the earlier default)")
     print(f"re-run (the same DAG run cleared): paid {again['paid']}, wall {again['wall']:.1f} s")
     print(
         f"new run, {changed} of {args.n} rows changed: paid {one_pct['paid']}, wall {one_pct['wall']:.1f} s"
@@ -263,10 +296,17 @@ def main() -> None:
         "mapped": (mapped, mapped_n),
         "batch": (batch, args.n),
         "batch*": (batch_now, args.n),
+        "batch5": (batch_at_5, args.n),
         "re-run": (again, 0),
         "changed rows": (one_pct, changed),
         "same rows": (next_day, 0),
     }
+    for r, again_batch, again_now, again_at_5 in extra_rounds:
+        expected |= {
+            f"batch/{r}": (again_batch, args.n),
+            f"batch*/{r}": (again_now, args.n),
+            f"batch5/{r}": (again_at_5, args.n),
+        }
     wrong = [f"{k} paid {f['paid']}, not {n}" for k, (f, n) in expected.items() if f and f["paid"] != n]
     print(
         json.dumps(
@@ -275,6 +315,11 @@ def main() -> None:
                 "mapped": mapped,
                 "batch": batch,
                 "batch_defer_at_once": batch_now,
+                "batch_defer_after_5": batch_at_5,
+                "rounds": [
+                    {"batch": b, "batch_defer_at_once": n, "batch_defer_after_5": f}
+                    for _, b, n, f in extra_rounds
+                ],
                 "again": again,
                 "changed": one_pct,
                 "next_day": next_day,

@@ -311,6 +311,7 @@ class BatchJob:
         hook = self.hook
         poll_interval = protocol.first_poll_interval(self.settings.poll_interval, hook.settings.backend)
         defer_at = time.time() + self.settings.defer_after
+        stored_at_last_look = self.done_here
         delays = protocol.poll_delays(poll_interval, self.settings.max_poll_interval)
         next_poll = 0.0
         errors_in_a_row = 0
@@ -360,6 +361,10 @@ class BatchJob:
                 self._timeouts(waiting)
                 if not waiting and not unsent:
                     break
+                # `defer_after` counts from the last stored answer: a batch still receiving answers is
+                # storing, not waiting, and a deferral would hold the next ones in a trigger's window.
+                if self.done_here != stored_at_last_look:
+                    stored_at_last_look, defer_at = self.done_here, time.time() + self.settings.defer_after
                 if self.settings.deferrable and time.time() >= defer_at and waiting:
                     return self._defer(waiting, poll_interval)
                 if freed and unsent and len(waiting) < self.settings.max_in_flight:

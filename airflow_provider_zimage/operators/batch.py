@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from airflow.sdk import BaseOperator
 
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, conf
+from airflow_provider_zimage.config import deferral_settle_seconds
 from airflow_provider_zimage.exceptions import ZImageValidationError
 from airflow_provider_zimage.hooks.openai_images import OpenAIImagesHook
 from airflow_provider_zimage.hooks.runware import ZImageHook
@@ -57,6 +58,22 @@ from airflow_provider_zimage.triggers.batch import ZImageBatchTrigger
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+# Seconds a batch always waits on the worker before it may defer: a batch done by then never defers.
+BASE_DEFER_AFTER_S = 5.0
+
+
+def default_defer_after() -> float:
+    """A batch's in-process wait when `defer_after` is not given: 5 s plus `[zimage]
+    deferral_settle_seconds` (15 s at the defaults).
+
+    A deferred trigger holds answers that come within that window of the deferral (Airflow's deferral
+    race; nothing a trigger can read says the race is over), so a batch deferring at 5 s whose answers
+    come at 12 s resumes at 15 s at the earliest, plus a task start. Waiting the window out on the
+    worker stores them as they come; a batch that defers after it, and whose answers come after the
+    window, is held by nothing. The price: one task instance keeps its worker up to 10 s longer.
+    """
+    return BASE_DEFER_AFTER_S + deferral_settle_seconds()
+
 
 def read_manifest_entries(manifest_uri: str) -> list[dict[str, Any]]:
     """The image entries of a batch manifest (the XCom carries only counts and this URI)."""
@@ -79,7 +96,9 @@ class ZImageBatchGenerateOperator(BaseOperator):
     :param fail_on_partial_error: after storing everything else, fail (retryably) listing the requests
         Runware failed; a retry resubmits only those, under a new generation.
     :param download_concurrency: images fetched and stored at once.
-    :param defer_after: with deferrable=True, seconds of in-process polling before deferring.
+    :param defer_after: with deferrable=True, the batch defers once this many seconds pass without a
+        new stored answer (counted from the start until the first); None (default): 5 s plus `[zimage]
+        deferral_settle_seconds` (`default_defer_after`).
     :param poll_interval: first wait between batched getResponse polls (growing by 1.5x up to
         `max_poll_interval`); None: 1 s on Runware, 0.1 s on a zimage-executor (the connection's backend).
     :param reuse: "task" reuses what this task instance stored before; "content" also copies a seeded
@@ -112,7 +131,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
         timeout: float = 3600.0,
         poll_interval: float | None = None,
         max_poll_interval: float = 10.0,
-        defer_after: float = 5.0,
+        defer_after: float | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_in_flight: int = 1000,
         fail_on_partial_error: bool = True,
@@ -139,8 +158,8 @@ class ZImageBatchGenerateOperator(BaseOperator):
         self.timeout = timeout
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
-        if defer_after < 0:
-            raise ValueError(f"defer_after must be >= 0 seconds (got {defer_after})")
+        if defer_after is not None and not defer_after >= 0:
+            raise ValueError(f"defer_after must be >= 0 seconds or None (got {defer_after})")
         self.defer_after = defer_after
         if not 1 <= chunk_size <= 1000:
             raise ValueError(f"chunk_size must be between 1 and 1000 (got {chunk_size})")
@@ -317,7 +336,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
             poll_interval=self.poll_interval,
             max_poll_interval=self.max_poll_interval,
             deferrable=self.deferrable,
-            defer_after=self.defer_after,
+            defer_after=default_defer_after() if self.defer_after is None else self.defer_after,
             download_concurrency=self.download_concurrency,
             reuse=self.reuse,
             force=self.force,

@@ -241,8 +241,11 @@ def all_dags(
             FAST, fast, "e2e fast turbo", spread=(0.3, 7.5 / max(fast, 1)), default_args='{"retries": 0}'
         ),
         # A catalogue in one task instance: deferred, 30% of responses failing, the worker killed
-        # between two chunks while a landed chunk's answer is held.
-        BATCH: batch_dag(BATCH, batch, "e2e batch catalogue row"),
+        # between two chunks while a landed chunk's answer is held. `defer_after=0`: the retry defers
+        # after its first look (the scenario's point); by default (15 s without a new answer) it
+        # would store its 10 s images on the worker, and so would 5 s, with answers arriving as the
+        # faulty chunks get through.
+        BATCH: batch_dag(BATCH, batch, "e2e batch catalogue row", defer_after=0),
         # Three requests Runware fails once, results delivered by webhook: the retry resubmits only
         # those three (a new generation each), everything else stays stored and paid once.
         BATCH_PARTIAL: batch_dag(
