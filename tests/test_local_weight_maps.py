@@ -14,10 +14,10 @@ import pytest
 
 pytest.importorskip("diffusers", reason="the local backend needs the `local` extra")
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from airflow_provider_zimage.testing.tiny_model import build_tiny_controlnet, build_tiny_lora  # noqa: E402
-from tests.dagtest import FakeTI, run_dag, task_states  # noqa: E402
+from airflow_provider_zimage.testing.tiny_model import build_tiny_controlnet, build_tiny_lora
+from tests.dagtest import FakeTI, run_dag, task_states
 
 pytestmark = [pytest.mark.local, pytest.mark.usefixtures("airflow_db")]
 
