@@ -84,7 +84,8 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
     "controlnet_paths": {
         "label": "Local ControlNet map",
         "description": "backend=local only: ControlNet AIR ids -> diffusers ControlNet folders, a JSON "
-        'object {"civitai:123@4": "/models/zimage-controlnet-union"}; folders inside [zimage] local_weights_roots.',
+        'object {"civitai:123@4": "/models/zimage-controlnet-union"}; folders inside [zimage] '
+        "local_weights_roots.",
         "schema": {"type": ["string", "null"]},
     },
     "dtype": {
