@@ -291,7 +291,7 @@ def test_the_executor_fingerprint_changes_with_the_controlnet_weights(monkeypatc
     monkeypatch.setattr(ZImageHook, "executor_health", health)
     op = ZImageGenerateOperator(
         task_id="generate",
-        prompt="p",
+        prompt="a lighthouse",
         seed=1,
         control_net=[{"model": CONTROLNET_AIR, "guideImage": guide_uri()}],
         output_path=output_dir,
