@@ -31,6 +31,7 @@ __all__ = [
     "deferral_settle_seconds",
     "local_input_origins",
     "local_input_roots",
+    "local_weights_roots",
     "output_path",
     "webhook_inbox",
     "webhook_inbox_ttl",
@@ -143,3 +144,12 @@ def local_input_roots() -> list[str]:
     if dags:
         roots.append(dags)
     return roots
+
+
+def local_weights_roots() -> list[str]:
+    """`[zimage] local_weights_roots` (comma-separated), else `local_input_roots()`: the folders the LoRA
+    and ControlNet weights a `zimage` connection maps (`lora_paths`, `controlnet_paths`) and the `file:`
+    LoRAs a request names may be in, in-process (the executor's `--lora-root`). Deployment
+    configuration: a connection edited in the UI cannot widen it."""
+    configured = _option("local_weights_roots")
+    return _listed(configured) if configured else local_input_roots()

@@ -75,6 +75,19 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
         "description": "backend=local only: overrides the Hugging Face id of the requested model.",
         "schema": {"type": ["string", "null"]},
     },
+    "lora_paths": {
+        "label": "Local LoRA map",
+        "description": 'backend=local only: LoRA AIR ids -> local weights, a JSON object {"civitai:123@4": '
+        '"/models/loras/style.safetensors"} (or "hf:owner/repo"); paths inside [zimage] local_weights_roots.',
+        "schema": {"type": ["string", "null"]},
+    },
+    "controlnet_paths": {
+        "label": "Local ControlNet map",
+        "description": "backend=local only: ControlNet AIR ids -> diffusers ControlNet folders, a JSON "
+        'object {"civitai:123@4": "/models/zimage-controlnet-union"}; folders inside [zimage] '
+        "local_weights_roots.",
+        "schema": {"type": ["string", "null"]},
+    },
     "dtype": {
         "label": "Local dtype",
         "description": "backend=local only: auto (bf16 on GPU, fp32 on CPU), bfloat16 or float32.",
@@ -176,6 +189,17 @@ def get_provider_info() -> dict[str, Any]:
                         "version_added": "0.2.0",
                         "type": "string",
                         "example": "/data/zimage-inputs,/opt/airflow/dags",
+                        "default": None,
+                    },
+                    "local_weights_roots": {
+                        "description": "Comma-separated folders that the LoRA and ControlNet weights a "
+                        "zimage connection maps (its lora_paths / controlnet_paths extras) and the file: "
+                        "LoRAs a request names may be in, on the in-process local backend (default: "
+                        "local_input_roots). The zimage-executor service takes --lora-root and "
+                        "--controlnet instead.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "/models/loras,/models/controlnets",
                         "default": None,
                     },
                     "local_input_origins": {

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from airflow_provider_zimage.exceptions import ZImageError
+from airflow_provider_zimage.local.weights import weights_id  # the id /health reports, one definition
 from airflow_provider_zimage.origins import parse_origins
 
 __all__ = ["ExecutorConfig", "weights_id"]
@@ -74,21 +73,3 @@ class ExecutorConfig:
             parse_origins(self.input_url_origins, "--input-url-origin")
         except ZImageError as exc:
             raise ValueError(str(exc)) from None
-
-
-def weights_id(source: str) -> str:
-    """What the fingerprint of a task's images records about the weights: the source and a digest.
-
-    For a folder: every file's relative path and size plus the contents of its JSON configs, so other
-    weights under the same path give another id without reading 20 GB. For a Hugging Face id: the id.
-    """
-    path = Path(source)
-    if not path.is_dir():
-        return source
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        relative = file.relative_to(path).as_posix()
-        digest.update(f"{relative}\0{file.stat().st_size}\0".encode())
-        if file.suffix == ".json":
-            digest.update(file.read_bytes())
-    return f"{os.path.abspath(source)}@{digest.hexdigest()[:16]}"

@@ -81,6 +81,8 @@ class ExecutorServer:
         self.draining = False
         self.port: int | None = None
         self.weights = {air: weights_id(source) for air, source in config.models.items()}
+        # ControlNets are weights too: a client's fingerprint must change when a folder is swapped.
+        self.controlnet_weights = {air: weights_id(folder) for air, folder in config.controlnets.items()}
         self._queues: list[DeviceQueue] = []
         self._planner: LocalZImageExecutor | None = None
         self._http = HTTPServer(self._handle)
@@ -265,6 +267,10 @@ class ExecutorServer:
             "models": [
                 {"model": air, "source": source, "weights": self.weights[air]}
                 for air, source in self.config.models.items()
+            ],
+            "controlNets": [
+                {"model": air, "source": folder, "weights": self.controlnet_weights[air]}
+                for air, folder in self.config.controlnets.items()
             ],
             "devices": [{"device": q.device, "queueDepth": q.depth, "busy": q.busy} for q in self._queues],
             "queueDepth": sum(q.depth for q in self._queues),

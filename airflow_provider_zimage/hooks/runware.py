@@ -68,6 +68,10 @@ class ConnectionSettings:
     cpu_offload: bool = False
     # backend=openai_images: the model name the server knows (a string) or {model: served name}
     served_model: Any = None
+    # backend=local: AIR id -> local weights, as written (JSON text or an object); `local.weight_maps`
+    # checks them when a task runs, naming the extra
+    lora_paths: Any = None
+    controlnet_paths: Any = None
 
     # Set when the connection's host had no scheme and https:// was assumed: said in transport errors.
     assumed_scheme: bool = False
@@ -122,6 +126,8 @@ class ConnectionSettings:
             dtype=extra.get("dtype") or "auto",
             cpu_offload=str(extra.get("cpu_offload", "")).lower() in ("1", "true", "yes", "on"),
             served_model=extra.get("served_model") or None,
+            lora_paths=extra.get("lora_paths") or None,
+            controlnet_paths=extra.get("controlnet_paths") or None,
         )
 
     def timeouts(self) -> httpx.Timeout:

@@ -9,6 +9,8 @@ One job per module:
 * `images`     decoding image inputs (under allowed roots) and encoding results
 * `regions`    outpaint and maskMargin: the inpainting call's canvas or zoomed crop, pasted back
 * `controlnet` controlNet[0]: AIR id -> mapped folder, the ControlNet pipeline, step windows
+* `weights`    a connection's LoRA / ControlNet maps (under `[zimage] local_weights_roots`) and the
+               weights ids fingerprints record (swapped weights are another picture)
 * `results`    `GeneratedImage` and the backend's errors
 * `inprocess`  `LocalZImageExecutor`: plan, denoise (one image or a batch per call), encode
 * `prompts`    prompts over the text encoder's 512 tokens refused (the checkpoint's own tokenizer)

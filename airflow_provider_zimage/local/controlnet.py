@@ -34,6 +34,7 @@ from PIL import Image
 
 from airflow_provider_zimage.exceptions import ZImageValidationError
 from airflow_provider_zimage.local.refusals import issue
+from airflow_provider_zimage.local.weights import weights_id
 
 __all__ = ["ControlNetPlan", "PendingControlNet", "controlnet_pipeline", "pending_controlnets", "step_window"]
 
@@ -168,8 +169,10 @@ def controlnet_pipeline(base: Any, plan: ControlNetPlan, device: str, dtype: str
     import diffusers
     import torch
 
+    # Keyed by the weights, not the path: a folder swapped under a long-lived process is reloaded.
+    key = weights_id(plan.source)
     cached = _PIPELINES.get(base)
-    if cached is not None and cached[0] == plan.source:
+    if cached is not None and cached[0] == key:
         return cached[1]
     # diffusers' classes are untyped; Any keeps mypy --strict from checking calls it cannot see into.
     model_class: Any = diffusers.ZImageControlNetModel
@@ -195,7 +198,7 @@ def controlnet_pipeline(base: Any, plan: ControlNetPlan, device: str, dtype: str
     controlnet.to(device)
     pipe = pipeline_class(controlnet=controlnet, **base.components)
     pipe.set_progress_bar_config(disable=True)
-    _PIPELINES[base] = (plan.source, pipe)
+    _PIPELINES[base] = (key, pipe)
     log.info("Loaded ControlNet %s from %s", plan.air, plan.source)
     return pipe
 

@@ -59,6 +59,7 @@ from airflow_provider_zimage.jobs.waiting import (
     wait_in_process,
 )
 from airflow_provider_zimage.local import LocalBackendUnavailable, LocalGenerationError, LocalZImageExecutor
+from airflow_provider_zimage.local.weights import request_weights, weight_maps
 from airflow_provider_zimage.openai_images.wire import served_models
 from airflow_provider_zimage.redaction import mask_credentials, scrub_secrets
 from airflow_provider_zimage.runware import protocol
@@ -333,6 +334,20 @@ class ZImageGenerateOperator(BaseOperator):
     def _local_model_source(self, settings: ConnectionSettings) -> str | None:
         return self.local_model_path or settings.model_path
 
+    def _local_maps(self, settings: ConnectionSettings) -> tuple[dict[str, str], dict[str, str]]:
+        """The connection's LoRA and ControlNet maps, refused naming the extra before any load."""
+        try:
+            return weight_maps(settings.lora_paths, settings.controlnet_paths, config.local_weights_roots())
+        except ZImageValidationError as exc:
+            raise AirflowFailException(f"connection {self.zimage_conn_id!r}: {exc}") from None
+
+    def _local_origin(self, request: ImageInferenceRequest, settings: ConnectionSettings) -> str | None:
+        """The model source, and the weights ids of the LoRAs / ControlNet the request uses: other
+        weights behind the same AIR id are another picture, never a reused one."""
+        source = self._local_model_source(settings) or request.spec.hf_repo
+        extras = request_weights(request, *self._local_maps(settings))
+        return "|".join([source or "", *extras]) if extras else source
+
     def _job(
         self,
         context: Context,
@@ -342,7 +357,7 @@ class ZImageGenerateOperator(BaseOperator):
     ) -> GenerationJob:
         store = ArtifactStore(self.output_path or default_output_path())
         if backend == "local":
-            origin = self._local_model_source(settings or self._settings()) or request.spec.hf_repo
+            origin = self._local_origin(request, settings or self._settings())
         elif backend == "executor":
             origin = self._executor_origin(request)
         elif backend == "openai_images":
@@ -391,7 +406,13 @@ class ZImageGenerateOperator(BaseOperator):
                 f"model: the executor of connection {self.zimage_conn_id!r} does not serve {air} "
                 f"(it serves {', '.join(map(str, weights)) or 'nothing'})"
             )
-        return f"{self.zimage_conn_id}|{weights[air]}"
+        origin = f"{self.zimage_conn_id}|{weights[air]}"
+        # The weights behind each ControlNet id the request names (listed by executors since 0.2): a
+        # swapped folder is another picture. An id the executor does not list is refused by it anyway.
+        controlnets = {m.get("model"): m.get("weights") for m in health.get("controlNets") or []}
+        for index, entry in enumerate(request.control_net or []):
+            origin += f"|controlNet[{index}]={controlnets.get(str(entry.model))}"
+        return origin
 
     # -- execution ----------------------------------------------------------------------------------
 
@@ -636,11 +657,15 @@ class ZImageGenerateOperator(BaseOperator):
         return self._finish(context, self._index(job, images))
 
     def _run_local(self, job: GenerationJob, settings: ConnectionSettings) -> list[dict[str, Any]]:
+        lora_paths, controlnet_paths = self._local_maps(settings)
         executor = LocalZImageExecutor(
             model_path=self._local_model_source(settings),
             device=self.device or settings.device,
             dtype=self.dtype or settings.dtype,
             cpu_offload=self.cpu_offload if self.cpu_offload is not None else settings.cpu_offload,
+            lora_paths=lora_paths,
+            controlnet_paths=controlnet_paths,
+            lora_roots=config.local_weights_roots(),
         )
         try:
             generated = executor.generate(job.request)
