@@ -8,8 +8,13 @@ AIRFLOW_FLOOR := 3.1.8
 VENV_FLOOR := .venv-af31
 PY_FLOOR := $(VENV_FLOOR)/bin/python
 STAMP_FLOOR := $(VENV_FLOOR)/.installed-$(shell cat pyproject.toml requirements-cpu.txt constraints-af31-cpu.txt 2>/dev/null | sha1sum | cut -c1-12)
+# The real engine (SGLang Diffusion + sglang-router) in a venv of its own: about 11 GB and 6 minutes once
+# per machine (torch's CUDA wheels come along; the workers run on the CPU here), reused while its pins hold.
+VENV_SGLANG := .venv-sglang
+PY_SGLANG := $(VENV_SGLANG)/bin/python
+STAMP_SGLANG := $(VENV_SGLANG)/.installed-$(shell cat requirements-sglang.txt constraints-sglang.txt 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install install-floor test test-floor lint wheel-smoke bench-smoke e2e e2e-distributed e2e-distributed-packages demo demo-ui bench clean constraints constraints-floor
+.PHONY: install install-floor install-sglang test-sglang test test-floor lint wheel-smoke bench-smoke e2e e2e-distributed e2e-distributed-packages demo demo-ui bench clean constraints constraints-floor
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +39,18 @@ $(STAMP_FLOOR): $(PY_FLOOR) pyproject.toml requirements-cpu.txt constraints-af31
 	touch $(STAMP_FLOOR)
 
 install-floor: $(STAMP_FLOOR)
+
+$(PY_SGLANG):
+	$(PYTHON) -m venv $(VENV_SGLANG)
+	$(PY_SGLANG) -m pip install -q --upgrade pip
+
+# constraints-sglang.txt (pip freeze of a working engine venv) makes the resolution reproducible.
+$(STAMP_SGLANG): $(PY_SGLANG) requirements-sglang.txt
+	$(PY_SGLANG) -m pip install -q -r requirements-sglang.txt $$(test -f constraints-sglang.txt && echo -c constraints-sglang.txt)
+	rm -f $(VENV_SGLANG)/.installed-*
+	touch $(STAMP_SGLANG)
+
+install-sglang: $(STAMP_SGLANG)
 
 lint: install
 	$(VENV)/bin/ruff check airflow_provider_zimage tests dags bench scripts
