@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from airflow_provider_zimage.testing.sglang_cluster import (  # noqa: E402
     MODEL_ID,
     SGLangCluster,
-    SGLangRouter,
+    NginxRouter,
     sglang_venv,
 )
 
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     venv = sglang_venv(args.venv)
     workdir = Path(tempfile.mkdtemp(prefix="engine-bench-"))
     cluster: SGLangCluster | None = None
-    routers: list[SGLangRouter] = []
+    routers: list[NginxRouter] = []
     started = time.perf_counter()
     try:
         if args.worker_urls:
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
         rates: dict[int, float] = {}
         for count in (1, 2):
-            router = SGLangRouter(venv, worker_urls[:count], workdir)
+            router = NginxRouter(worker_urls[:count], workdir)
             routers.append(router)
             router.start()
             rates[count] = throughput(router.url, args.images, 2 * count, make)

@@ -36,6 +36,7 @@ import httpx
 
 __all__ = [
     "MODEL_ID",
+    "NginxRouter",
     "SGLangCluster",
     "SGLangNotInstalled",
     "SGLangRouter",
@@ -246,30 +247,46 @@ class SGLangWorker(_Process):
         ]
 
 
-class SGLangRouter(_Process):
-    """`sglang-router` on 127.0.0.1:`port` in front of `worker_urls` (round robin: spreads a batch evenly)."""
+class _Router(_Process):
+    """A load balancer on a port chosen when it starts (taken last, after the workers' own ports)."""
 
-    name = "sglang-router"
-
-    def __init__(self, venv: Path, worker_urls: Sequence[str], workdir: Path, *args: str) -> None:
+    def __init__(self, worker_urls: Sequence[str], workdir: Path) -> None:
         super().__init__(workdir, 0)
-        self.venv = venv
         self.worker_urls = list(worker_urls)
-        self.args: Sequence[str] = args
 
-    def start(self, timeout: float = 60.0, attempts: int = 3) -> SGLangRouter:
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> _Router:
         """On a port free now; a port another process took meanwhile means another port, not a failure."""
         for attempt in range(attempts):
             self.port = free_port()
             self.log_path = self.workdir / f"{self.name}-{self.port}.log"
+            self.prepare()
             self.launch()
             try:
                 self.wait_healthy(timeout)
                 return self
             except RuntimeError:
-                if attempt == attempts - 1 or "Address already in use" not in self.log():
+                if attempt == attempts - 1 or "in use" not in self.log():
                     raise
         raise AssertionError("unreachable")
+
+    def prepare(self) -> None:
+        """Anything to write before launching (a config file)."""
+
+
+class SGLangRouter(_Router):
+    """`sglang-router` (SGLang's Model Gateway) in front of `worker_urls`.
+
+    Not the cluster's router: sglang-router 0.3.2 and its successor `smg` 1.13.0 route the LLM endpoints
+    only and answer `POST /v1/images/generations` with 404 (`unknown_url`). Kept so a test notices the
+    day a release routes images (tests/sglang/test_engine.py).
+    """
+
+    name = "sglang-router"
+
+    def __init__(self, venv: Path, worker_urls: Sequence[str], workdir: Path, *args: str) -> None:
+        super().__init__(worker_urls, workdir)
+        self.venv = venv
+        self.args: Sequence[str] = args
 
     def command(self) -> list[str]:
         return [
@@ -287,6 +304,107 @@ class SGLangRouter(_Process):
             *self.args,
         ]
 
+    def wait_workers(self, count: int, timeout: float = 60.0) -> None:
+        """Until the router lists `count` healthy workers (it registers them in the background)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                workers = httpx.get(f"{self.url}/workers", timeout=2).json().get("workers", [])
+                if sum(1 for w in workers if w.get("is_healthy")) >= count:
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"sglang-router did not register {count} workers within {timeout:.0f}s")
+
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx-{port}.pid;
+error_log {log} warn;
+events {{ worker_connections 512; }}
+http {{
+    log_format upstream '$request_method $uri $status $upstream_addr $upstream_status';
+    access_log {access} upstream;
+    client_body_temp_path {workdir}/nginx-tmp/body;
+    proxy_temp_path {workdir}/nginx-tmp/proxy;
+    fastcgi_temp_path {workdir}/nginx-tmp/fastcgi;
+    uwsgi_temp_path {workdir}/nginx-tmp/uwsgi;
+    scgi_temp_path {workdir}/nginx-tmp/scgi;
+    client_max_body_size 64m;
+    upstream sglang {{
+{servers}
+        keepalive 16;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://sglang;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_read_timeout 600s;
+            # A worker that dies mid-request (connection reset) or refuses: the same request goes to the
+            # next worker. POST is not idempotent to nginx; an image generation is (same seed, same
+            # bytes, no money), so it is retried too.
+            proxy_next_upstream error timeout http_502 http_503 non_idempotent;
+            proxy_next_upstream_tries 3;
+        }}
+    }}
+}}
+"""
+
+
+class NginxRouter(_Router):
+    """nginx round-robin in front of `worker_urls`, failing over to the next worker on a dead one.
+
+    The cluster's router: SGLang's own router does not route the images endpoint (`SGLangRouter`). Its
+    access log names the worker that answered each request (`requests()`), so a test can tell where a
+    batch went and that nothing reached the router at all.
+    """
+
+    name = "nginx-router"
+
+    def __init__(self, worker_urls: Sequence[str], workdir: Path, nginx: str | None = None) -> None:
+        super().__init__(worker_urls, workdir)
+        found = nginx or shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
+        if found is None:
+            raise SGLangNotInstalled("no nginx (the cluster's router): apt-get install nginx, or make install-sglang")
+        self.nginx = found
+
+    @property
+    def conf_path(self) -> Path:
+        return self.workdir / f"nginx-{self.port}.conf"
+
+    @property
+    def access_path(self) -> Path:
+        return self.workdir / f"nginx-{self.port}-access.log"
+
+    def prepare(self) -> None:
+        (self.workdir / "nginx-tmp").mkdir(parents=True, exist_ok=True)
+        servers = "\n".join(
+            f"        server {url.removeprefix('http://')} max_fails=1 fail_timeout=30s;" for url in self.worker_urls
+        )
+        self.conf_path.write_text(
+            NGINX_CONF.format(
+                workdir=self.workdir, port=self.port, log=self.log_path, access=self.access_path, servers=servers
+            )
+        )
+
+    def command(self) -> list[str]:
+        return [self.nginx, "-p", str(self.workdir), "-c", str(self.conf_path), "-e", str(self.log_path)]
+
+    def requests(self, path: str = "/v1/images/generations") -> list[dict[str, str]]:
+        """What reached the router for `path`: status, and every worker tried (`upstream`, comma-separated)."""
+        if not self.access_path.exists():
+            return []
+        entries = []
+        for line in self.access_path.read_text().splitlines():
+            method, uri, status, upstream, upstream_status = (line.split(" ", 4) + [""] * 5)[:5]
+            if uri == path:
+                entries.append(
+                    {"method": method, "status": status, "upstream": upstream, "upstream_status": upstream_status}
+                )
+        return entries
+
 
 class SGLangCluster:
     """`workers` SGLang workers on the tiny (or any) Z-Image folder and one router in front of them.
@@ -298,7 +416,8 @@ class SGLangCluster:
     :param model_path: a diffusers Z-Image folder; a copy SGLang loads is made under `workdir`.
     :param workdir: logs and the prepared checkpoint.
     :param venv: the SGLang venv (default: `sglang_venv()`).
-    :param router: start the router (False: talk to the workers directly).
+    :param router: "nginx" (the default; fails over to the survivor), "sglang" (`SGLangRouter`, which
+        does not route images) or None (clients talk to the workers directly).
     """
 
     def __init__(
@@ -308,9 +427,8 @@ class SGLangCluster:
         *,
         workers: int = 2,
         venv: str | os.PathLike[str] | None = None,
-        router: bool = True,
+        router: str | None = "nginx",
         worker_args: Sequence[str] = (),
-        router_args: Sequence[str] = (),
     ) -> None:
         self.venv = sglang_venv(venv)
         self.workdir = Path(workdir)
@@ -319,9 +437,16 @@ class SGLangCluster:
             SGLangWorker(self.venv, self.model_path, self.workdir, free_port(span=2), *worker_args)
             for _ in range(workers)
         ]
-        self.router = (
-            SGLangRouter(self.venv, [w.url for w in self.workers], self.workdir, *router_args) if router else None
-        )
+        urls = [w.url for w in self.workers]
+        self.router: _Router | None
+        if router == "nginx":
+            self.router = NginxRouter(urls, self.workdir)
+        elif router == "sglang":
+            self.router = SGLangRouter(self.venv, urls, self.workdir)
+        elif router is None:
+            self.router = None
+        else:
+            raise ValueError(f"router: {router!r}, expected 'nginx', 'sglang' or None")
 
     @property
     def url(self) -> str:
