@@ -22,11 +22,12 @@ LOCAL_DEVICES = ("auto", "cpu", "mps", "cuda", *(f"cuda:{i}" for i in range(8)))
 CONN_FIELDS: dict[str, dict[str, Any]] = {
     "backend": {
         "label": "Backend",
-        "description": "runware (the Runware API), executor (a zimage-executor at the base URL) or local "
-        "(diffusers on this worker's GPU).",
+        "description": "runware (the Runware API), executor (a zimage-executor at the base URL), local "
+        "(diffusers on this worker's GPU) or openai_images (an OpenAI-compatible image server or router "
+        "at the base URL: SGLang, vLLM-Omni).",
         "schema": {
             "type": ["string", "null"],
-            "enum": ["runware", "executor", "local", None],
+            "enum": ["runware", "executor", "local", "openai_images", None],
             "default": "runware",
         },
     },
@@ -61,6 +62,12 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
     "webhook_base_url": {
         "label": "Public base URL for webhooks",
         "description": "Where Runware can reach this Airflow API server, e.g. https://airflow.example.com",
+        "schema": {"type": ["string", "null"]},
+    },
+    "served_model": {
+        "label": "Served model name",
+        "description": "backend=openai_images only: the model name the server knows (e.g. Z-Image-Turbo), "
+        'or a JSON object {"z-image-turbo": "Z-Image-Turbo", ...}.',
         "schema": {"type": ["string", "null"]},
     },
     "model_path": {

@@ -29,6 +29,7 @@ AIRFLOW_SURFACE = ("operators", "sensors", "triggers", "ui")
 LOWER_LAYERS = (
     "jobs",
     "runware",
+    "openai_images",
     "storage",
     "webhooks",
     "local",
@@ -64,12 +65,17 @@ FORBIDDEN = (
     Forbidden(
         "the Runware wire is sans-IO: no jobs, storage, webhooks or backends under it",
         importers=("runware",),
-        targets=("jobs", "storage", "webhooks", "local", "executor", "hooks"),
+        targets=("jobs", "storage", "webhooks", "local", "executor", "hooks", "openai_images"),
+    ),
+    Forbidden(
+        "the OpenAI images wire is sans-IO: no jobs, storage, webhooks, executor or hooks under it",
+        importers=("openai_images",),
+        targets=("jobs", "storage", "webhooks", "executor", "hooks"),
     ),
     Forbidden(
         "storage keeps bytes and records; it never decides what to pay for",
         importers=("storage",),
-        targets=("jobs", "runware", "webhooks", "local", "executor", "hooks"),
+        targets=("jobs", "runware", "webhooks", "local", "executor", "hooks", "openai_images"),
     ),
     Forbidden(
         "the backends serve requests; they never reach into a task's jobs or storage",

@@ -57,13 +57,17 @@ class ConnectionSettings:
     timeout: float = 60.0
     connect_timeout: float = 10.0
     retry: RetryPolicy = RetryPolicy()
-    backend: str = "runware"  # "runware", "local" (in-process diffusers) or "executor" (zimage-executor)
+    # "runware", "local" (in-process diffusers), "executor" (zimage-executor) or "openai_images" (an
+    # OpenAI-compatible image server: SGLang, vLLM-Omni, a router in front of them)
+    backend: str = "runware"
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_base_url: str | None = None
     model_path: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     cpu_offload: bool = False
+    # backend=openai_images: the model name the server knows (a string) or {model: served name}
+    served_model: Any = None
 
     # Set when the connection's host had no scheme and https:// was assumed: said in transport errors.
     assumed_scheme: bool = False
@@ -117,6 +121,7 @@ class ConnectionSettings:
             device=extra.get("device") or "auto",
             dtype=extra.get("dtype") or "auto",
             cpu_offload=str(extra.get("cpu_offload", "")).lower() in ("1", "true", "yes", "on"),
+            served_model=extra.get("served_model") or None,
         )
 
     def timeouts(self) -> httpx.Timeout:

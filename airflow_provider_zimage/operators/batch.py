@@ -26,6 +26,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_provider_zimage.compat import AirflowException, AirflowFailException, conf
 from airflow_provider_zimage.exceptions import ZImageValidationError
+from airflow_provider_zimage.hooks.openai_images import OpenAIImagesHook
 from airflow_provider_zimage.hooks.runware import ZImageHook
 from airflow_provider_zimage.jobs.arguments import REQUEST_ARGUMENTS, build_image_request, known_secrets
 from airflow_provider_zimage.jobs.batch import DEFAULT_CHUNK_SIZE, BatchJob, BatchSettings, Defer, Prepared
@@ -43,6 +44,13 @@ from airflow_provider_zimage.jobs.generation import (
     old_job_fingerprints,
 )
 from airflow_provider_zimage.jobs.ledger import job_fingerprint
+from airflow_provider_zimage.jobs.openai_images import (
+    MAX_ENGINE_CONCURRENCY,
+    EngineItem,
+    EngineJob,
+    engine_fingerprint,
+)
+from airflow_provider_zimage.openai_images.wire import served_models
 from airflow_provider_zimage.runware.models import estimate_cost
 from airflow_provider_zimage.storage.artifacts import ArtifactStore, as_path, default_output_path, read_json
 from airflow_provider_zimage.triggers.batch import ZImageBatchTrigger
@@ -226,6 +234,8 @@ class ZImageBatchGenerateOperator(BaseOperator):
 
     def _run(self, context: Context, *, fresh: bool, rendering_warned: bool = False) -> Any:
         prepared = self.build_requests()
+        if self._connection_backend() == "openai_images":
+            return self._run_openai_images(context, prepared)
         estimate = sum(estimate_cost(p.request) for p in prepared)
         self.log.info("Batch of %d request(s); estimated cost at most $%.4f", len(prepared), estimate)
         if self.max_cost_usd is not None and estimate > self.max_cost_usd:
@@ -261,6 +271,44 @@ class ZImageBatchGenerateOperator(BaseOperator):
                 timeout=timedelta(seconds=outcome.timeout()),
             )
         return outcome
+
+    def _run_openai_images(self, context: Context, prepared: list[Prepared]) -> dict[str, Any]:
+        """The batch on an OpenAI images server: every request refused or planned before the first call,
+        then `max_in_flight` calls at a time (at most MAX_ENGINE_CONCURRENCY) from this worker; cost 0."""
+        settings = ZImageHook(self.zimage_conn_id).settings
+        try:
+            served = served_models(settings.served_model)
+        except ZImageValidationError as exc:
+            raise AirflowFailException(str(exc)) from None
+        ref = TaskInstanceRef.from_context(context)
+        store = ArtifactStore(self.output_path or default_output_path(), image_log_level=logging.DEBUG)
+        engine = EngineJob(
+            ref=ref,
+            store=store,
+            directory=store.task_dir(ref.dag_id, ref.run_id, ref.task_id, ref.map_index),
+            served=served,
+            max_in_flight=min(self.max_in_flight, MAX_ENGINE_CONCURRENCY),
+            log=self.log,
+            force=self.force,
+        )
+        items = [
+            EngineItem(p.index, p.request, engine_fingerprint(p.request, self.zimage_conn_id, served))
+            for p in prepared
+        ]
+        try:
+            engine.plan(items, rows=True)
+        except ZImageValidationError as exc:
+            raise AirflowFailException(str(exc)) from None
+        if self.reuse == "content":
+            self.log.info("reuse='content' does not apply to backend openai_images: reuse='task' does")
+        with OpenAIImagesHook(self.zimage_conn_id) as hook:
+            return engine.run_batch(items, hook, fail_on_partial_error=self.fail_on_partial_error)
+
+    def _connection_backend(self) -> str:
+        try:
+            return ZImageHook(self.zimage_conn_id).settings.backend
+        except Exception:  # no connection: the Runware path says so with its own words
+            return "runware"
 
     def _settings(self) -> BatchSettings:
         """The job's settings from the operator's arguments; a webhook misconfiguration is refused here,

@@ -27,6 +27,7 @@ from airflow_provider_zimage.exceptions import (
     ZImagePermanentError,
     ZImageValidationError,
 )
+from airflow_provider_zimage.hooks.openai_images import OpenAIImagesHook
 from airflow_provider_zimage.hooks.runware import ConnectionSettings, ZImageHook
 from airflow_provider_zimage.jobs import content_index
 from airflow_provider_zimage.jobs.arguments import (
@@ -49,6 +50,7 @@ from airflow_provider_zimage.jobs.generation import (
     request_differences,
     warn_rendered_differently,
 )
+from airflow_provider_zimage.jobs.openai_images import EngineItem, EngineJob, engine_origin
 from airflow_provider_zimage.jobs.uploads import S3_PROTOCOLS, store_uploaded
 from airflow_provider_zimage.jobs.waiting import (
     end_try,
@@ -57,6 +59,7 @@ from airflow_provider_zimage.jobs.waiting import (
     wait_in_process,
 )
 from airflow_provider_zimage.local import LocalBackendUnavailable, LocalGenerationError, LocalZImageExecutor
+from airflow_provider_zimage.openai_images.wire import served_models
 from airflow_provider_zimage.redaction import mask_credentials, scrub_secrets
 from airflow_provider_zimage.runware import protocol
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult, estimate_cost
@@ -70,7 +73,10 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
     from airflow.sdk.types import TaskInstanceKey
 
-Backend = Literal["runware", "local", "executor"]
+Backend = Literal["runware", "local", "executor", "openai_images"]
+_BACKENDS = ("runware", "local", "executor", "openai_images")
+# backend=openai_images: calls to the server at once for one task's numberResults images.
+ENGINE_CONCURRENCY = 4
 
 
 class ZImageImageLink(BaseOperatorLink):
@@ -339,6 +345,9 @@ class ZImageGenerateOperator(BaseOperator):
             origin = self._local_model_source(settings or self._settings()) or request.spec.hf_repo
         elif backend == "executor":
             origin = self._executor_origin(request)
+        elif backend == "openai_images":
+            served = self._served(settings or self._settings())
+            origin = engine_origin(self.zimage_conn_id, served.get(request.model, ""))
         else:
             origin = self.zimage_conn_id
         return GenerationJob(
@@ -393,10 +402,15 @@ class ZImageGenerateOperator(BaseOperator):
             raise AirflowFailException(str(exc)) from None
         settings = self._settings()
         backend = self.backend or settings.backend
-        if backend not in ("runware", "local", "executor"):
-            raise AirflowFailException(f"backend must be 'runware', 'local' or 'executor' (got {backend!r})")
+        if backend not in _BACKENDS:
+            raise AirflowFailException(f"backend must be one of {', '.join(_BACKENDS)} (got {backend!r})")
+        if backend == "openai_images" and not self.wait_for_completion:
+            raise AirflowFailException(
+                "wait_for_completion=False does not apply to backend openai_images: the OpenAI images API "
+                "answers with the image and has no task id to hand to ZImageTaskSensor"
+            )
         job = self._job(context, request, backend, settings)
-        if backend != "local":
+        if backend not in ("local", "openai_images"):
             job = self._paid_by_an_earlier_try(job)
             request = job.request
 
@@ -417,6 +431,8 @@ class ZImageGenerateOperator(BaseOperator):
 
         if backend == "local":
             return self._finish(context, self._index(job, self._run_local(job, settings)))
+        if backend == "openai_images":
+            return self._finish(context, self._index(job, self._run_openai_images(job, settings)))
 
         estimate = estimate_cost(request) if backend == "runware" else 0.0  # an executor costs nothing
         self.log.info("Estimated cost: $%.4f for %d image(s)", estimate, job.expected_results)
@@ -640,6 +656,43 @@ class ZImageGenerateOperator(BaseOperator):
             return job.store_results(results, lambda r: by_uuid[r.image_uuid].data)
         except ZImagePermanentError as exc:
             raise AirflowFailException(str(exc)) from None
+
+    @staticmethod
+    def _served(settings: ConnectionSettings) -> dict[str, str]:
+        try:
+            return served_models(settings.served_model)
+        except ZImageValidationError as exc:
+            raise AirflowFailException(str(exc)) from None
+
+    def _run_openai_images(self, job: GenerationJob, settings: ConnectionSettings) -> list[dict[str, Any]]:
+        """Every image of the request from the OpenAI images server, recorded one by one (see
+        `jobs.openai_images`); refused as a whole before the first call."""
+        engine = EngineJob(
+            ref=job.ref,
+            store=job.store,
+            directory=job.directory,
+            served=self._served(settings),
+            max_in_flight=min(ENGINE_CONCURRENCY, job.expected_results),
+            log=self.log,
+            force=self.force,
+        )
+        items = [EngineItem(0, job.request, job.fingerprint)]
+        try:
+            engine.plan(items)
+        except ZImageValidationError as exc:
+            raise AirflowFailException(str(exc)) from None
+        with OpenAIImagesHook(self.zimage_conn_id) as hook:
+            result = engine.run(items, hook)
+        if result.failed:
+            stored = len(result.images[0])
+            message = (
+                f"{result.failed[0]}; {stored} of {job.expected_results} image(s) are stored and a retry "
+                "makes only the others"
+            )
+            raise (AirflowFailException if result.permanent else AirflowException)(message)
+        images = [{k: v for k, v in image.items() if k != "index"} for image in result.images[0]]
+        job.write_manifest(images, task_uuid=None)
+        return images
 
     def _finish(self, context: Context, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self._emit_asset_events(context, images)

@@ -89,7 +89,22 @@ class ZImageTaskSensor(BaseSensorOperator):
             on_nsfw=self.on_nsfw,
         )
 
+    def _refuse_synchronous_backends(self) -> None:
+        """An OpenAI images server answers with the image on the request itself: there is no task id
+        for anyone to hand over, and nothing to wait for."""
+        try:
+            backend = ZImageHook(self.zimage_conn_id).settings.backend
+        except Exception:  # no connection: the wait says so in its own words
+            return
+        if backend == "openai_images":
+            raise AirflowFailException(
+                f"ZImageTaskSensor does not apply to connection {self.zimage_conn_id!r} (backend "
+                "openai_images): the OpenAI images API answers with the image and has no task id to wait "
+                "for; ZImageGenerateOperator and ZImageBatchGenerateOperator make and store the images"
+            )
+
     def execute(self, context: Context) -> Any:
+        self._refuse_synchronous_backends()
         images = self._job(context).reusable_images()
         if images is not None:
             self.log.info("Images of task %s are already stored: returning them", self.task_uuid)
