@@ -1,4 +1,4 @@
-"""Images per minute through `sglang-router` with 1 vs 2 SGLang workers, and the provider's overhead per image.
+"""Images per minute through a router with 1 vs 2 SGLang workers, and the provider's overhead per image.
 
 Two figures, each measured side by side in one run:
 
@@ -7,15 +7,16 @@ Two figures, each measured side by side in one run:
     worker runs its requests one after another; the second one in flight keeps it busy while the first
     answer travels). Printed: images per minute for each and the ratio 2-worker / 1-worker.
 (b) overhead: the same images one at a time through the 2-worker router, alternating a bare httpx client
-    (POST, decode the b64 answer) with the provider's own path for one image (the openai_images hook:
-    validation, the request body, retries, decoding and the format check), the median of each and their
-    difference: what the provider adds per image to the engine's own time.
+    (POST, decode the b64 answer) with the provider's own path for one image (`ZImageGenerateOperator`
+    on an openai_images connection: validation, the ledger, the call, the answer decoded and checked,
+    the atomic write with its sha256, the manifest), the median of each and their difference: what the
+    provider adds per image to the engine's own time.
 
 On this machine (2 CPU cores, the tiny random checkpoint) the workers share the cores, so (a) shows the
 router and the protocol, not GPU scaling; on a machine with GPUs point it at real workers:
 
     python bench/engine_throughput.py                      # starts 2 workers on the tiny model (CPU)
-    python bench/engine_throughput.py --smoke              # 4 images a phase at 64x64 (make test-sglang)
+    python bench/engine_throughput.py --smoke              # 4 images a phase at 128x128 (make test-sglang)
     python bench/engine_throughput.py --worker-urls http://gpu1:30000 http://gpu2:30000 \\
         --model Z-Image-Turbo --size 1024x1024 --steps 8 --images 64
 
@@ -28,6 +29,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import itertools
+import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -44,8 +49,8 @@ sys.path.insert(0, str(ROOT))
 
 from airflow_provider_zimage.testing.sglang_cluster import (  # noqa: E402
     MODEL_ID,
-    SGLangCluster,
     NginxRouter,
+    SGLangCluster,
     sglang_venv,
 )
 
@@ -81,20 +86,52 @@ def throughput(url: str, images: int, in_flight: int, make: Callable[[int], dict
     return images / elapsed * 60
 
 
-def provider_path(url: str, model: str, api_key: str | None) -> Callable[[dict[str, Any]], bytes] | None:
-    """The provider's own call for one image, or None where the openai_images backend is not built."""
-    try:
-        # why: the backend may be absent on a branch without it; the bench then reports the bare figure only
-        from airflow_provider_zimage.openai_images import bench_support
-    except ImportError:
-        return None
-    call: Callable[[dict[str, Any]], bytes] = bench_support.one_image_call(url, model, api_key)
+class _TaskInstance:
+    """What the operator reads from a task instance when it runs outside a scheduler."""
+
+    def __init__(self, run_id: str) -> None:
+        self.dag_id, self.task_id, self.run_id, self.map_index = "engine_bench", "hero", run_id, -1
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        pass
+
+
+def provider_path(url: str, args: argparse.Namespace, workdir: Path) -> Callable[[dict[str, Any]], Any]:
+    """One `ZImageGenerateOperator.execute` per image on an openai_images connection to `url`: request
+    validation, the ledger's intent and stored records, the call, decoding and checking the answer,
+    the atomic write with its sha256 and the manifest. What a DAG task does per image."""
+    os.environ.setdefault("AIRFLOW_HOME", str(workdir / "airflow"))
+    os.environ["AIRFLOW__ZIMAGE__OUTPUT_PATH"] = (workdir / "images").as_uri()
+    extra = {"backend": "openai_images", "served_model": args.model, "timeout": 600}
+    connection = {"conn_type": "zimage", "host": url, "extra": extra}
+    if args.api_key:
+        connection["password"] = args.api_key
+    os.environ["AIRFLOW_CONN_ZIMAGE_ENGINE_BENCH"] = json.dumps(connection)
+    # why: Airflow reads AIRFLOW_HOME when it is imported, set just above
+    from airflow_provider_zimage.operators.generate import ZImageGenerateOperator
+
+    width, height = (int(v) for v in args.size.split("x"))
+    runs = itertools.count()
+
+    def call(payload: dict[str, Any]) -> Any:
+        op = ZImageGenerateOperator(
+            task_id="hero",
+            zimage_conn_id="zimage_engine_bench",
+            prompt=payload["prompt"],
+            width=width,
+            height=height,
+            steps=payload["num_inference_steps"],
+            seed=payload["seed"],
+            output_format="PNG",
+        )
+        return op.execute({"ti": _TaskInstance(f"manual__bench_{next(runs)}")})
+
     return call
 
 
 def overhead(
-    url: str, images: int, make: Callable[[int], dict[str, Any]], provider: Callable[[dict[str, Any]], bytes] | None
-) -> tuple[float, float | None]:
+    url: str, images: int, make: Callable[[int], dict[str, Any]], provider: Callable[[dict[str, Any]], Any]
+) -> tuple[float, float]:
     """Median seconds per image: bare client, provider (alternating, same seeds, same router)."""
     bare: list[float] = []
     ours: list[float] = []
@@ -103,11 +140,10 @@ def overhead(
             start = time.perf_counter()
             bare_image(client, url, make(seed))
             bare.append(time.perf_counter() - start)
-            if provider is not None:
-                start = time.perf_counter()
-                provider(make(seed))
-                ours.append(time.perf_counter() - start)
-    return statistics.median(bare), (statistics.median(ours) if ours else None)
+            start = time.perf_counter()
+            provider(make(seed))
+            ours.append(time.perf_counter() - start)
+    return statistics.median(bare), statistics.median(ours)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,22 +171,26 @@ def run(args: argparse.Namespace) -> int:
             routers.append(router)
             router.start()
             rates[count] = throughput(router.url, args.images, 2 * count, make)
-            print(f"{count} worker(s) behind the router: {rates[count]:.1f} images/min ({args.images} images)")
+            print(
+                f"{count} worker(s) behind the router: {rates[count]:.1f} images/min ({args.images} images)"
+            )
         print(f"ratio 2 workers / 1 worker: {rates[2] / rates[1]:.2f}x")
 
-        provider = provider_path(routers[-1].url, args.model, args.api_key)
+        provider = provider_path(routers[-1].url, args, workdir)
         bare, ours = overhead(routers[-1].url, args.overhead_images, make, provider)
-        print(f"one image at a time, bare httpx client: {bare * 1000:.0f} ms (median of {args.overhead_images})")
-        if ours is None:
-            print("provider path: not measured (the openai_images backend is not on this branch)")
-        else:
-            print(f"one image at a time, provider (openai_images hook): {ours * 1000:.0f} ms")
-            print(f"provider overhead per image: {(ours - bare) * 1000:+.1f} ms")
+        print(
+            f"one image at a time, bare httpx client: {bare * 1000:.0f} ms (median of {args.overhead_images})"
+        )
+        print(f"one image at a time, ZImageGenerateOperator (openai_images): {ours * 1000:.0f} ms")
+        print(
+            f"provider overhead per image: {(ours - bare) * 1000:+.1f} ms ({(ours / bare - 1) * 100:+.1f}%)"
+        )
     finally:
         for router in routers:
             router.stop(10)
         if cluster is not None:
             cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     print(f"total {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -164,7 +204,7 @@ def _tiny_model(workdir: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="4 images a phase, 64x64, 2 steps (seconds)")
+    parser.add_argument("--smoke", action="store_true", help="4 images a phase, 128x128, 2 steps")
     parser.add_argument("--images", type=int, default=16, help="images per throughput phase")
     parser.add_argument("--overhead-images", type=int, default=8, help="images for the overhead comparison")
     parser.add_argument("--size", default="128x128", help="WIDTHxHEIGHT (multiples of 16)")
@@ -176,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--venv", help="venv with sglang and sglang-router (default: .venv-sglang)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.images, args.overhead_images, args.size, args.steps = 4, 3, "64x64", 2
+        args.images, args.overhead_images, args.size, args.steps = 4, 3, "128x128", 2
     if args.worker_urls is not None and len(args.worker_urls) < 2:
         parser.error("--worker-urls: give 2 workers (the bench compares 1 with 2)")
     return run(args)

@@ -49,7 +49,15 @@ __all__ = [
 #: The model name the workers serve (`--model-id`): SGLang picks its native Z-Image pipeline by it.
 MODEL_ID = "Z-Image-Turbo"
 
-WORKER_OPTIONS: tuple[str, ...] = ("--num-gpus", "1", "--warmup-mode", "off", "--sleep-on-idle", "--output-path", "")
+WORKER_OPTIONS: tuple[str, ...] = (
+    "--num-gpus",
+    "1",
+    "--warmup-mode",
+    "off",
+    "--sleep-on-idle",
+    "--output-path",
+    "",
+)
 
 # `sglang.cli.main` has no `__main__` guard; python -c rather than bin/sglang, whose first line names the
 # folder the venv was built in (a venv moved elsewhere still runs this way).
@@ -66,9 +74,12 @@ class SGLangNotInstalled(RuntimeError):
 def sglang_venv(venv: str | os.PathLike[str] | None = None) -> Path:
     """The venv holding `sglang` and `sglang_router`; raises SGLangNotInstalled naming where it looked."""
     candidate = Path(venv or os.environ.get("ZIMAGE_SGLANG_VENV") or ".venv-sglang").absolute()
-    if not (candidate / "bin" / "python").exists() or not list(candidate.glob("lib/python*/site-packages/sglang_router")):
+    if not (candidate / "bin" / "python").exists() or not list(
+        candidate.glob("lib/python*/site-packages/sglang_router")
+    ):
         raise SGLangNotInstalled(
-            f"no SGLang at {candidate} (bin/python with sglang_router missing): run `make install-sglang`, or set "
+            f"no SGLang at {candidate} (bin/python with sglang_router missing): run "
+            "`make install-sglang`, or set "
             "ZIMAGE_SGLANG_VENV to a venv with sglang[diffusion] and sglang-router"
         )
     return candidate
@@ -165,14 +176,17 @@ class _Process:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(
-                    f"{self.name} on port {self.port} exited with {self.process.returncode}:\n{self.log()[-4000:]}"
+                    f"{self.name} on port {self.port} exited with {self.process.returncode}:\n"
+                    + self.log()[-4000:]
                 )
             if self.healthy():
                 self.started_seconds = time.monotonic() - self._launched
                 return
             time.sleep(0.5)
         self.kill()
-        raise RuntimeError(f"{self.name} on port {self.port} not healthy within {timeout:.0f}s:\n{self.log()[-4000:]}")
+        raise RuntimeError(
+            f"{self.name} on port {self.port} not healthy within {timeout:.0f}s:\n{self.log()[-4000:]}"
+        )
 
     def healthy(self) -> bool:
         try:
@@ -323,7 +337,7 @@ pid {workdir}/nginx-{port}.pid;
 error_log {log} warn;
 events {{ worker_connections 512; }}
 http {{
-    log_format upstream '$request_method $uri $status $upstream_addr $upstream_status';
+    log_format upstream '$request_method|$uri|$status|$upstream_addr|$upstream_status';
     access_log {access} upstream;
     client_body_temp_path {workdir}/nginx-tmp/body;
     proxy_temp_path {workdir}/nginx-tmp/proxy;
@@ -365,9 +379,15 @@ class NginxRouter(_Router):
 
     def __init__(self, worker_urls: Sequence[str], workdir: Path, nginx: str | None = None) -> None:
         super().__init__(worker_urls, workdir)
-        found = nginx or shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
+        found = (
+            nginx
+            or shutil.which("nginx")
+            or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
+        )
         if found is None:
-            raise SGLangNotInstalled("no nginx (the cluster's router): apt-get install nginx, or make install-sglang")
+            raise SGLangNotInstalled(
+                "no nginx (the cluster's router): apt-get install nginx, or make install-sglang"
+            )
         self.nginx = found
 
     @property
@@ -381,11 +401,16 @@ class NginxRouter(_Router):
     def prepare(self) -> None:
         (self.workdir / "nginx-tmp").mkdir(parents=True, exist_ok=True)
         servers = "\n".join(
-            f"        server {url.removeprefix('http://')} max_fails=1 fail_timeout=30s;" for url in self.worker_urls
+            f"        server {url.removeprefix('http://')} max_fails=1 fail_timeout=30s;"
+            for url in self.worker_urls
         )
         self.conf_path.write_text(
             NGINX_CONF.format(
-                workdir=self.workdir, port=self.port, log=self.log_path, access=self.access_path, servers=servers
+                workdir=self.workdir,
+                port=self.port,
+                log=self.log_path,
+                access=self.access_path,
+                servers=servers,
             )
         )
 
@@ -393,15 +418,21 @@ class NginxRouter(_Router):
         return [self.nginx, "-p", str(self.workdir), "-c", str(self.conf_path), "-e", str(self.log_path)]
 
     def requests(self, path: str = "/v1/images/generations") -> list[dict[str, str]]:
-        """What reached the router for `path`: status, and every worker tried (`upstream`, comma-separated)."""
+        """What reached the router for `path`: status, every worker tried (`upstream`, comma-separated)."""
         if not self.access_path.exists():
             return []
         entries = []
         for line in self.access_path.read_text().splitlines():
-            method, uri, status, upstream, upstream_status = (line.split(" ", 4) + [""] * 5)[:5]
+            # "|" between fields: nginx joins the workers it tried with ", " inside one field.
+            method, uri, status, upstream, upstream_status = (line.split("|") + [""] * 5)[:5]
             if uri == path:
                 entries.append(
-                    {"method": method, "status": status, "upstream": upstream, "upstream_status": upstream_status}
+                    {
+                        "method": method,
+                        "status": status,
+                        "upstream": upstream,
+                        "upstream_status": upstream_status,
+                    }
                 )
         return entries
 
@@ -501,7 +532,9 @@ class SGLangCluster:
 
 
 @contextlib.contextmanager
-def sglang_cluster(model_path: str | os.PathLike[str], workdir: str | os.PathLike[str], **options: Any) -> Iterator[SGLangCluster]:
+def sglang_cluster(
+    model_path: str | os.PathLike[str], workdir: str | os.PathLike[str], **options: Any
+) -> Iterator[SGLangCluster]:
     """`SGLangCluster(...)` started, stopped on exit (the shape the fixtures use)."""
     cluster = SGLangCluster(model_path, workdir, **options).start()
     try:
