@@ -67,3 +67,15 @@ def test_make_test_runs_every_bench_smoke():
     # The loop takes every bench/*.py but _*.py, so a new bench is smoked without editing the Makefile.
     assert "bench/[!_]*.py" in recipe and "--smoke" in recipe
     assert "bench/gpu_check.sh --smoke" in recipe
+
+
+def test_the_engine_bench_smoke_runs_where_the_engine_is_installed():
+    # bench/engine_throughput.py needs real SGLang workers (.venv-sglang): `make bench-smoke` leaves it
+    # to `make test-sglang`, which `make test` runs, so its smoke still runs on every `make test`.
+    _, loop = makefile_rule("bench-smoke")
+    assert "bench/engine_throughput.py) echo" in loop
+    prerequisites, _ = makefile_rule("test")
+    assert "test-sglang" in prerequisites
+    sglang_prerequisites, recipe = makefile_rule("test-sglang")
+    assert "install-sglang" in sglang_prerequisites
+    assert "bench/engine_throughput.py --smoke" in recipe and "-m sglang tests/sglang" in recipe

@@ -3,7 +3,8 @@ per test session, shared by the `sglang` tests: a worker starts in 30-40 s on 2 
 
 `make test-sglang` runs these (after `make install-sglang`) with ZIMAGE_SGLANG_REQUIRED=1, where a
 missing engine is a failure; anywhere else a missing `.venv-sglang` skips them with the reason.
-A test that kills a worker leaves it dead; the `sglang` fixture starts it again before the next test.
+A test that kills a worker leaves it dead; the `sglang` fixture starts it again before the next test
+(one to two minutes on 2 busy cores), so the killing test is the last one (`-p no:randomly`).
 """
 
 from __future__ import annotations

@@ -102,6 +102,42 @@ def test_a_dag_on_the_engine_generates_stores_and_verifies_images_through_the_ro
     assert len({entry["upstream"] for entry in sent}) == 2
 
 
+def test_a_request_the_engine_cannot_honour_is_refused_before_anything_reaches_the_router(
+    sglang: SGLangCluster, monkeypatch: pytest.MonkeyPatch, zimage_output: Path
+) -> None:
+    use_engine(monkeypatch, sglang.url)
+    router = router_of(sglang)
+    before = len(router.requests())
+    # The engine itself would answer 200 to each (it ignores the scheduler, rounds 200 down to 192).
+    for odd in ({"scheduler": "DPM++ 2M Karras"}, {"width": 200}):
+        arguments: dict[str, Any] = {"prompt": "a lighthouse", "width": SIZE, "height": SIZE, "seed": 1, **odd}
+        op = ZImageGenerateOperator(task_id="hero", **arguments)
+        with pytest.raises((ZImageValidationError, AirflowFailException), match=next(iter(odd))):
+            op.execute({"ti": FakeTI("manual__refused", task_id="hero")})
+    assert router.requests()[before:] == []
+
+
+def test_the_seed_gives_the_same_bytes_again_on_the_same_worker(
+    sglang: SGLangCluster, monkeypatch: pytest.MonkeyPatch, zimage_output: Path
+) -> None:
+    use_engine(monkeypatch, sglang.workers[0].url)
+    stored = []
+    for run_id in ("manual__first", "manual__again"):
+        op = ZImageGenerateOperator(
+            task_id="hero",
+            prompt="a lighthouse",
+            width=SIZE,
+            height=SIZE,
+            steps=STEPS,
+            seed=77,
+            output_format="PNG",
+        )
+        (image,) = op.execute({"ti": FakeTI(run_id, task_id="hero")})
+        stored.append(image["sha256"])
+    assert stored[0] == stored[1]
+
+
+# Last in the session: it leaves a worker dead, and starting it again costs a minute or two on 2 cores.
 def test_a_worker_killed_mid_batch_loses_nothing_and_the_survivor_makes_the_rest(
     sglang: SGLangCluster, monkeypatch: pytest.MonkeyPatch, zimage_output: Path
 ) -> None:
@@ -147,39 +183,3 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_the_survivor_makes_the_rest
     survivor, dead = (w.url.removeprefix("http://") for w in (sglang.workers[0], victim))
     answered_after = [e["upstream"].split(", ")[-1] for e in router.requests()[before:][killed_at:]]
     assert answered_after and set(answered_after) == {survivor}, (answered_after, dead)
-
-
-def test_a_request_the_engine_cannot_honour_is_refused_before_anything_reaches_the_router(
-    sglang: SGLangCluster, monkeypatch: pytest.MonkeyPatch, zimage_output: Path
-) -> None:
-    use_engine(monkeypatch, sglang.url)
-    router = router_of(sglang)
-    before = len(router.requests())
-    # The engine itself would answer 200 to each (it ignores the scheduler, rounds 200 down to 192).
-    for odd in ({"scheduler": "DPM++ 2M Karras"}, {"width": 200}):
-        op = ZImageGenerateOperator(
-            task_id="hero", prompt="a lighthouse", width=SIZE, height=SIZE, seed=1, **odd
-        )
-        with pytest.raises((ZImageValidationError, AirflowFailException), match=next(iter(odd))):
-            op.execute({"ti": FakeTI("manual__refused", task_id="hero")})
-    assert router.requests()[before:] == []
-
-
-def test_the_seed_gives_the_same_bytes_again_on_the_same_worker(
-    sglang: SGLangCluster, monkeypatch: pytest.MonkeyPatch, zimage_output: Path
-) -> None:
-    use_engine(monkeypatch, sglang.workers[0].url)
-    stored = []
-    for run_id in ("manual__first", "manual__again"):
-        op = ZImageGenerateOperator(
-            task_id="hero",
-            prompt="a lighthouse",
-            width=SIZE,
-            height=SIZE,
-            steps=STEPS,
-            seed=77,
-            output_format="PNG",
-        )
-        (image,) = op.execute({"ti": FakeTI(run_id, task_id="hero")})
-        stored.append(image["sha256"])
-    assert stored[0] == stored[1]
