@@ -110,7 +110,13 @@ def test_a_request_the_engine_cannot_honour_is_refused_before_anything_reaches_t
     before = len(router.requests())
     # The engine itself would answer 200 to each (it ignores the scheduler, rounds 200 down to 192).
     for odd in ({"scheduler": "DPM++ 2M Karras"}, {"width": 200}):
-        arguments: dict[str, Any] = {"prompt": "a lighthouse", "width": SIZE, "height": SIZE, "seed": 1, **odd}
+        arguments: dict[str, Any] = {
+            "prompt": "a lighthouse",
+            "width": SIZE,
+            "height": SIZE,
+            "seed": 1,
+            **odd,
+        }
         op = ZImageGenerateOperator(task_id="hero", **arguments)
         with pytest.raises((ZImageValidationError, AirflowFailException), match=next(iter(odd))):
             op.execute({"ti": FakeTI("manual__refused", task_id="hero")})
