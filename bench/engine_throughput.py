@@ -124,7 +124,8 @@ def provider_path(url: str, args: argparse.Namespace, workdir: Path) -> Callable
             seed=payload["seed"],
             output_format="PNG",
         )
-        return op.execute({"ti": _TaskInstance(f"manual__bench_{next(runs)}")})
+        context: Any = {"ti": _TaskInstance(f"manual__bench_{next(runs)}")}
+        return op.execute(context)
 
     return call
 
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             worker_urls: Sequence[str] = args.worker_urls
         else:
             model_path = args.model_path or _tiny_model(workdir)
-            cluster = SGLangCluster(model_path, workdir, workers=2, venv=venv, router=False).start()
+            cluster = SGLangCluster(model_path, workdir, workers=2, venv=venv, router=None).start()
             worker_urls = [w.url for w in cluster.workers]
             starts = ", ".join(f"{w.started_seconds:.0f} s" for w in cluster.workers)
             print(f"workers: 2 started side by side in {time.perf_counter() - started:.0f} s ({starts})")

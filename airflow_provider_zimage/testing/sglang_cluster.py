@@ -38,7 +38,6 @@ __all__ = [
     "MODEL_ID",
     "NginxRouter",
     "SGLangCluster",
-    "SGLangNotInstalled",
     "SGLangRouter",
     "SGLangWorker",
     "free_port",
@@ -67,17 +66,14 @@ _SGLANG_MAIN = "import sys; from sglang.cli.main import main; sys.exit(main())"
 _PREPARED = ".sglang-ready"
 
 
-class SGLangNotInstalled(RuntimeError):
-    """No SGLang venv where `sglang_venv()` looks: `make install-sglang` builds it."""
-
-
 def sglang_venv(venv: str | os.PathLike[str] | None = None) -> Path:
-    """The venv holding `sglang` and `sglang_router`; raises SGLangNotInstalled naming where it looked."""
+    """The venv holding `sglang` and `sglang_router`; FileNotFoundError naming where it looked, and how to
+    build it (`make install-sglang`)."""
     candidate = Path(venv or os.environ.get("ZIMAGE_SGLANG_VENV") or ".venv-sglang").absolute()
     if not (candidate / "bin" / "python").exists() or not list(
         candidate.glob("lib/python*/site-packages/sglang_router")
     ):
-        raise SGLangNotInstalled(
+        raise FileNotFoundError(
             f"no SGLang at {candidate} (bin/python with sglang_router missing): run "
             "`make install-sglang`, or set "
             "ZIMAGE_SGLANG_VENV to a venv with sglang[diffusion] and sglang-router"
@@ -385,7 +381,7 @@ class NginxRouter(_Router):
             or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
         )
         if found is None:
-            raise SGLangNotInstalled(
+            raise FileNotFoundError(
                 "no nginx (the cluster's router): apt-get install nginx, or make install-sglang"
             )
         self.nginx = found
