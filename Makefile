@@ -45,8 +45,8 @@ $(PY_SGLANG):
 	$(PY_SGLANG) -m pip install -q --upgrade pip
 
 # constraints-sglang.txt (pip freeze of a working engine venv) makes the resolution reproducible.
-$(STAMP_SGLANG): $(PY_SGLANG) requirements-sglang.txt
-	$(PY_SGLANG) -m pip install -q -r requirements-sglang.txt $$(test -f constraints-sglang.txt && echo -c constraints-sglang.txt)
+$(STAMP_SGLANG): $(PY_SGLANG) requirements-sglang.txt constraints-sglang.txt
+	$(PY_SGLANG) -m pip install -q -r requirements-sglang.txt -c constraints-sglang.txt
 	rm -f $(VENV_SGLANG)/.installed-*
 	touch $(STAMP_SGLANG)
 
