@@ -297,3 +297,78 @@ def test_one_dag_moves_between_runware_and_an_engine_by_its_connection_alone(
         m.parts[len(root.parts)]: json.loads(m.read_text())["backend"] for m in root.rglob("manifest.json")
     }
     assert backends == {"runware": "runware", "engine": "openai_images"}
+
+
+# -- the wire and the async twin, without an operator ------------------------------------------------
+
+
+def _request(**kwargs: Any) -> Any:
+    from airflow_provider_zimage.runware.models import ImageInferenceRequest
+
+    return ImageInferenceRequest.build(
+        **{
+            "model": "runware:z-image@turbo",
+            "positive_prompt": "a lighthouse",
+            "width": 256,
+            "height": 256,
+            **kwargs,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "parameter"),
+    [
+        ({"lora": [{"model": "hf:owner/repo", "weight": 0.8}]}, "lora"),
+        ({"scheduler": "Euler Beta"}, "scheduler"),
+        ({"acceleration": "high", "model": "runware:twinflow-z-image-turbo@0"}, "acceleration"),
+        ({"webhook_url": "https://hooks.example.com/x?token=abc"}, "webhookURL"),
+        ({"upload_endpoint": "https://bucket.example.com/x?X-Amz-Signature=abc"}, "uploadEndpoint"),
+        ({"safety": {"check_content": True}}, "safety"),
+    ],
+)
+def test_every_refusal_names_its_parameter_and_the_backend(arguments: dict[str, Any], parameter: str) -> None:
+    from airflow_provider_zimage.exceptions import ZImageValidationError
+    from airflow_provider_zimage.openai_images.wire import plan_calls
+
+    request = _request(**arguments)
+    served = {"runware:z-image@turbo": "Z-Image-Turbo", "runware:twinflow-z-image-turbo@0": "TwinFlow"}
+    with pytest.raises(ZImageValidationError) as refused:
+        plan_calls(request, served, 1)
+    assert refused.value.parameters == [parameter]
+    assert "openai_images" in str(refused.value) and "abc" not in str(refused.value)
+
+
+def test_a_connection_without_served_model_refuses_naming_the_extra() -> None:
+    from airflow_provider_zimage.exceptions import ZImageValidationError
+    from airflow_provider_zimage.openai_images.wire import plan_calls, served_models
+
+    with pytest.raises(ZImageValidationError, match="served_model"):
+        plan_calls(_request(), served_models(None), 1)
+    assert served_models('{"turbo": "zt", "z-image": "zb"}') == {
+        "runware:z-image@turbo": "zt",
+        "runware:z-image@0": "zb",
+    }
+
+
+def test_the_async_twin_makes_the_same_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from airflow_provider_zimage.hooks.openai_images import OpenAIImagesHook
+    from airflow_provider_zimage.hooks.runware import loop_clients
+    from airflow_provider_zimage.openai_images.wire import plan_calls
+
+    with OpenAIImagesTestServer(api_key=API_KEY) as server:
+        monkeypatch.setenv("AIRFLOW_CONN_ZIMAGE_DEFAULT", engine_connection(server))
+        (call,) = plan_calls(_request(seed=3), {"runware:z-image@turbo": "Z-Image-Turbo"}, 3)
+        server.script(Fault(status=503, headers={"Retry-After": "0"}), Fault(url="/files/{name}"))
+
+        async def both() -> tuple[bytes, bytes]:
+            async with loop_clients():
+                hook = OpenAIImagesHook()
+                return await hook.agenerate(call), await hook.agenerate(call)
+
+        via_url, via_b64 = asyncio.run(both())
+        with OpenAIImagesHook() as hook:
+            sync = hook.generate(call)
+    assert via_url == via_b64 == sync == seed_png("a lighthouse", 3, 256, 256)
