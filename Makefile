@@ -8,8 +8,13 @@ AIRFLOW_FLOOR := 3.1.8
 VENV_FLOOR := .venv-af31
 PY_FLOOR := $(VENV_FLOOR)/bin/python
 STAMP_FLOOR := $(VENV_FLOOR)/.installed-$(shell cat pyproject.toml requirements-cpu.txt constraints-af31-cpu.txt 2>/dev/null | sha1sum | cut -c1-12)
+# The real engine (SGLang Diffusion + sglang-router) in a venv of its own: about 11 GB and 6 minutes once
+# per machine (torch's CUDA wheels come along; the workers run on the CPU here), reused while its pins hold.
+VENV_SGLANG := .venv-sglang
+PY_SGLANG := $(VENV_SGLANG)/bin/python
+STAMP_SGLANG := $(VENV_SGLANG)/.installed-$(shell cat requirements-sglang.txt constraints-sglang.txt 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install install-floor test test-floor lint wheel-smoke bench-smoke e2e e2e-distributed e2e-distributed-packages demo demo-ui bench clean constraints constraints-floor
+.PHONY: install install-floor install-sglang test-sglang test test-floor lint wheel-smoke bench-smoke e2e e2e-distributed e2e-distributed-packages demo demo-ui bench clean constraints constraints-floor
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +40,31 @@ $(STAMP_FLOOR): $(PY_FLOOR) pyproject.toml requirements-cpu.txt constraints-af31
 
 install-floor: $(STAMP_FLOOR)
 
+$(PY_SGLANG):
+	$(PYTHON) -m venv $(VENV_SGLANG)
+	$(PY_SGLANG) -m pip install -q --upgrade pip
+
+# constraints-sglang.txt (pip freeze of a working engine venv) makes the resolution reproducible.
+$(STAMP_SGLANG): $(PY_SGLANG) requirements-sglang.txt constraints-sglang.txt
+	$(PY_SGLANG) -m pip install -q -r requirements-sglang.txt -c constraints-sglang.txt
+	rm -f $(VENV_SGLANG)/.installed-*
+	touch $(STAMP_SGLANG)
+
+# nginx is the cluster's router (sglang-router does not route /v1/images/generations): Debian's, when missing.
+install-sglang: $(STAMP_SGLANG)
+	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx; \
+	  else echo "make install-sglang needs: sudo apt-get install -y nginx" >&2; exit 1; fi; \
+	fi
+
+# The real engine: two `sglang serve` workers on the tiny checkpoint behind nginx (tests/sglang, one
+# cluster for the session, ~2 min to start on 2 loaded cores), then the engine bench's smoke (its own
+# cluster). A missing engine fails here (ZIMAGE_SGLANG_REQUIRED=1) instead of skipping.
+test-sglang: install install-sglang
+	ZIMAGE_SGLANG_VENV=$(VENV_SGLANG) ZIMAGE_SGLANG_REQUIRED=1 $(PY) -m pytest -q -m sglang tests/sglang --timeout=1200 -p no:randomly
+	ZIMAGE_SGLANG_VENV=$(VENV_SGLANG) $(PY) bench/engine_throughput.py --smoke
+
 lint: install
 	$(VENV)/bin/ruff check airflow_provider_zimage tests dags bench scripts
 	$(VENV)/bin/ruff format --check airflow_provider_zimage tests dags bench scripts
@@ -47,7 +77,7 @@ wheel-smoke: install
 
 # The unit suite on both cores, on the newest Airflow and on the floor, then the e2e suite alone on the
 # newest (its Airflow deployment needs both cores).
-test: install lint wheel-smoke bench-smoke test-floor
+test: install lint wheel-smoke bench-smoke test-floor test-sglang
 	$(PY) -m pytest -q -n 2 --timeout=600
 	$(PY) -m pytest -q -m e2e tests/e2e --timeout=3000 -p no:randomly
 
@@ -101,6 +131,7 @@ bench-smoke: install
 	@total=$$(date +%s); log=$$(mktemp); for bench in bench/[!_]*.py; do \
 	  case $$bench in \
 	    bench/gpu_check.py) set -- bash bench/gpu_check.sh --smoke ;; \
+	    bench/engine_throughput.py) echo "bench-smoke: $$bench runs in make test-sglang (needs the engine)"; continue ;; \
 	    *) set -- $(PY) $$bench --smoke ;; \
 	  esac; \
 	  start=$$(date +%s); \
@@ -128,4 +159,4 @@ constraints-floor:
 	rm -rf .venv-constraints
 
 clean:
-	rm -rf $(VENV) $(VENV_FLOOR) .demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_FLOOR) $(VENV_SGLANG) .demo .pytest_cache .ruff_cache

@@ -77,3 +77,15 @@ def test_gpu_check_measures_step_caching_and_controlnet():
     source = (REPO / "bench" / "accel_check.py").read_text()
     for figure in ("steps_computed", "psnr_db", "controlnet_seconds_per_image", "not built yet"):
         assert figure in source, figure
+
+
+def test_the_engine_bench_smoke_runs_where_the_engine_is_installed():
+    # bench/engine_throughput.py needs real SGLang workers (.venv-sglang): `make bench-smoke` leaves it
+    # to `make test-sglang`, which `make test` runs, so its smoke still runs on every `make test`.
+    _, loop = makefile_rule("bench-smoke")
+    assert "bench/engine_throughput.py) echo" in loop
+    prerequisites, _ = makefile_rule("test")
+    assert "test-sglang" in prerequisites
+    sglang_prerequisites, recipe = makefile_rule("test-sglang")
+    assert "install-sglang" in sglang_prerequisites
+    assert "bench/engine_throughput.py --smoke" in recipe and "-m sglang tests/sglang" in recipe
