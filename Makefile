@@ -23,7 +23,7 @@ $(PY):
 # torch is pinned to the CPU wheel here (requirements-cpu.txt); the package's own `local` extra stays a
 # range so users on GPUs get the build that matches their CUDA.
 $(STAMP): $(PY) pyproject.toml requirements-cpu.txt constraints-cpu.txt
-	$(PY) -m pip install -q -r requirements-cpu.txt -c constraints-cpu.txt -e '.[local,s3,dev]'
+	$(PY) -m pip install -q -r requirements-cpu.txt -c constraints-cpu.txt -e '.[local,s3,dev,nsfw,accel]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -34,7 +34,7 @@ $(PY_FLOOR):
 	$(PY_FLOOR) -m pip install -q --upgrade pip
 
 $(STAMP_FLOOR): $(PY_FLOOR) pyproject.toml requirements-cpu.txt constraints-af31-cpu.txt
-	$(PY_FLOOR) -m pip install -q -r requirements-cpu.txt -c constraints-af31-cpu.txt -e '.[local,s3,dev]'
+	$(PY_FLOOR) -m pip install -q -r requirements-cpu.txt -c constraints-af31-cpu.txt -e '.[local,s3,dev,nsfw,accel]'
 	rm -f $(VENV_FLOOR)/.installed-*
 	touch $(STAMP_FLOOR)
 
@@ -145,7 +145,7 @@ bench-smoke: install
 # After changing dependencies: re-resolve from scratch, then freeze what the suite passed with.
 constraints:
 	rm -rf .venv-constraints && $(PYTHON) -m venv .venv-constraints
-	.venv-constraints/bin/pip install -q -r requirements-cpu.txt -e '.[local,s3,dev]'
+	.venv-constraints/bin/pip install -q -r requirements-cpu.txt -e '.[local,s3,dev,nsfw,accel]'
 	(head -2 constraints-cpu.txt; .venv-constraints/bin/pip freeze --exclude-editable \
 	  | grep -v airflow-provider-zimage) > constraints-cpu.txt.new && mv constraints-cpu.txt.new constraints-cpu.txt
 	rm -rf .venv-constraints
