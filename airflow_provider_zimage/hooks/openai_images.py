@@ -1,5 +1,5 @@
 """Transport to an OpenAI-compatible image server (`backend: openai_images`): SGLang Diffusion,
-vLLM-Omni, or a router in front of several (sglang-router, NVIDIA Dynamo).
+vLLM-Omni, or a router in front of several (an HTTP load balancer such as nginx, NVIDIA Dynamo).
 
 The connection is the `zimage` connection: host = the server or router URL, password = its API key if
 it has one (sent as `Authorization: Bearer`), extra `served_model` = the model name the server knows.

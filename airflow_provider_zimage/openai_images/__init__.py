@@ -1,5 +1,5 @@
 """The OpenAI images wire (`POST /v1/images/generations`), sans-IO: what SGLang Diffusion, vLLM-Omni and
-the routers in front of them (sglang-router, NVIDIA Dynamo) speak.
+the routers in front of them (an HTTP load balancer such as nginx, NVIDIA Dynamo) speak.
 
 `wire` turns a validated Runware `imageInference` request into one OpenAI images body per image (n=1,
 seed, seed+1, ...), refuses before sending what that API cannot express, reads the answers and
