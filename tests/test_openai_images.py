@@ -9,6 +9,7 @@ of everything written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -381,3 +382,112 @@ def test_the_async_twin_makes_the_same_image(monkeypatch: pytest.MonkeyPatch) ->
         with OpenAIImagesHook() as hook:
             sync = hook.generate(call)
     assert via_url == via_b64 == sync == seed_png("a lighthouse", 3, 256, 256)
+
+
+# -- reuse="content": a daily catalogue on an engine makes only what is new -------------------------
+
+CATALOGUE = [{"prompt": f"catalogue item {i}", "seed": 500 + i} for i in range(4)]
+
+
+def _manifest(summary: dict[str, Any]) -> dict[str, Any]:
+    manifest: dict[str, Any] = json.loads(Path(summary["manifest_uri"].removeprefix("file://")).read_text())
+    return manifest
+
+
+def _file(image: dict[str, Any]) -> Path:
+    return Path(str(image["uri"]).removeprefix("file://"))
+
+
+def test_a_daily_batch_on_the_engine_copies_yesterdays_seeded_pictures_instead_of_calling(
+    engine: OpenAIImagesTestServer,
+) -> None:
+    yesterday = batch(CATALOGUE, run_id="scheduled__day1", reuse="content")
+    assert yesterday["images"] == 4 and len(engine.generations) == 4
+
+    today = batch(CATALOGUE, run_id="scheduled__day2", reuse="content")
+
+    assert len(engine.generations) == 4  # not one call to the engine
+    assert today["images"] == 4 and today["reused"] == 4 and today["total_cost"] == 0.0
+    sources = {(i["index"], i["seed"]): i["uri"] for i in _manifest(yesterday)["images"]}
+    images = _manifest(today)["images"]
+    assert sorted((i["index"], i["seed"]) for i in images) == sorted(sources)
+    for image in images:
+        assert image["reused_from"] == sources[(image["index"], image["seed"])] != image["uri"]
+        assert image["cost"] == 0.0
+        # A verified copy in today's own folder, byte for byte the engine's picture of that seed.
+        assert "scheduled__day2" in image["uri"]
+        assert _file(image).read_bytes() == _file({"uri": image["reused_from"]}).read_bytes()
+
+
+def test_one_changed_row_in_the_catalogue_makes_exactly_one_call(engine: OpenAIImagesTestServer) -> None:
+    batch(CATALOGUE, run_id="scheduled__day1", reuse="content")
+    edited = [dict(row) for row in CATALOGUE]
+    edited[2]["prompt"] = "catalogue item 2, now in red"
+
+    today = batch(edited, run_id="scheduled__day2", reuse="content")
+
+    (call,) = engine.generations[4:]
+    assert (call.body["prompt"], call.body["seed"]) == ("catalogue item 2, now in red", 502)
+    assert today["reused"] == 3
+    fresh = [i for i in _manifest(today)["images"] if "reused_from" not in i]
+    assert [i["index"] for i in fresh] == [2]
+
+
+def test_a_corrupted_stored_picture_is_made_again_not_copied(engine: OpenAIImagesTestServer) -> None:
+    yesterday = batch(CATALOGUE, run_id="scheduled__day1", reuse="content")
+    damaged = next(i for i in _manifest(yesterday)["images"] if i["index"] == 1)
+    _file(damaged).write_bytes(b"not the picture any more")
+    gone = next(i for i in _manifest(yesterday)["images"] if i["index"] == 3)
+    _file(gone).unlink()
+
+    today = batch(CATALOGUE, run_id="scheduled__day2", reuse="content")
+
+    assert sorted(c.body["seed"] for c in engine.generations[4:]) == [501, 503]
+    assert today["images"] == 4 and today["reused"] == 2
+    for image in _manifest(today)["images"]:
+        assert ("reused_from" in image) == (image["index"] in (0, 2))
+        assert hashlib.sha256(_file(image).read_bytes()).hexdigest() == image["sha256"]
+
+
+def test_unseeded_rows_are_never_copied_they_ask_for_a_new_picture(engine: OpenAIImagesTestServer) -> None:
+    rows = [{"prompt": "surprise me"}, {"prompt": "seeded", "seed": 9}]
+    batch(rows, run_id="scheduled__day1", reuse="content")
+    today = batch(rows, run_id="scheduled__day2", reuse="content")
+    again = engine.generations[2:]
+    assert [c.body["prompt"] for c in again] == ["surprise me"]
+    assert today["reused"] == 1
+
+
+def test_the_single_operator_on_the_engine_copies_a_seeded_picture_stored_before(
+    engine: OpenAIImagesTestServer,
+) -> None:
+    first = generate("scheduled__day1", reuse="content", seed=21, number_results=2)
+    assert len(engine.generations) == 2
+    second = generate("scheduled__day2", reuse="content", seed=21, number_results=2)
+    assert len(engine.generations) == 2
+    assert [i["reused_from"] for i in second] == [i["uri"] for i in first]
+    assert [i["seed"] for i in second] == [21, 22] and {i["cost"] for i in second} == {0.0}
+    # Unseeded: a new picture every time, even with reuse="content".
+    generate("scheduled__day1", reuse="content", seed=None)
+    generate("scheduled__day2", reuse="content", seed=None)
+    assert len(engine.generations) == 4
+
+
+def test_a_picture_the_single_operator_stored_is_copied_by_a_batch_row_asking_for_it(
+    engine: OpenAIImagesTestServer,
+) -> None:
+    (single,) = generate("scheduled__day1", reuse="content", prompt="catalogue item 0", seed=500)
+    today = batch(CATALOGUE[:1], run_id="scheduled__day2", reuse="content")
+    assert len(engine.generations) == 1
+    (image,) = _manifest(today)["images"]
+    assert image["reused_from"] == single["uri"]
+
+
+def test_another_served_model_is_other_weights_and_is_never_copied(
+    engine: OpenAIImagesTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch(CATALOGUE[:2], run_id="scheduled__day1", reuse="content")
+    monkeypatch.setenv("AIRFLOW_CONN_ZIMAGE_DEFAULT", engine_connection(engine, served_model="Z-Image-v2"))
+    today = batch(CATALOGUE[:2], run_id="scheduled__day2", reuse="content")
+    assert len(engine.generations) == 4 and today["reused"] == 0
+    assert {c.body["model"] for c in engine.generations[2:]} == {"Z-Image-v2"}
