@@ -12,7 +12,6 @@ through `ArtifactStore`, requests are finished by `jobs.delivery` and sent by th
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -593,9 +592,9 @@ class BatchJob:
             and not any("reused_from" in i for i in e.images)
         )
         ledger = self.ledger
-        name = "\x1f".join([ledger.dag_id, ledger.run_id, ledger.task_id, str(ledger.map_index)])
+        name = content_index.batch_id(ledger.dag_id, ledger.run_id, ledger.task_id, ledger.map_index)
         try:
-            content_index.record_batch(self.store, hashlib.sha256(name.encode()).hexdigest()[:32], pictures)
+            content_index.record_batch(self.store, name, pictures)
         except ZImageError as exc:  # a lost hint costs a future payment, not these images
             self.log.warning("Could not index the batch's images for reuse: %s", exc)
 

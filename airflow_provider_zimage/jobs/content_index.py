@@ -51,6 +51,12 @@ def batch_index_dir(store: ArtifactStore, batch_id: str) -> Any:
     return store.base / INDEX_DIR / BATCHES_DIR / batch_id
 
 
+def batch_id(dag_id: str, run_id: str, task_id: str, map_index: int) -> str:
+    """The name of one task instance's batch index: every backend's batch writes under the same one."""
+    name = "\x1f".join([dag_id, run_id, task_id, str(map_index)])
+    return hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
 def _shard(fingerprint: str) -> str:
     first = fingerprint[:1].lower()
     return first if first in SHARDS else "0"

@@ -15,6 +15,11 @@ the artifacts, atomic):
   as every image's file name derives from the task instance, the request and the seed, one image is
   never stored as two files.
 
+With `reuse="content"` (`reuse_content`), a seeded request whose picture any task stored before under
+the same output_path with the same fingerprint (request, backend, connection id and served model name)
+is copied from there (`content_index`: verified, cost 0, `reused_from`) instead of called; a batch
+indexes the seeded pictures it made once it is done, as the Runware batch does.
+
 Orchestration only: bodies and refusals are `openai_images.wire`'s, bytes move through
 `hooks.openai_images`, files through `ArtifactStore`.
 """
@@ -32,6 +37,7 @@ from typing import Any, Literal
 from airflow_provider_zimage.compat import AirflowException
 from airflow_provider_zimage.exceptions import ZImageError, ZImagePermanentError, ZImageValidationError
 from airflow_provider_zimage.hooks.openai_images import OpenAIImagesHook
+from airflow_provider_zimage.jobs import content_index
 from airflow_provider_zimage.jobs.generation import MANIFEST_VERSION, manifest_entry
 from airflow_provider_zimage.jobs.ledger import JsonLedgerStore, derive_task_uuid, job_fingerprint
 from airflow_provider_zimage.openai_images import wire
@@ -149,6 +155,9 @@ class EngineJob:
 
     :param served: {catalog AIR id: served name}, from the connection's `served_model` extra.
     :param force: make every image again (a new base seed for unseeded requests).
+    :param reuse_content: reuse="content": copy a seeded request's picture stored before under the
+        output_path (same fingerprint) instead of calling; a batch indexes what it made
+        (`run_batch`; the single operator indexes its own through `content_index.record`).
     """
 
     def __init__(
@@ -161,6 +170,7 @@ class EngineJob:
         max_in_flight: int,
         log: Any,
         force: bool = False,
+        reuse_content: bool = False,
     ) -> None:
         self.ref = ref
         self.store = store
@@ -169,6 +179,7 @@ class EngineJob:
         self.max_in_flight = max_in_flight
         self.log = log
         self.force = force
+        self.reuse_content = reuse_content
         self.ledgers = ImageLedgerStore(directory)
         self._lock = threading.Lock()
 
@@ -236,9 +247,10 @@ class EngineJob:
             # Intent before sending: the seed and the file name are fixed before the server sees them.
             ledger.images[p.key] = ImageRecord(p.item.fingerprint, p.call.seed, p.image_uuid, "intent")
             todo.append(p)
-        self.ledgers.save(ledger)
         if result.reused:
             self.log.info("%d image(s) already stored by an earlier try: not made again", result.reused)
+        todo = self._copy_content(todo, ledger, result)
+        self.ledgers.save(ledger)
         if not todo:
             return self._ordered(result, planned, ledger)
         self.log.info(DEFERRAL_NOTE, self.max_in_flight)
@@ -255,6 +267,77 @@ class EngineJob:
                     )
                     result.permanent = result.permanent or isinstance(exc, ZImagePermanentError)
         return self._ordered(result, planned, ledger)
+
+    def _copy_content(self, todo: list[_Planned], ledger: ImageLedger, result: EngineResult) -> list[_Planned]:
+        """reuse="content": each seeded request none of whose images this task stored yet is looked up
+        in the content index (read once) and copied from where it was stored, all its images or none;
+        the copies are recorded as stored here, so a retry of this task keeps them. Returns what is
+        still to call."""
+        if not self.reuse_content or self.force:
+            return todo
+        by_item: dict[int, list[_Planned]] = {}
+        for p in todo:
+            by_item.setdefault(p.item.index, []).append(p)
+        candidates = [
+            calls
+            for calls in by_item.values()
+            if calls[0].item.request.seed is not None
+            and len(calls) == (calls[0].item.request.number_results or 1)
+        ]
+        if not candidates:
+            return todo
+        index = content_index.ContentIndex(self.store)
+
+        def copy(calls: list[_Planned]) -> list[dict[str, Any]] | None:
+            item = calls[0].item
+            try:
+                return index.reuse(item.fingerprint, self.directory, durable=False)
+            except ZImageError as exc:  # a copy that fails costs GPU time, never the batch
+                self.log.warning("requests[%d]: could not reuse the indexed image: %s", item.index, exc)
+                return None
+
+        copied: set[str] = set()
+        with ThreadPoolExecutor(max(1, min(self.max_in_flight, len(candidates)))) as pool:
+            for calls, copies in zip(candidates, pool.map(copy, candidates), strict=True):
+                by_seed = {c.get("seed"): c for c in copies or ()}
+                if len(by_seed) != len(calls) or any(p.call.seed not in by_seed for p in calls):
+                    continue  # not this request's images after all (a hint): call
+                for p in calls:
+                    entry = {**by_seed[p.call.seed], "index": p.item.index}
+                    ledger.images[p.key] = ImageRecord(
+                        p.item.fingerprint, p.call.seed, p.image_uuid, "stored", entry
+                    )
+                    copied.add(p.key)
+        if copied:
+            # The copies were written without one flush each; made durable here, all at once.
+            self.store.flush()
+            result.reused += len(copied)
+            self.log.info(
+                "reuse='content': %d image(s) stored before under this output_path: copied, not made again",
+                len(copied),
+            )
+        return [p for p in todo if p.key not in copied]
+
+    def _index_content(self, items: Sequence[EngineItem], result: EngineResult) -> None:
+        """reuse="content": the seeded pictures this batch made (not copies), one index for the task
+        instance, written once it is done."""
+        if not self.reuse_content:
+            return
+        pictures = [
+            (item.fingerprint, images)
+            for item in items
+            if item.request.seed is not None
+            and (images := result.images.get(item.index) or [])
+            and len(images) == (item.request.number_results or 1)
+            and not any("reused_from" in i for i in images)
+        ]
+        r = self.ref
+        try:
+            content_index.record_batch(
+                self.store, content_index.batch_id(r.dag_id, r.run_id, r.task_id, r.map_index), pictures
+            )
+        except ZImageError as exc:  # a lost hint costs GPU time later, not these images
+            self.log.warning("Could not index the batch's images for reuse: %s", exc)
 
     def _make(self, hook: OpenAIImagesHook, p: _Planned, ledger: ImageLedger) -> None:
         request = p.item.request
@@ -287,6 +370,7 @@ class EngineJob:
         """`ZImageBatchGenerateOperator`'s run on this backend: the same manifest (`kind: batch`, one
         entry per image with its request `index`, `failed` rows) and the same small XCom summary."""
         result = self.run(items, hook)
+        self._index_content(items, result)
         images = [image for index in sorted(result.images) for image in result.images[index]]
         failed = [{"index": i, "task_uuid": None, "reason": result.failed[i]} for i in sorted(result.failed)]
         manifest = {

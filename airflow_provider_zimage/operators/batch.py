@@ -305,6 +305,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
             max_in_flight=min(self.max_in_flight, MAX_ENGINE_CONCURRENCY),
             log=self.log,
             force=self.force,
+            reuse_content=self.reuse == "content",
         )
         items = [
             EngineItem(p.index, p.request, engine_fingerprint(p.request, self.zimage_conn_id, served))
@@ -314,8 +315,6 @@ class ZImageBatchGenerateOperator(BaseOperator):
             engine.plan(items, rows=True)
         except ZImageValidationError as exc:
             raise AirflowFailException(str(exc)) from None
-        if self.reuse == "content":
-            self.log.info("reuse='content' does not apply to backend openai_images: reuse='task' does")
         with OpenAIImagesHook(self.zimage_conn_id) as hook:
             return engine.run_batch(items, hook, fail_on_partial_error=self.fail_on_partial_error)
 
