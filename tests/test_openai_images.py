@@ -417,6 +417,10 @@ def test_a_daily_batch_on_the_engine_copies_yesterdays_seeded_pictures_instead_o
         # A verified copy in today's own folder, byte for byte the engine's picture of that seed.
         assert "scheduled__day2" in image["uri"]
         assert _file(image).read_bytes() == _file({"uri": image["reused_from"]}).read_bytes()
+    # Today's task retried: its copies are in its own ledger, kept, and still nothing is called.
+    again = batch(CATALOGUE, run_id="scheduled__day2", reuse="content")
+    assert len(engine.generations) == 4 and again["images"] == 4
+    assert _manifest(again)["images"] == images
 
 
 def test_one_changed_row_in_the_catalogue_makes_exactly_one_call(engine: OpenAIImagesTestServer) -> None:
