@@ -454,7 +454,7 @@ def test_a_corrupted_stored_picture_is_made_again_not_copied(engine: OpenAIImage
 
 
 def test_unseeded_rows_are_never_copied_they_ask_for_a_new_picture(engine: OpenAIImagesTestServer) -> None:
-    rows = [{"prompt": "surprise me"}, {"prompt": "seeded", "seed": 9}]
+    rows: list[dict[str, Any]] = [{"prompt": "surprise me"}, {"prompt": "seeded", "seed": 9}]
     batch(rows, run_id="scheduled__day1", reuse="content")
     today = batch(rows, run_id="scheduled__day2", reuse="content")
     again = engine.generations[2:]

@@ -268,7 +268,9 @@ class EngineJob:
                     result.permanent = result.permanent or isinstance(exc, ZImagePermanentError)
         return self._ordered(result, planned, ledger)
 
-    def _copy_content(self, todo: list[_Planned], ledger: ImageLedger, result: EngineResult) -> list[_Planned]:
+    def _copy_content(
+        self, todo: list[_Planned], ledger: ImageLedger, result: EngineResult
+    ) -> list[_Planned]:
         """reuse="content": each seeded request none of whose images this task stored yet is looked up
         in the content index (read once) and copied from where it was stored, all its images or none;
         the copies are recorded as stored here, so a retry of this task keeps them. Returns what is
