@@ -111,8 +111,9 @@ class Prepared:
     fingerprint: str
     # The row as the DAG wrote it, before rendering (None when unknown).
     arguments: str | None = None
-    # The connection, part of what earlier releases' fingerprints were made of.
+    # The connection (on an executor, with the weights it serves), part of the fingerprint.
     origin: str | None = None
+    backend: str = "runware"
     # Kept when `request` is let go (see `release`).
     seed: int | None = field(init=False)
     model: str = field(init=False)
@@ -132,7 +133,7 @@ class Prepared:
     def _old(self) -> dict[str, str]:
         # Computed only when asked (a ledger entry under another fingerprint, an old index file): half
         # the cost of preparing a row, paid 100,000 times for nothing otherwise.
-        return old_job_fingerprints(self.request, backend="runware", origin=self.origin)
+        return old_job_fingerprints(self.request, backend=self.backend, origin=self.origin)
 
     @property
     def legacy(self) -> tuple[str, ...]:
