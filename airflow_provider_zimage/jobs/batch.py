@@ -524,7 +524,7 @@ class BatchJob:
         if hook is None:  # one client per download thread, reused for every image it fetches
             hook = self._local.hook = ZImageHook(self.settings.conn_id)
             self._hooks.append(hook)
-        for result in apply_nsfw_policy(wait.status.results, self.settings.on_nsfw):
+        for result in apply_nsfw_policy(wait.status.results, self.settings.on_nsfw, hook.settings.backend):
             artifact = self.store.write_image(self.directory, str(result.image_uuid), hook.download(result))
             images.append({**manifest_entry(artifact.to_dict(), result, model=model), "index": entry.index})
         self._discard_inbox(entry)
