@@ -4,6 +4,9 @@ neither a retry (reuse="task") nor another run (reuse="content") gets the old im
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -77,3 +80,36 @@ def test_a_batch_for_a_model_the_executor_does_not_serve_fails_before_any_post(
     with pytest.raises(AirflowFailException, match=unserved):
         op.execute({"ti": FakeTI()})
     assert zimage_conn.stats["total_accepted"] == 0
+
+
+@pytest.mark.local
+def test_a_batch_on_a_real_executor_regenerates_after_its_weights_are_retrained(
+    tiny_model: Path, tmp_path: Path, output_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real zimage-executor process: restarted on the same folder with retrained weights (same file
+    names and sizes, other numbers), its /health reports another weights id and the batch generates."""
+    pytest.importorskip("diffusers")
+    from airflow_provider_zimage.executor.process import ExecutorProcess
+    from airflow_provider_zimage.testing.tiny_model import build_tiny_zimage
+
+    weights = tmp_path / "turbo"
+    shutil.copytree(tiny_model, weights)
+    row = [{"prompt": "a lighthouse at dusk", "seed": 1, "steps": 2}]
+
+    def run(run_id: str) -> dict[str, Any]:
+        process = ExecutorProcess(
+            {"runware:z-image@turbo": str(weights)}, tmp_path / run_id, "--devices", "cpu"
+        )
+        process.start()
+        try:
+            monkeypatch.setenv("AIRFLOW_CONN_ZIMAGE_DEFAULT", json.dumps(process.connection()))
+            op = batch(output_dir, row, reuse="content", width=128, height=128)
+            return run_try(op, FakeTI(run_id, dag_id="shop"))
+        finally:
+            assert process.stop() == 0, process.log()[-3000:]
+
+    assert run("day1")["reused"] == 0
+    assert run("day2")["reused"] == 1, "the same weights: reused"
+    shutil.rmtree(weights)
+    build_tiny_zimage(weights, seed=1)
+    assert run("day3")["reused"] == 0, "retrained weights behind the same id make another picture"
