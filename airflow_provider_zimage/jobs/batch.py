@@ -110,8 +110,9 @@ class Prepared:
     fingerprint: str
     # The row as the DAG wrote it, before rendering (None when unknown).
     arguments: str | None = None
-    # The connection, part of what earlier releases' fingerprints were made of.
+    # The connection (on an executor, with the weights it serves), part of the fingerprint.
     origin: str | None = None
+    backend: str = "runware"
     # Kept when `request` is let go (see `release`).
     seed: int | None = field(init=False)
     model: str = field(init=False)
@@ -131,7 +132,7 @@ class Prepared:
     def _old(self) -> dict[str, str]:
         # Computed only when asked (a ledger entry under another fingerprint, an old index file): half
         # the cost of preparing a row, paid 100,000 times for nothing otherwise.
-        return old_job_fingerprints(self.request, backend="runware", origin=self.origin)
+        return old_job_fingerprints(self.request, backend=self.backend, origin=self.origin)
 
     @property
     def legacy(self) -> tuple[str, ...]:
@@ -522,7 +523,7 @@ class BatchJob:
         if hook is None:  # one client per download thread, reused for every image it fetches
             hook = self._local.hook = ZImageHook(self.settings.conn_id)
             self._hooks.append(hook)
-        for result in apply_nsfw_policy(wait.status.results, self.settings.on_nsfw):
+        for result in apply_nsfw_policy(wait.status.results, self.settings.on_nsfw, hook.settings.backend):
             artifact = self.store.write_image(self.directory, str(result.image_uuid), hook.download(result))
             images.append({**manifest_entry(artifact.to_dict(), result, model=model), "index": entry.index})
         self._discard_inbox(entry)

@@ -267,7 +267,7 @@ class GenerationJob:
         task_uuid: str | None = None,
     ) -> list[dict[str, Any]]:
         """Fetch, verify and store every image, write the manifest last, and return the XCom entries."""
-        kept = apply_nsfw_policy(results, self.on_nsfw)
+        kept = apply_nsfw_policy(results, self.on_nsfw, self.backend)
         images = []
         for result in kept:
             # The bytes say what they are: a paid image is stored under its real format (the name gets
@@ -383,12 +383,27 @@ def warn_rendered_differently(what: str, parameters: Sequence[str]) -> None:
     )
 
 
-def apply_nsfw_policy(results: Sequence[ImageResult], policy: NsfwPolicy) -> list[ImageResult]:
+def nsfw_checker(backend: str) -> str:
+    """Who flagged an image, for the log: Runware, or the safety checker of an executor or of this
+    worker; someone wondering why an image is missing looks there."""
+    return {
+        "runware": "Runware",
+        "executor": "the zimage-executor's safety checker (backend 'executor')",
+        "local": "the local safety checker (backend 'local')",
+    }.get(backend, f"backend {backend!r}")
+
+
+def apply_nsfw_policy(
+    results: Sequence[ImageResult], policy: NsfwPolicy, backend: str = "runware"
+) -> list[ImageResult]:
+    """`backend`: the connection's backend, whose check set the flags."""
     flagged = [r for r in results if r.nsfw_content]
     if not flagged or policy == "keep":
         return list(results)
     if policy == "skip":
-        log.warning("Skipping %d image(s) flagged NSFW by Runware (on_nsfw='skip')", len(flagged))
+        log.warning(
+            "Skipping %d image(s) flagged NSFW by %s (on_nsfw='skip')", len(flagged), nsfw_checker(backend)
+        )
         return [r for r in results if not r.nsfw_content]
     raise ZImageTaskFailed(
         f"{len(flagged)} of {len(results)} image(s) were flagged NSFW (on_nsfw='fail'; "

@@ -23,7 +23,12 @@ from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_zimage.exceptions import ZImageTaskFailed
 from airflow_provider_zimage.jobs.delivery import uploaded_object
-from airflow_provider_zimage.jobs.generation import GenerationJob, apply_nsfw_policy, manifest_entry
+from airflow_provider_zimage.jobs.generation import (
+    GenerationJob,
+    apply_nsfw_policy,
+    manifest_entry,
+    nsfw_checker,
+)
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, ImageResult
 from airflow_provider_zimage.storage.artifacts import ImageArtifact, check_image
 
@@ -73,8 +78,10 @@ def store_uploaded(
         raise ZImageTaskFailed(reason)
     if any(r.nsfw_content for r in results) and job.on_nsfw != "keep" and target.exists():
         target.unlink()
-        log.warning("Deleted %s: Runware flagged it NSFW (on_nsfw=%r)", target, job.on_nsfw)
-    kept = apply_nsfw_policy(results, job.on_nsfw)
+        log.warning(
+            "Deleted %s: %s flagged it NSFW (on_nsfw=%r)", target, nsfw_checker(job.backend), job.on_nsfw
+        )
+    kept = apply_nsfw_policy(results, job.on_nsfw, job.backend)
     images = [
         manifest_entry(uploaded_artifact(target, job.request).to_dict(), result, model=job.request.model)
         for result in kept

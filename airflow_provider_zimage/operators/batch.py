@@ -38,6 +38,7 @@ from airflow_provider_zimage.jobs.delivery import (
     check_delivery,
     webhook_delivery_settings,
 )
+from airflow_provider_zimage.jobs.executor_weights import executor_weights
 from airflow_provider_zimage.jobs.generation import (
     NsfwPolicy,
     TaskInstanceRef,
@@ -205,6 +206,8 @@ class ZImageBatchGenerateOperator(BaseOperator):
             )
         prepared = []
         secrets = known_secrets(self.zimage_conn_id)
+        # On an executor the weights it serves are part of each picture: asked once for the whole batch.
+        weights = executor_weights(self.zimage_conn_id) if self._connection_backend() == "executor" else None
         for index, item in enumerate(requests):
             if not isinstance(item, dict):
                 raise AirflowFailException(f"requests[{index}]: must be a dict (got {type(item).__name__})")
@@ -227,8 +230,17 @@ class ZImageBatchGenerateOperator(BaseOperator):
                 params = exc.parameters
                 where = f"requests[{index}].{params[0]}" if params else f"requests[{index}]"
                 raise AirflowFailException(f"{where}: {exc}") from None
-            fp = job_fingerprint(request.fingerprint(), backend="runware", origin=self.zimage_conn_id)
-            prepared.append(Prepared(index, request, fp, self._row_arguments(index), self.zimage_conn_id))
+            arguments = self._row_arguments(index)
+            if weights is None:
+                fp = job_fingerprint(request.fingerprint(), backend="runware", origin=self.zimage_conn_id)
+                prepared.append(Prepared(index, request, fp, arguments, self.zimage_conn_id))
+                continue
+            # As ZImageGenerateOperator's: the row as written counts as the same row only with the same
+            # weights, so a retry after a swap does not keep the images the old weights made.
+            origin = weights.origin(request, where=f"requests[{index}].")
+            fp = job_fingerprint(request.fingerprint(), backend="executor", origin=origin)
+            arguments = arguments and job_fingerprint(arguments, backend="executor", origin=origin)
+            prepared.append(Prepared(index, request, fp, arguments, origin, backend="executor"))
         return prepared
 
     # -- execution ----------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from airflow_provider_zimage.jobs.delivery import (
     check_delivery,
     webhook_delivery_settings,
 )
+from airflow_provider_zimage.jobs.executor_weights import executor_weights
 from airflow_provider_zimage.jobs.generation import (
     GenerationJob,
     NsfwPolicy,
@@ -395,24 +396,7 @@ class ZImageGenerateOperator(BaseOperator):
 
     def _executor_origin(self, request: ImageInferenceRequest) -> str:
         """The connection and the weights the executor reports: other weights are another picture."""
-        try:
-            health = ZImageHook(self.zimage_conn_id).executor_health()
-        except ZImageError as exc:
-            raise AirflowException(f"the executor of connection {self.zimage_conn_id!r}: {exc}") from None
-        weights = {m.get("model"): m.get("weights") for m in health.get("models") or []}
-        air = request.spec.air
-        if air not in weights:
-            raise AirflowFailException(
-                f"model: the executor of connection {self.zimage_conn_id!r} does not serve {air} "
-                f"(it serves {', '.join(map(str, weights)) or 'nothing'})"
-            )
-        origin = f"{self.zimage_conn_id}|{weights[air]}"
-        # The weights behind each ControlNet id the request names (listed by executors since 0.2): a
-        # swapped folder is another picture. An id the executor does not list is refused by it anyway.
-        controlnets = {m.get("model"): m.get("weights") for m in health.get("controlNets") or []}
-        for index, entry in enumerate(request.control_net or []):
-            origin += f"|controlNet[{index}]={controlnets.get(str(entry.model))}"
-        return origin
+        return executor_weights(self.zimage_conn_id).origin(request)
 
     # -- execution ----------------------------------------------------------------------------------
 
