@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from airflow_provider_zimage.exceptions import ZImageAPIError, ZImageTransientError
+from airflow_provider_zimage.exceptions import ZImageTransientError
 from airflow_provider_zimage.hooks.runware import (
     ConnectionSettings,
     ZImageHook,
@@ -65,21 +65,7 @@ class OpenAIImagesHook(ZImageHook):
         self, settings: ConnectionSettings, attempt: int, exc: Exception, url: str, what: str
     ) -> float:
         """How long to wait before the next attempt, or raise the error (secrets removed) when final."""
-        error = transport_error(exc, url, settings)
-        delay = settings.retry.next_delay(attempt, error)
-        if delay is None:
-            if isinstance(error, ZImageAPIError) or error is not exc:
-                error.args = (redact(str(error), settings.secrets),)
-                raise error from None
-            raise exc
-        log.warning(
-            "%s attempt %d failed (%s); retrying in %.2fs",
-            what,
-            attempt + 1,
-            redact(str(error), settings.secrets),
-            delay,
-        )
-        return delay
+        return self._delay_or_raise(settings, attempt, exc, transport_error(exc, url, settings), what)
 
     # -- sync --------------------------------------------------------------------------------------
 

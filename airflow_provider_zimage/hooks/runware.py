@@ -326,17 +326,26 @@ class ZImageHook(BaseHook):
         url: str,
     ) -> float:
         """Return how long to wait before retrying `exc`, or raise it (secrets removed) when it is final."""
-        error = classify_exception(exc, url, settings)
-        delay = settings.retry.next_delay(attempt, error)
         task = payload[0].get("taskType") if payload else "?"
+        error = classify_exception(exc, url, settings)
+        return self._delay_or_raise(settings, attempt, exc, error, f"Runware {task}")
+
+    @staticmethod
+    def _delay_or_raise(
+        settings: ConnectionSettings, attempt: int, exc: Exception, error: Exception, what: str
+    ) -> float:
+        """The retry decision of every transport this connection drives (Runware, an OpenAI images
+        server): `error` is `exc` classified; the wait before the next attempt, or the error raised,
+        secrets removed, when it is final."""
+        delay = settings.retry.next_delay(attempt, error)
         if delay is None:
             if isinstance(error, ZImageAPIError):
                 error.args = (redact(str(error), settings.secrets),)
                 raise error from None
             raise exc
         log.warning(
-            "Runware %s attempt %d failed (%s); retrying in %.2fs",
-            task,
+            "%s attempt %d failed (%s); retrying in %.2fs",
+            what,
             attempt + 1,
             redact(str(error), settings.secrets),
             delay,

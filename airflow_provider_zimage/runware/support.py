@@ -259,7 +259,10 @@ ROWS: tuple[Row, ...] = (
     ),
     _row(
         "acceleration",
-        refused("is Runware-side caching; the local backend runs every step (use 'none')"),
+        refused(
+            "(TwinFlow's Runware-side presets) has no local equivalent; use 'none' "
+            "(step caching: acceleratorOptions)"
+        ),
         runware=note(_TWINFLOW_ONLY),
         openai_images=_OAI_CACHE,
         accepts=("none",),

@@ -86,32 +86,19 @@ def _temp_name(final_name: str) -> str:
 
 
 def _write_local_atomic(target: str, data: bytes, durable: bool = True) -> None:
+    _write_local_chunks_atomic(target, (data,), durable)
+
+
+def _write_local_chunks_atomic(target: str, chunks: Iterable[bytes], durable: bool) -> None:
+    """Write to a temporary file beside `target`, then rename: readers see the old file or the whole new
+    one. The payload is written piece by piece, never all in memory at once (`_write_local_atomic`
+    passes one piece)."""
     directory = os.path.dirname(target) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, _temp_name(os.path.basename(target)))
     try:
         # Plain open() rather than mkstemp: mkstemp's 0600 mode would survive the rename and make
         # artifacts unreadable to other users of a shared output directory.
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-            fh.flush()
-            if durable:
-                os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        _fsync_dir(directory)
-
-
-def _write_local_chunks_atomic(target: str, chunks: Iterable[bytes], durable: bool) -> None:
-    """As `_write_local_atomic`, the payload written piece by piece: never all in memory at once."""
-    directory = os.path.dirname(target) or "."
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, _temp_name(os.path.basename(target)))
-    try:
         with open(tmp, "xb") as fh:
             for chunk in chunks:
                 fh.write(chunk)
