@@ -29,7 +29,7 @@ from airflow_provider_zimage.config import deferral_settle_seconds
 from airflow_provider_zimage.exceptions import ZImageValidationError
 from airflow_provider_zimage.hooks.openai_images import OpenAIImagesHook
 from airflow_provider_zimage.hooks.runware import ZImageHook
-from airflow_provider_zimage.jobs.arguments import REQUEST_ARGUMENTS, build_image_request, known_secrets
+from airflow_provider_zimage.jobs.arguments import REQUEST_ARGUMENTS, build_image_request, row_secrets
 from airflow_provider_zimage.jobs.batch import DEFAULT_CHUNK_SIZE, BatchJob, BatchSettings, Defer, Prepared
 from airflow_provider_zimage.jobs.batch_ledger import BatchLedgerStore
 from airflow_provider_zimage.jobs.delivery import (
@@ -204,7 +204,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
                 f"requests must be a non-empty list of dicts (got {type(requests).__name__})"
             )
         prepared = []
-        secrets = known_secrets(self.zimage_conn_id)
+        secrets = row_secrets(self.zimage_conn_id)
         for index, item in enumerate(requests):
             if not isinstance(item, dict):
                 raise AirflowFailException(f"requests[{index}]: must be a dict (got {type(item).__name__})")
