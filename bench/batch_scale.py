@@ -19,6 +19,7 @@ Checked (exit status 1 when one fails; ratios measured side by side in this one 
     .venv/bin/python bench/batch_scale.py            # 1,000 and 10,000 (a few minutes on 2 cores)
     .venv/bin/python bench/batch_scale.py --full     # and 100,000 (tens of minutes)
     .venv/bin/python bench/batch_scale.py --smoke    # 100 and 300, seconds (make bench-smoke)
+    .venv/bin/python bench/batch_scale.py --sizes 10000 --profile rerun.prof   # cProfile of the re-run
 """
 
 from __future__ import annotations
