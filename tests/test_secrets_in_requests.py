@@ -243,7 +243,7 @@ def test_a_manifest_never_records_a_secret_even_from_a_request_that_was_not_refu
 
 def test_a_batch_of_many_rows_sifts_its_secrets_once_and_still_refuses_the_last_row(
     zimage_conn, monkeypatch: pytest.MonkeyPatch
-):
+) -> None:
     """A catalogue of 100,000 rows is checked against the same credentials: the masker's minimum length
     is read once per batch, not once per row (it cost more than the check), and row 199 is still caught."""
     from airflow_provider_zimage import compat

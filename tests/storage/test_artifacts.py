@@ -523,7 +523,7 @@ def test_local_content_reuse_writes_an_atomic_copy(store: ArtifactStore, tmp_pat
 
 def test_local_content_reuse_copies_a_verified_image_without_decoding_it_again(
     store: ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+) -> None:
     """A catalogue re-run copies 99,000 images: each was fully decoded when its sha256 was recorded, so
     a copy whose bytes match that sha256 reads only the header, not every pixel again."""
     from PIL import ImageFile
@@ -552,7 +552,7 @@ def test_local_content_reuse_copies_a_verified_image_without_decoding_it_again(
 
 def test_local_content_reuse_refuses_an_indexed_non_image_even_with_its_sha256(
     store: ArtifactStore, tmp_path: Path
-):
+) -> None:
     """The index is a hint from storage: an entry naming a file that is no image, with that file's true
     sha256, fails the check (the batch then pays for the row) instead of being copied as a picture."""
     from airflow_provider_zimage.jobs import content_index
