@@ -19,6 +19,7 @@ Checked (exit status 1 when one fails; ratios measured side by side in this one 
     .venv/bin/python bench/batch_scale.py            # 1,000 and 10,000 (a few minutes on 2 cores)
     .venv/bin/python bench/batch_scale.py --full     # and 100,000 (tens of minutes)
     .venv/bin/python bench/batch_scale.py --smoke    # 100 and 300, seconds (make bench-smoke)
+    .venv/bin/python bench/batch_scale.py --sizes 10000 --profile rerun.prof   # cProfile of the re-run
 """
 
 from __future__ import annotations
@@ -160,11 +161,14 @@ def accepted(url: str) -> int:
         return int(json.loads(resp.read())["total_accepted"])
 
 
-def run_child(url: str, work: Path, n: int, run_id: str, changed: int = 0) -> dict[str, Any]:
+def run_child(
+    url: str, work: Path, n: int, run_id: str, changed: int = 0, profile: str = ""
+) -> dict[str, Any]:
     home = work / "home"
     home.mkdir(exist_ok=True)
     before = accepted(url)
-    command = [sys.executable, __file__, "--child", "--n", str(n), "--url", url, "--run-id", run_id]
+    command = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), __file__]
+    command += ["--child", "--n", str(n), "--url", url, "--run-id", run_id]
     command += ["--output", f"file://{work}/out", "--home", str(home), "--changed", str(changed)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
@@ -186,6 +190,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="100 and 300 images, seconds")
     parser.add_argument("--full", action="store_true", help="also 100,000 images (tens of minutes)")
     parser.add_argument("--sizes", type=int, nargs="*", help="override the sizes (smallest is the baseline)")
+    parser.add_argument("--profile", default="", help="write a cProfile of the 1%% re-run to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--url", default="", help=argparse.SUPPRESS)
@@ -240,7 +245,9 @@ def main() -> int:
         if top["n"] >= 100_000 and top["rss_mb"] >= 1000:
             failures.append(f"peak RSS {top['rss_mb']:.0f} MB at {top['n']} (target < 1000)")
         changed = max(1, top["n"] // 100)
-        again = run_child(url, work, top["n"], f"scheduled__{top['n']}_again", changed=changed)
+        again = run_child(
+            url, work, top["n"], f"scheduled__{top['n']}_again", changed=changed, profile=args.profile
+        )
         share = again["wall"] / top["wall"]
         print(
             f"re-run of {top['n']:,} with {changed:,} rows changed (reuse='content'): "

@@ -113,13 +113,13 @@ def test_reused_images_are_copied_in_the_worker_pool(zimage_conn, output_dir, mo
 
     run_try(batch(output_dir, rows(8), reuse="content"), FakeTI("scheduled__p1", dag_id="pool"))
     threads: list[str] = []
-    real = ArtifactStore.copy_image
+    real = ArtifactStore.copy_verified
 
     def spy(self: ArtifactStore, *args: Any, **kwargs: Any) -> Any:
         threads.append(threading.current_thread().name)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(ArtifactStore, "copy_image", spy)
+    monkeypatch.setattr(ArtifactStore, "copy_verified", spy)
     again = run_try(batch(output_dir, rows(8), reuse="content"), FakeTI("scheduled__p2", dag_id="pool"))
     assert again["reused"] == 8 and len(threads) == 8
     assert threading.main_thread().name not in threads

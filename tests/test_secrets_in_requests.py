@@ -239,3 +239,31 @@ def test_a_manifest_never_records_a_secret_even_from_a_request_that_was_not_refu
     )
     recorded = public_request(request)
     assert recorded["positivePrompt"] == "a mug, ***" and recorded["negativePrompt"] == "blurry"
+
+
+def test_a_batch_of_many_rows_sifts_its_secrets_once_and_still_refuses_the_last_row(
+    zimage_conn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A catalogue of 100,000 rows is checked against the same credentials: the masker's minimum length
+    is read once per batch, not once per row (it cost more than the check), and row 199 is still caught."""
+    from airflow_provider_zimage import compat
+    from airflow_provider_zimage.compat import AirflowFailException
+    from airflow_provider_zimage.operators.batch import ZImageBatchGenerateOperator
+
+    reads: list[tuple[str, str]] = []
+    real_getint = compat.conf.getint
+
+    def getint(section: str, key: str, *args: Any, **kwargs: Any) -> int:
+        if key == "min_length_masked_secret":
+            reads.append((section, key))
+        return int(real_getint(section, key, *args, **kwargs))
+
+    monkeypatch.setattr(compat.conf, "getint", getint)
+    rows = [{"prompt": f"item {i}", "seed": i} for i in range(200)]
+    assert len(ZImageBatchGenerateOperator(task_id="batch", requests=rows).build_requests()) == 200
+    assert len(reads) <= 2  # once for the batch, not 200 times
+    rows[199]["prompt"] = f"item {DEFAULT_API_KEY}"
+    with pytest.raises(AirflowFailException) as refused:
+        ZImageBatchGenerateOperator(task_id="batch", requests=rows).build_requests()
+    assert str(refused.value).startswith("requests[199].positivePrompt:")
+    assert zimage_conn.request_bodies == []

@@ -12,7 +12,7 @@ from typing import Any
 
 from airflow_provider_zimage.exceptions import ZImageValidationError
 from airflow_provider_zimage.hooks.runware import ZImageHook
-from airflow_provider_zimage.redaction import REDACTED, secret_paths
+from airflow_provider_zimage.redaction import REDACTED, SecretValues, secret_paths
 from airflow_provider_zimage.runware.models import ImageInferenceRequest
 from airflow_provider_zimage.webhooks.tokens import configured_secret
 
@@ -75,6 +75,11 @@ def known_secrets(conn_id: str) -> list[str | None]:
     except Exception:  # AirflowNotFoundException and friends: the operator reports it where it needs one
         pass
     return secrets
+
+
+def row_secrets(conn_id: str) -> SecretValues:
+    """`known_secrets` sifted once for all the rows of a batch (see `SecretValues`)."""
+    return SecretValues.of(known_secrets(conn_id))
 
 
 def refuse_secrets(args: Mapping[str, Any], secrets: Sequence[str | None] = ()) -> None:

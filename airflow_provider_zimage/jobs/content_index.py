@@ -27,6 +27,7 @@ from airflow_provider_zimage.storage.artifacts import (
     ZImageStorageError,
     as_path,
     dumps_json,
+    read_bytes,
     read_json,
     write_bytes_atomic,
     write_json_atomic,
@@ -211,16 +212,22 @@ def _batch_lookup(store: ArtifactStore, fingerprint: str) -> Iterator[Images]:
 
 
 def _copies(store: ArtifactStore, indexed: Images, directory: Any, durable: bool = True) -> Images | None:
-    """Verified copies of `indexed` in `directory`, or None when any source is gone or changed."""
+    """Verified copies of `indexed` in `directory`, or None when any source is gone or changed.
+
+    Each source is read once: the bytes whose sha256 matched are the bytes copied."""
     sources: list[tuple[dict[str, Any], bytes]] = []
     for image in indexed:
         if not isinstance(image, dict) or not isinstance(image.get("uri"), str):
             return None  # a hint from storage, not trusted: a malformed entry means generate
-        source = as_path(str(image["uri"]))
         try:
-            payload = source.fs.cat_file(source.path)
+            payload = read_bytes(image["uri"])
         except FileNotFoundError:
             log.info("Content index lists %s, which is gone: generating again", image["uri"])
+            return None
+        except OSError as exc:  # a folder, no permission: as good as gone
+            log.warning(
+                "Content index lists %s, which cannot be read (%s): generating again", image["uri"], exc
+            )
             return None
         if hashlib.sha256(payload).hexdigest() != str(image.get("sha256", "")).lower():
             log.warning("Content index: %s no longer matches its sha256: generating again", image["uri"])
@@ -228,8 +235,8 @@ def _copies(store: ArtifactStore, indexed: Images, directory: Any, durable: bool
         sources.append((image, payload))
     copies = []
     for image, payload in sources:
-        name = str(image.get("image_uuid") or as_path(str(image["uri"])).stem)
-        artifact = store.copy_image(str(image["uri"]), directory, name, payload, durable=durable)
+        name = str(image.get("image_uuid") or as_path(image["uri"]).stem)
+        artifact = store.copy_verified(image["uri"], directory, name, payload, image, durable=durable)
         # The copy's own location and hash; what the picture is (seed, model, imageUUID) is the source's.
         copies.append(
             {

@@ -29,7 +29,7 @@ from airflow_provider_zimage.config import deferral_settle_seconds
 from airflow_provider_zimage.exceptions import ZImageValidationError
 from airflow_provider_zimage.hooks.openai_images import OpenAIImagesHook
 from airflow_provider_zimage.hooks.runware import ZImageHook
-from airflow_provider_zimage.jobs.arguments import REQUEST_ARGUMENTS, build_image_request, known_secrets
+from airflow_provider_zimage.jobs.arguments import REQUEST_ARGUMENTS, build_image_request, row_secrets
 from airflow_provider_zimage.jobs.batch import DEFAULT_CHUNK_SIZE, BatchJob, BatchSettings, Defer, Prepared
 from airflow_provider_zimage.jobs.batch_ledger import BatchLedgerStore
 from airflow_provider_zimage.jobs.delivery import (
@@ -205,7 +205,7 @@ class ZImageBatchGenerateOperator(BaseOperator):
                 f"requests must be a non-empty list of dicts (got {type(requests).__name__})"
             )
         prepared = []
-        secrets = known_secrets(self.zimage_conn_id)
+        secrets = row_secrets(self.zimage_conn_id)
         # On an executor the weights it serves are part of each picture: asked once for the whole batch.
         weights = executor_weights(self.zimage_conn_id) if self._connection_backend() == "executor" else None
         for index, item in enumerate(requests):

@@ -37,10 +37,13 @@ from airflow_provider_zimage.storage.atomic import (
     as_path,
     dumps_json,
     dumps_json_lines,
+    local_path_of,
+    read_bytes,
     read_json,
     write_bytes_atomic,
     write_chunks_atomic,
     write_json_atomic,
+    write_local_atomic,
 )
 from airflow_provider_zimage.storage.spend import record_manifest
 
@@ -58,6 +61,7 @@ __all__ = [
     "dumps_json",
     "dumps_json_lines",
     "normalize_format",
+    "read_bytes",
     "read_json",
     "safe_segment",
     "verify",
@@ -202,6 +206,24 @@ def check_image(
             f"image {name!r} is {width}x{height}, expected {expected_size[0]}x{expected_size[1]}; "
             "nothing written"
         )
+    return fmt, width, height
+
+
+def _header_matches(payload: bytes, record: Mapping[str, Any]) -> tuple[str, int, int] | None:
+    """The format and size in `payload`'s header, when they are what `record` says; else None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(payload)) as img:
+            fmt, (width, height) = _PIL_FORMAT_TO_EXT.get(img.format or ""), img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    if fmt is None or (fmt, width, height) != (
+        record.get("format"),
+        record.get("width"),
+        record.get("height"),
+    ):
+        return None
     return fmt, width, height
 
 
@@ -418,6 +440,42 @@ class ArtifactStore:
             )
         log.log(self.image_log_level, "Copied %s to %s in the store (%d bytes)", src, target, len(payload))
         return ImageArtifact.describe(target, payload, fmt, width, height)
+
+    def copy_verified(
+        self,
+        source: str,
+        directory: ObjectStoragePath | str,
+        name: str,
+        payload: bytes,
+        record: Mapping[str, Any],
+        *,
+        durable: bool = True,
+    ) -> ImageArtifact:
+        """`copy_image` for bytes the caller read from `source` and found to match `record["sha256"]`,
+        the record of an image fully decoded and checked when it was first stored.
+
+        Local to local (a catalogue re-run on one disk), the bytes are written with os calls and only
+        their header is read: its format and size must be the record's, or the full check runs. Still
+        atomic (a temporary file renamed), still refused when the name is not a safe one.
+        """
+        target_dir = local_path_of(str(directory))
+        header = _header_matches(payload, record) if target_dir is not None else None
+        if target_dir is None or header is None or local_path_of(source) is None:
+            return self.copy_image(source, directory, name, payload, durable=durable)
+        fmt, width, height = header
+        file_name = _image_name(name, fmt)
+        target = os.path.join(target_dir, file_name)
+        write_local_atomic(target, payload, durable)
+        log.log(self.image_log_level, "Copied %s to %s (%d bytes)", source, target, len(payload))
+        return ImageArtifact(
+            uri=f"file://{target}",
+            name=file_name,
+            sha256=str(record["sha256"]).lower(),
+            bytes=len(payload),
+            format=fmt,
+            width=width,
+            height=height,
+        )
 
     def flush(self) -> None:
         """Make the local files written with `durable=False` durable, all at once.

@@ -67,6 +67,32 @@ def as_path(value: ObjectStoragePath | str | os.PathLike[str]) -> ObjectStorageP
     return ObjectStoragePath(f"file://{os.path.abspath(os.path.expanduser(text))}")
 
 
+def local_path_of(uri: str) -> str | None:
+    """The file a plain local URI names (`file:///...`: no connection, nothing escaped), else None.
+
+    Why: such a location is read and written with os calls, without an `ObjectStoragePath` per file,
+    where thousands of files are handled at once (`reuse="content"` over a catalogue)."""
+    if not uri.startswith("file:///") or any(c in uri for c in "%?#"):
+        return None
+    return uri[len("file://") :]
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole object at `uri` (FileNotFoundError when it is gone)."""
+    local = local_path_of(uri)
+    if local is not None:
+        with open(local, "rb") as fh:
+            return fh.read()
+    path = as_path(uri)
+    data: bytes = path.fs.cat_file(path.path)
+    return data
+
+
+def write_local_atomic(path: str, data: bytes, durable: bool = True) -> None:
+    """`write_bytes_atomic` for a local file path already known (see `local_path_of`)."""
+    _write_local_atomic(path, data, durable)
+
+
 def _fsync_dir(directory: str) -> None:
     """Persist the rename itself; without it a crash can roll back to the old directory entry."""
     try:

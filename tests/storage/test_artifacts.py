@@ -519,3 +519,60 @@ def test_local_content_reuse_writes_an_atomic_copy(store: ArtifactStore, tmp_pat
     (copy,) = content_index.reuse(store, "e" * 64, day2) or []
     assert verify(copy) and copy["sha256"] == art.sha256 and copy["uri"] != art.uri
     assert files_in(Path(as_path(day2).path)) == ["img-1.png"]  # no temp file left behind
+
+
+def test_local_content_reuse_copies_a_verified_image_without_decoding_it_again(
+    store: ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A catalogue re-run copies 99,000 images: each was fully decoded when its sha256 was recorded, so
+    a copy whose bytes match that sha256 reads only the header, not every pixel again."""
+    from PIL import ImageFile
+
+    from airflow_provider_zimage.jobs import content_index
+
+    day1 = store.task_dir("shop", "scheduled__day1", "shots", None)
+    art = store.write_image(day1, "img-1", make_image("PNG", (32, 16)))
+    content_index.record(store, "e" * 64, [{**art.to_dict(), "image_uuid": "img-1"}])
+    decodes: list[object] = []
+    real_load = ImageFile.ImageFile.load
+
+    def load(self: ImageFile.ImageFile) -> object:
+        decodes.append(self)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    day2 = store.task_dir("shop", "scheduled__day2", "shots", None)
+    (copy,) = content_index.reuse(store, "e" * 64, day2) or []
+    assert decodes == []
+    assert verify(copy) and copy["sha256"] == art.sha256 and copy["uri"] != art.uri
+    assert copy["uri"] == str(as_path(day2) / "img-1.png")
+    assert (copy["format"], copy["width"], copy["height"], copy["bytes"]) == ("png", 32, 16, art.bytes)
+    assert files_in(Path(as_path(day2).path)) == ["img-1.png"]  # written atomically: no temp file left
+
+
+def test_local_content_reuse_refuses_an_indexed_non_image_even_with_its_sha256(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    """The index is a hint from storage: an entry naming a file that is no image, with that file's true
+    sha256, fails the check (the batch then pays for the row) instead of being copied as a picture."""
+    from airflow_provider_zimage.jobs import content_index
+
+    day1 = Path(as_path(store.task_dir("shop", "scheduled__day1", "shots", None)).path)
+    day1.mkdir(parents=True)
+    fake = day1 / "img-1.png"
+    fake.write_bytes(b"not a picture at all" * 10)
+    entry = {
+        "uri": f"file://{fake}",
+        "name": "img-1.png",
+        "sha256": hashlib.sha256(fake.read_bytes()).hexdigest(),
+        "bytes": 200,
+        "format": "png",
+        "width": 32,
+        "height": 16,
+        "image_uuid": "img-1",
+    }
+    content_index.record(store, "d" * 64, [entry])
+    day2 = store.task_dir("shop", "scheduled__day2", "shots", None)
+    with pytest.raises(ZImageError, match="could not be decoded"):
+        content_index.reuse(store, "d" * 64, day2)
+    assert not Path(as_path(day2).path).exists() or files_in(Path(as_path(day2).path)) == []
