@@ -21,14 +21,13 @@ from airflow_provider_zimage.exceptions import ZImageTransientError
 from airflow_provider_zimage.hooks.runware import (
     ConnectionSettings,
     ZImageHook,
-    _raise_for_download,
-    _redirect_target,
-    _too_many_redirects,
+    afetch_image,
     allowed_image_origins,
+    fetch_image,
 )
 from airflow_provider_zimage.openai_images import wire
 from airflow_provider_zimage.openai_images.wire import ImageAnswer, ImageCall
-from airflow_provider_zimage.origins import MAX_REDIRECTS, check_image_url
+from airflow_provider_zimage.origins import check_image_url
 from airflow_provider_zimage.redaction import redact, without_query
 
 log = logging.getLogger(__name__)
@@ -61,6 +60,10 @@ class OpenAIImagesHook(ZImageHook):
             headers["Authorization"] = f"Bearer {settings.api_key}"
         return headers
 
+    def _key_for(self, target: httpx.URL, settings: ConnectionSettings) -> dict[str, str] | None:
+        """The key goes only to the server's own origin, never to wherever a URL answer points."""
+        return self._headers(settings) if _same_origin(target, settings) else None
+
     def _delay(
         self, settings: ConnectionSettings, attempt: int, exc: Exception, url: str, what: str
     ) -> float:
@@ -89,18 +92,8 @@ class OpenAIImagesHook(ZImageHook):
         origins = allowed_image_origins(settings)
         # A relative URL (SGLang's `/v1/images/<id>/content`) is the server's own: resolved against it.
         target = check_image_url(httpx.URL(settings.base_url).join(str(answer.url)), origins)
-        for _ in range(MAX_REDIRECTS + 1):
-            resp = self.get_conn().get(
-                target, headers=self._headers(settings) if _same_origin(target, settings) else None
-            )
-            hop = _redirect_target(resp, origins)
-            if hop is None:
-                break
-            target = hop
-        else:
-            raise _too_many_redirects()
-        _raise_for_download(resp)
-        return resp.content
+        client = self.get_conn()
+        return fetch_image(lambda url: client.get(url, headers=self._key_for(url, settings)), target, origins)
 
     # -- async -------------------------------------------------------------------------------------
 
@@ -126,17 +119,9 @@ class OpenAIImagesHook(ZImageHook):
     ) -> bytes:
         origins = allowed_image_origins(settings)
         target = check_image_url(httpx.URL(settings.base_url).join(str(answer.url)), origins)
-        for _ in range(MAX_REDIRECTS + 1):
-            headers = self._headers(settings) if _same_origin(target, settings) else None
-            resp = await client.get(target, headers=headers)
-            hop = _redirect_target(resp, origins)
-            if hop is None:
-                break
-            target = hop
-        else:
-            raise _too_many_redirects()
-        _raise_for_download(resp)
-        return resp.content
+        return await afetch_image(
+            lambda url: client.get(url, headers=self._key_for(url, settings)), target, origins
+        )
 
     def test_connection(self) -> tuple[bool, str]:
         """`GET /v1/models` (free: no image is made); the key is checked when the server has one."""

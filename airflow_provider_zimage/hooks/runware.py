@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -424,17 +424,7 @@ class ZImageHook(BaseHook):
         while True:
             try:
                 # No Authorization header: image URLs are public and may live on another host.
-                target = check_image_url(url, origins)
-                for _ in range(_MAX_REDIRECTS + 1):
-                    resp = self.get_conn().get(target)
-                    hop = _redirect_target(resp, origins)
-                    if hop is None:
-                        break
-                    target = hop
-                else:
-                    raise _too_many_redirects()
-                _raise_for_download(resp)
-                return resp.content
+                return fetch_image(self.get_conn().get, check_image_url(url, origins), origins)
             except Exception as exc:
                 delay = self._retry_delay(settings, attempt, exc, [{"taskType": "download"}], url)
             time.sleep(delay)
@@ -524,17 +514,7 @@ class ZImageHook(BaseHook):
         attempt = 0
         while True:
             try:
-                target = check_image_url(url, origins)
-                for _ in range(_MAX_REDIRECTS + 1):
-                    resp = await client.get(target)
-                    hop = _redirect_target(resp, origins)
-                    if hop is None:
-                        break
-                    target = hop
-                else:
-                    raise _too_many_redirects()
-                _raise_for_download(resp)
-                return resp.content
+                return await afetch_image(client.get, check_image_url(url, origins), origins)
             except Exception as exc:
                 delay = self._retry_delay(settings, attempt, exc, [{"taskType": "download"}], url)
             await asyncio.sleep(delay)
@@ -616,6 +596,35 @@ def _redirect_target(resp: httpx.Response, origins: frozenset[ImageOrigin]) -> h
     if not resp.is_redirect or resp.next_request is None:
         return None
     return check_image_url(resp.next_request.url, origins)
+
+
+def fetch_image(
+    get: Callable[[httpx.URL], httpx.Response], target: httpx.URL, origins: frozenset[ImageOrigin]
+) -> bytes:
+    """The bytes behind an already-checked image URL, every redirect hop checked against `origins`:
+    the one download loop of every backend (`get` decides the headers a hop gets)."""
+    for _ in range(_MAX_REDIRECTS + 1):
+        resp = get(target)
+        hop = _redirect_target(resp, origins)
+        if hop is None:
+            _raise_for_download(resp)
+            return resp.content
+        target = hop
+    raise _too_many_redirects()
+
+
+async def afetch_image(
+    get: Callable[[httpx.URL], Awaitable[httpx.Response]], target: httpx.URL, origins: frozenset[ImageOrigin]
+) -> bytes:
+    """`fetch_image` for an async client (kept beside it: the two differ only by `await`)."""
+    for _ in range(_MAX_REDIRECTS + 1):
+        resp = await get(target)
+        hop = _redirect_target(resp, origins)
+        if hop is None:
+            _raise_for_download(resp)
+            return resp.content
+        target = hop
+    raise _too_many_redirects()
 
 
 def _too_many_redirects() -> ZImagePermanentError:
