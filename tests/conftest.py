@@ -78,3 +78,15 @@ def output_dir(tmp_path: Any) -> str:
     path = tmp_path / "artifacts"
     path.mkdir()
     return f"file://{path}"
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny-model tests on one torch thread: with torch's default two on 2 shared cores (and `-n 2`)
+    they oversubscribe and take minutes instead of seconds."""
+    import torch  # why: only tests of the local backends need torch; conftest imports without it
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -35,11 +35,8 @@ LONG_A, LONG_B = LONG + "with a red door", LONG + "with a blue boat"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread: None) -> None:
+    """Every test here runs the tiny model (conftest's one_torch_thread)."""
 
 
 @pytest.fixture

@@ -36,11 +36,8 @@ CACHE_LOG = "airflow_provider_zimage.local.caching"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread: None) -> None:
+    """Every test here runs the tiny model (conftest's one_torch_thread)."""
 
 
 @pytest.fixture
