@@ -42,13 +42,12 @@ from airflow_provider_zimage.local.refusals import issue
 from airflow_provider_zimage.runware.catalog import CATALOG, guidance_for_cfg
 from airflow_provider_zimage.runware.models import ImageInferenceRequest, resolve_model
 from airflow_provider_zimage.runware.protocol import parse_retry_after
-from airflow_provider_zimage.runware.support import Backend, refusals, refused_parameters
+from airflow_provider_zimage.runware.support import Backend, refusals
 
 __all__ = [
     "BACKEND",
     "DEFAULT_QUALITY",
     "GENERATIONS_PATH",
-    "REFUSALS",
     "SIZE_MULTIPLE",
     "ImageAnswer",
     "ImageCall",
@@ -82,8 +81,6 @@ _SCHEDULER = (
     "the server's sampler is fixed when it starts; the OpenAI images API has no per-request "
     "scheduler (leave it unset or 'Default')"
 )
-# The parameters this backend refuses by name, read from the support table (docs, error messages).
-REFUSALS: tuple[str, ...] = refused_parameters(BACKEND)
 
 
 def served_models(value: Any) -> dict[str, str]:
